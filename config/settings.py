@@ -1,0 +1,338 @@
+"""Effective settings: embedded defaults, then a TOML file, then ``EMBARGO_*``
+environment variables. Built once by :func:`load_settings` and passed in.
+
+One table, :data:`FIELDS`, drives all three sources, the validation and
+``embargo config show``, so a setting cannot be documented in one place and
+forgotten in another.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from config.errors import ConfigError
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``"24h"``, ``"90m"``, ``"1h30m"``, ``"2d"`` or ``"45s"``.
+
+    Raises ValueError with the offending text when it is not such a duration."""
+    match = _DURATION.match(text.strip().lower())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration like 24h, 90m, 1h30m, 2d or 45s")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Location:
+    """Where sealed objects or published documents live: a local folder or an
+    S3 bucket and key prefix."""
+
+    kind: str  # "folder" or "s3"
+    path: Path | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, text: str, *, base: Path) -> Location:
+        if text.startswith("s3://"):
+            rest = text[len("s3://") :]
+            bucket, _, prefix = rest.partition("/")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(f"{text!r}: {bucket!r} is not a valid S3 bucket name")
+            prefix = prefix.strip("/")
+            return cls(kind="s3", bucket=bucket, prefix=f"{prefix}/" if prefix else "")
+        if "://" in text:
+            raise ValueError(f"{text!r}: use a folder path or s3://bucket/prefix")
+        path = Path(text).expanduser()
+        return cls(kind="folder", path=path if path.is_absolute() else base / path)
+
+    def __str__(self) -> str:
+        if self.kind == "s3":
+            return f"s3://{self.bucket}/{self.prefix}"
+        return str(self.path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Field:
+    key: str  # dotted TOML key, e.g. "mail.smtp_host"
+    default: Any
+    check: Callable[[Any], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return "EMBARGO_" + self.key.replace(".", "_").upper()
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {value!r}")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return _text(value)
+
+
+def _zone(value: Any) -> str:
+    name = _text(value)
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{name!r} is not an IANA time zone (e.g. Europe/London)") from None
+    return name
+
+
+def _time_of_day(value: Any) -> str:
+    text = _text(value)
+    match = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a 24-hour time like 00:01")
+    return text
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        text = _text(value).lower()
+        if text not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return text
+
+    return check
+
+
+def _number(low: float, high: float, kind: type = float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number") from None
+        if isinstance(value, bool) or not low <= number <= high:
+            raise ValueError(f"{value!r} is not between {low:g} and {high:g}")
+        return number
+
+    return check
+
+
+def _optional_duration(value: Any) -> timedelta | None:
+    if value is None or value == "":
+        return None
+    return parse_duration(_text(value))
+
+
+def _url_or_none(value: Any) -> str | None:
+    text = _optional_text(value)
+    if text is not None and not re.match(r"^https?://[^\s/]+", text):
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    return text.rstrip("/") if text else None
+
+
+FIELDS: tuple[Field, ...] = (
+    Field(key="data_dir", default="var", check=_text,
+          help="folder for the embedded defaults (database, vault, public, outbox, keys)"),
+    Field(key="zone", default="Europe/London", check=_zone, help="default IANA time zone"),
+    Field(key="default_at", default="00:01", check=_time_of_day,
+          help="default time of day for a publication date"),
+    Field(key="database.url", default="", check=_optional_text,
+          help="SQLAlchemy URL; empty means sqlite:///<data_dir>/embargo.db"),
+    Field(key="storage.vault", default="", check=_optional_text,
+          help="sealed objects: a folder or s3://bucket/prefix; empty means <data_dir>/vault"),
+    Field(key="storage.public", default="", check=_optional_text,
+          help="published documents: a folder or s3://bucket/prefix; "
+               "empty means <data_dir>/public"),
+    Field(key="storage.public_base_url", default="", check=_url_or_none,
+          help="web address the public location is served at (links in notices)"),
+    Field(key="keys.dir", default="", check=_optional_text,
+          help="folder of the publisher's key pair; empty means <data_dir>/keys"),
+    Field(key="s3.region", default="", check=_optional_text, help="AWS region"),
+    Field(key="s3.endpoint_url", default="", check=_url_or_none,
+          help="endpoint of an S3-compatible server (MinIO, Ceph, ...)"),
+    Field(key="s3.addressing_style", default="auto", check=_choice("auto", "path", "virtual"),
+          help="S3 addressing style"),
+    Field(key="s3.acl", default="", check=_optional_text,
+          help="canned ACL for published objects, e.g. public-read; empty relies on a policy"),
+    Field(key="s3.cache_control", default="public, max-age=300", check=_text,
+          help="Cache-Control of published objects"),
+    Field(key="mail.transport", default="file", check=_choice("file", "smtp"),
+          help="file: .eml files in mail.outbox_dir; smtp: a mail server"),
+    Field(key="mail.sender", default="Embargo <embargo@localhost>", check=_text,
+          help="From: address of notices"),
+    Field(key="mail.outbox_dir", default="", check=_optional_text,
+          help="folder for .eml files; empty means <data_dir>/outbox"),
+    Field(key="mail.smtp_host", default="localhost", check=_text, help="SMTP host"),
+    Field(key="mail.smtp_port", default=587, check=_number(1, 65535, int), help="SMTP port"),
+    Field(key="mail.smtp_security", default="starttls", check=_choice("starttls", "tls", "none"),
+          help="starttls, tls (implicit) or none"),
+    Field(key="mail.smtp_username", default="", check=_optional_text, help="SMTP user name"),
+    Field(key="mail.smtp_password", default="", check=_optional_text, secret=True,
+          help="SMTP password (set EMBARGO_MAIL_SMTP_PASSWORD, not the file)"),
+    Field(key="mail.max_attempts", default=20, check=_number(1, 1000, int),
+          help="delivery attempts before a notice is given up and alerted"),
+    Field(key="scheduler.poll_seconds", default=0.5, check=_number(0.05, 60),
+          help="how often the scheduler re-reads the database for changes"),
+    Field(key="scheduler.lease_seconds", default=30.0, check=_number(1, 3600),
+          help="how long a publisher's claim lasts before another may resume it"),
+    Field(key="scheduler.workers", default=16, check=_number(1, 512, int),
+          help="threads that run jobs; releases due together do not wait for each other"),
+    Field(key="scheduler.lead_seconds", default=0.5, check=_number(0, 10),
+          help="the job wakes this early, prepares, then waits for the exact instant"),
+    Field(key="copies.max_lead", default="", check=_optional_duration,
+          help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Validated, effective settings. Build with :func:`load_settings`."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str] = field(default_factory=dict)
+    config_file: Path | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.values["data_dir"])
+
+    def _under_data(self, key: str, default: str) -> Path:
+        text = self.values[key]
+        path = Path(text).expanduser() if text else self.data_dir / default
+        return path if path.is_absolute() else Path.cwd() / path
+
+    @property
+    def database_url(self) -> str:
+        return str(self.values["database.url"] or f"sqlite:///{self.data_dir / 'embargo.db'}")
+
+    @property
+    def vault(self) -> Location:
+        return Location.parse(self.values["storage.vault"] or "vault", base=self.data_dir)
+
+    @property
+    def public(self) -> Location:
+        return Location.parse(self.values["storage.public"] or "public", base=self.data_dir)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self._under_data("keys.dir", "keys")
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self._under_data("mail.outbox_dir", "outbox")
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting with secrets masked, for ``embargo config show``."""
+        shown: dict[str, Any] = {}
+        for f in FIELDS:
+            value = self.values[f.key]
+            if f.secret and value:
+                value = "(set)"
+            elif isinstance(value, timedelta):
+                value = str(value)
+            shown[f.key] = value
+        shown["(effective) database.url"] = _mask_url(self.database_url)
+        shown["(effective) storage.vault"] = str(self.vault)
+        shown["(effective) storage.public"] = str(self.public)
+        shown["(effective) keys.dir"] = str(self.keys_dir)
+        shown["(effective) mail.outbox_dir"] = str(self.outbox_dir)
+        return shown
+
+
+def _mask_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_settings(
+    *,
+    config_file: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Build the effective settings: defaults, then the TOML file
+    (``config_file`` or ``EMBARGO_CONFIG``), then ``EMBARGO_*`` variables,
+    then ``overrides`` (command-line options).
+
+    Raises ConfigError naming the file, the key and what is wrong."""
+    env = dict(os.environ if environ is None else environ)
+    base = cwd or Path.cwd()
+    raw: dict[str, Any] = {f.key: f.default for f in FIELDS}
+    sources = {f.key: "default" for f in FIELDS}
+    known = {f.key for f in FIELDS}
+
+    path_text = str(config_file) if config_file else env.get("EMBARGO_CONFIG", "")
+    path: Path | None = None
+    if path_text:
+        path = Path(path_text).expanduser()
+        try:
+            with path.open("rb") as handle:
+                table = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for key, value in _flatten(table).items():
+            if key not in known:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            raw[key] = value
+            sources[key] = str(path)
+
+    env_names = {f.env: f.key for f in FIELDS}
+    for name, value in env.items():
+        if name.startswith("EMBARGO_") and name != "EMBARGO_CONFIG":
+            if name not in env_names:
+                raise ConfigError(f"unknown environment variable {name}")
+            raw[env_names[name]] = value
+            sources[env_names[name]] = name
+
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            raw[key] = value
+            sources[key] = "command line"
+
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        try:
+            values[f.key] = f.check(raw[f.key])
+        except ValueError as exc:
+            raise ConfigError(f"setting {f.key} (from {sources[f.key]}): {exc}") from None
+    data_dir = Path(values["data_dir"]).expanduser()
+    values["data_dir"] = str(data_dir if data_dir.is_absolute() else base / data_dir)
+    settings = Settings(values=values, sources=sources, config_file=path)
+    for key in ("storage.vault", "storage.public"):
+        try:
+            getattr(settings, key.split(".")[1])
+        except ValueError as exc:
+            raise ConfigError(f"setting {key} (from {sources[key]}): {exc}") from None
+    return settings

@@ -1,0 +1,364 @@
+"""The ``embargo`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from config.errors import EmbargoError
+from config.settings import Settings, load_settings
+from release import keys as keyfile
+from release.audit import default_actor
+from release.manifest import load_manifest
+from release.records import Release
+from release.service import ReleaseService, Services, embargo_of, release_facts
+
+log = logging.getLogger("embargo")
+
+
+# -- output helpers ---------------------------------------------------------------
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class ProgressBar:
+    """A one-line progress display on standard error, only on a terminal and
+    only for files big enough to take a moment."""
+
+    def __init__(self, stream: Any = sys.stderr, min_size: int = 8 << 20) -> None:
+        self.stream = stream
+        self.min_size = min_size
+        self.enabled = bool(getattr(stream, "isatty", lambda: False)())
+        self._last = 0.0
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if not self.enabled or total < self.min_size:
+            return
+        now = time.monotonic()
+        if done < total and now - self._last < 0.1:
+            return
+        self._last = now
+        width = 30
+        filled = int(width * done / total) if total else width
+        self.stream.write(f"\rsealing {name[:30]:30} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{done / 1048576:7.1f}/{total / 1048576:.1f} MiB")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+# -- commands -----------------------------------------------------------------------
+def cmd_keys_init(settings: Settings, args: argparse.Namespace) -> int:
+    private, public = keyfile.init_keys(settings.keys_dir)
+    print(f"created the publisher key pair:\n  private {private} (mode 0600: keep it on the "
+          f"publishing side only)\n  public  {public}")
+    return 0
+
+
+def cmd_config_show(settings: Settings, args: argparse.Namespace) -> int:
+    shown = settings.public_dict()
+    if args.json:
+        _json(shown)
+    else:
+        print(table([(k, v, settings.sources.get(k, "derived")) for k, v in shown.items()],
+                    ["setting", "value", "from"]))
+    return 0
+
+
+def _service(settings: Settings) -> tuple[Services, ReleaseService]:
+    from jobs.app import build_services
+
+    services = build_services(settings)
+    return services, ReleaseService(services, actor=default_actor())
+
+
+def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
+    spec = load_manifest(Path(args.manifest), publish_on=args.publish_on, at=args.at,
+                         zone=args.zone)
+    for warning in spec.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    _, service = _service(settings)
+    release = service.queue(spec, progress=ProgressBar())
+    print(release.id)
+    print(f"queued \"{release.title}\": {len(release.documents)} documents sealed, "
+          f"{len(release.recipients)} recipients; publishes {embargo_of(release).describe()}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
+    services, service = _service(settings)
+    now = services.clock.now()
+    releases = service.all_releases()
+    facts = [release_facts(r, now) for r in releases]
+    if args.json:
+        _json(facts)
+        return 0
+    if not releases:
+        print("no releases; queue one with `embargo queue MANIFEST.toml`")
+        return 0
+    rows = []
+    for r, f in zip(releases, facts, strict=True):
+        rows.append((r.id, r.title if len(r.title) <= 40 else r.title[:39] + "…", r.state,
+                     f["embargo"], f["time_left"] or ""))
+    print(table(rows, ["id", "title", "state", "embargo (local and UTC)", "time left"]))
+    return 0
+
+
+def _show_facts(service: ReleaseService, release: Release, now: Any) -> dict[str, Any]:
+    facts = release_facts(release, now)
+    facts["documents"] = [{"id": d.id, "name": d.filename, "kind": d.kind,
+                           "organisation": d.organisation, "content_type": d.content_type,
+                           "size": d.size, "sha256": d.sha256,
+                           "published_at": d.published_at, "url": d.public_url}
+                          for d in release.documents]
+    facts["recipients"] = [{"id": r.id, "name": r.name, "email": r.email,
+                            "organisation": r.organisation} for r in release.recipients]
+    facts["notices"] = [{"to": m.to_addr, "purpose": m.purpose, "message_id": m.message_id,
+                         "delivered_at": m.delivered_at, "via": m.delivered_to,
+                         "attempts": m.attempts, "last_error": m.last_error}
+                        for m in service.outbox(release.id)]
+    facts["events"] = [{"seq": e.seq, "at": e.at, "action": e.action, "actor": e.actor,
+                        "details": json.loads(e.details)} for e in service.events(release.id)]
+    return facts
+
+
+def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    services, service = _service(settings)
+    release = service.get(args.id)
+    facts = _show_facts(service, release, services.clock.now())
+    if args.json:
+        _json(facts)
+        return 0
+    print(f"{release.title}\n  id       {release.id}\n  state    {release.state}"
+          f"\n  embargo  {facts['embargo']}")
+    if facts["time_left"]:
+        print(f"  left     {facts['time_left']}")
+    if release.published_at:
+        print(f"  published {release.published_at.isoformat()} "
+              f"({release.lateness_ms} ms after the instant)")
+    if release.reason:
+        print(f"  reason   {release.reason}")
+    print("\ndocuments")
+    print(table([(d["id"], d["name"], d["kind"], d["organisation"] or "", d["size"],
+                  d["sha256"][:12], d["url"] or "") for d in facts["documents"]],
+                ["id", "name", "kind", "organisation", "bytes", "sha256", "public at"]))
+    print("\nrecipients")
+    print(table([(r["name"], r["email"], r["organisation"] or "") for r in facts["recipients"]],
+                ["name", "email", "organisation"]))
+    if facts["notices"]:
+        print("\nnotices")
+        print(table([(n["to"], n["purpose"], n["delivered_at"] or "pending", n["via"] or "",
+                      n["last_error"] or "") for n in facts["notices"]],
+                    ["to", "purpose", "delivered", "via", "last error"]))
+    print("\naudit")
+    print(table([(e["seq"], e["at"], e["action"], e["actor"]) for e in facts["events"]],
+                ["#", "at (UTC)", "event", "by"]))
+    return 0
+
+
+def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    release = service.cancel(args.id, reason=args.reason)
+    print(f"cancelled {release.id}; its data key is destroyed and it can never be published")
+    return 0
+
+
+def cmd_reschedule(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    release = service.reschedule(args.id, publish_on=args.publish_on, at=args.at, zone=args.zone)
+    print(f"rescheduled {release.id}: publishes {embargo_of(release).describe()}")
+    return 0
+
+
+def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    report = service.verify_audit()
+    if report.ok:
+        print(f"audit chain intact: {report.events} events")
+        return 0
+    print(f"audit chain broken at event {report.first_bad}: {report.problem}", file=sys.stderr)
+    return 8
+
+
+def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    services, _ = _service(settings)
+    services.vault.check()
+    print(f"vault   ok  {settings.vault}")
+    services.public.check()
+    print(f"public  ok  {settings.public}")
+    keyfile.load_public_key(settings.keys_dir)
+    print(f"keys    ok  {settings.keys_dir}")
+    return 0
+
+
+class _Stopper:
+    """Turns SIGTERM and Ctrl-C into a stop request; a second Ctrl-C is
+    not needed and not harmful."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            if not self.event.is_set():
+                print(f"\nstopping ({signal.Signals(signum).name}): finishing work in progress…",
+                      file=sys.stderr)
+            self.event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def start_scheduler(settings: Settings, services: Services, stop: threading.Event,
+                    on_outcome: Any = None) -> Any:
+    from datetime import timedelta
+
+    from jobs.app import node_name
+    from jobs.mail import make_transport
+    from jobs.relay import OutboxRelay
+    from jobs.scheduler import EmbargoScheduler
+    from release.publishing import Publisher
+
+    private_key = keyfile.load_private_key(settings.keys_dir)
+    name = node_name()
+    publisher = Publisher(services, private_key, claimant=name,
+                          lease=timedelta(seconds=settings["scheduler.lease_seconds"]), stop=stop)
+    relay = OutboxRelay(services, make_transport(settings), sender=settings["mail.sender"],
+                        worker=name, max_attempts=settings["mail.max_attempts"])
+    scheduler = EmbargoScheduler(
+        services, publisher, relay, poll_seconds=settings["scheduler.poll_seconds"],
+        workers=settings["scheduler.workers"],
+        lead=timedelta(seconds=settings["scheduler.lead_seconds"]), on_outcome=on_outcome)
+    scheduler.start()
+    return scheduler
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from jobs.app import build_services
+
+    services = build_services(settings)
+    stopper = _Stopper()
+    stopper.install()
+    scheduler = start_scheduler(settings, services, stopper.event)
+    counts = ReleaseService(services, actor="scheduler").counts()
+    print(f"embargo scheduler running ({counts.get('queued', 0)} queued, "
+          f"{counts.get('publishing', 0)} publishing); Ctrl-C or SIGTERM stops it",
+          file=sys.stderr, flush=True)
+    try:
+        stopper.event.wait()
+    finally:
+        scheduler.shutdown()
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(settings, seconds=args.seconds)
+
+
+# -- parser ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embargo", description="Release embargoed documents on time, never early.")
+    parser.add_argument("--config", metavar="PATH", help="TOML settings file (or EMBARGO_CONFIG)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder for the embedded defaults (default ./var)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys = sub.add_parser("keys", help="the publisher's key pair")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    keys_sub.add_parser("init", help="create the key pair").set_defaults(func=cmd_keys_init)
+
+    config = sub.add_parser("config", help="settings")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show_cfg = config_sub.add_parser("show", help="print the effective settings (no secrets)")
+    show_cfg.add_argument("--json", action="store_true")
+    show_cfg.set_defaults(func=cmd_config_show)
+
+    def when(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--publish-on", required=required, metavar="DATE",
+                       help="2014-09-04, 'Thursday 4 September 2014', or an ISO timestamp "
+                            "with offset")
+        p.add_argument("--at", metavar="HH:MM", help="local time of day (default 00:01)")
+        p.add_argument("--zone", metavar="ZONE", help="IANA zone (default Europe/London)")
+
+    queue = sub.add_parser("queue", help="seal and queue a release from a manifest")
+    queue.add_argument("manifest", metavar="MANIFEST.toml")
+    when(queue, False)
+    queue.set_defaults(func=cmd_queue)
+
+    lst = sub.add_parser("list", help="all releases")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+
+    show = sub.add_parser("show", help="one release in full")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+
+    cancel = sub.add_parser("cancel", help="cancel a release and destroy its data key")
+    cancel.add_argument("id")
+    cancel.add_argument("--reason", required=True)
+    cancel.set_defaults(func=cmd_cancel)
+
+    resched = sub.add_parser("reschedule", help="move a queued release to a new instant")
+    resched.add_argument("id")
+    when(resched, True)
+    resched.set_defaults(func=cmd_reschedule)
+
+    aud = sub.add_parser("audit", help="the audit chain")
+    aud_sub = aud.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    aud_sub.add_parser("verify", help="check the chain").set_defaults(func=cmd_audit_verify)
+
+    sub.add_parser("check", help="verify access to the vault, public target and keys"
+                   ).set_defaults(func=cmd_check)
+    sub.add_parser("run", help="run the scheduler until stopped").set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="queue and publish a demo release, start to finish")
+    demo.add_argument("--seconds", type=int, default=10, help="embargo this far ahead")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    try:
+        overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+        settings = load_settings(config_file=args.config, overrides=overrides)
+        status: int = args.func(settings, args)
+        return status
+    except EmbargoError as exc:
+        print(f"embargo: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("embargo: interrupted; nothing half-done was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""``embargo demo``: queue a small invented bundle a few seconds ahead, run the
+scheduler with a countdown, and show what was published and who was told."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+from config.settings import Settings
+from release import keys as keyfile
+from release.manifest import load_manifest
+from release.records import PUBLISHED
+from release.service import ReleaseService, embargo_of
+
+TITLE = "Open all hours? An inspection of out-of-hours access to public library services"
+
+AUTHORITIES = (
+    ("Northmoor Libraries", "northmoor", "Priya Raman", "Strong evidence that extended "
+     "self-service hours reach people who work shifts; the booking system is not yet "
+     "accessible to screen-reader users."),
+    ("Eastwater Libraries", "eastwater", "Tom Okafor", "A clear plan for weekend opening, "
+     "well understood by staff; the service does not yet measure who uses the late hours."),
+    ("Kingsbridge City Libraries", "kingsbridge", "Morag Lindsay", "Good partnership with "
+     "adult-education providers; staff rotas leave two branches closed on most Sundays."),
+)
+
+REPORT = """THE INSPECTORATE OF LIBRARY SERVICES (an invented body, for this demo)
+
+{title}
+
+National thematic report
+
+Between February and May the inspectorate visited library services in every
+region to ask three questions:
+
+  - how well services reach people who cannot visit in ordinary hours;
+  - how safely and reliably unstaffed opening is run;
+  - how services learn who uses the extra hours, and who still does not.
+
+Summary of findings
+
+Most services now offer some access outside ordinary hours. Where it works
+best, a library authority has asked residents first, trained staff to run the
+unstaffed sessions, and measured who comes. Where it works least well, the
+extra hours exist on paper but the building is hard to enter, the booking
+system is hard to use, or nobody checks who benefits.
+
+This report is embargoed until the time stated on the letter that
+accompanies it.
+"""
+
+LETTER = """THE INSPECTORATE OF LIBRARY SERVICES (an invented body, for this demo)
+
+To the Head of Service, {organisation}
+
+Dear {first},
+
+{title}
+
+Enclosed is an embargoed copy of the national thematic report, which the
+inspectorate will publish at the time shown below. It must not be published
+or shared before then.
+
+Findings that relate specifically to {organisation}:
+
+  - {finding}
+
+Yours sincerely,
+
+The Chief Inspector of Library Services
+Copied to: the liaison officer, {organisation}
+"""
+
+
+def write_bundle(folder: Path) -> Path:
+    """Write the demo documents and manifest into ``folder``; return the
+    manifest's path."""
+    (folder / "letters").mkdir(parents=True, exist_ok=True)
+    (folder / "national-report.txt").write_text(REPORT.format(title=TITLE))
+    lines = [f'title = "{TITLE}"', 'publish_on = "2099-01-01"',
+             'owner = "press-office@inspectorate.example"', "",
+             "[[documents]]", 'path = "national-report.txt"', 'kind = "report"', ""]
+    for organisation, short, _officer, finding in AUTHORITIES:
+        (folder / "letters" / f"{short}.txt").write_text(LETTER.format(
+            organisation=organisation, first="colleague", title=TITLE, finding=finding))
+        lines += ["[[documents]]", f'path = "letters/{short}.txt"', 'kind = "letter"',
+                  f'organisation = "{organisation}"', ""]
+    for organisation, short, officer, _ in AUTHORITIES:
+        lines += ["[[recipients]]", f'name = "{officer}"',
+                  f'email = "liaison@{short}.libraries.example"',
+                  f'organisation = "{organisation}"', ""]
+    manifest = folder / "manifest.toml"
+    manifest.write_text("\n".join(lines))
+    return manifest
+
+
+def run_demo(settings: Settings, *, seconds: int = 10) -> int:
+    from jobs.app import build_services
+    from jobs.cli import _Stopper, start_scheduler, table
+
+    out = sys.stdout
+    if not (settings.keys_dir / keyfile.PRIVATE_NAME).exists():
+        keyfile.init_keys(settings.keys_dir)
+        print(f"created a publisher key pair in {settings.keys_dir}", file=out)
+    services = build_services(settings)
+    service = ReleaseService(services, actor="demo")
+    manifest = write_bundle(settings.data_dir / "demo-bundle")
+    now = services.clock.now()
+    instant = (now + timedelta(seconds=max(2, seconds) + 1)).replace(microsecond=0)
+    spec = load_manifest(manifest, publish_on=instant.isoformat(), zone=settings["zone"])
+    release = service.queue(spec)
+    print(f"queued {release.id}: \"{release.title}\"\n  {len(release.documents)} documents "
+          f"sealed into {settings.vault}, {len(release.recipients)} liaison officers", file=out)
+    print(f"  embargo {embargo_of(release).describe()}", file=out)
+
+    stopper = _Stopper()
+    stopper.install()
+    published = threading.Event()
+    scheduler = start_scheduler(settings, services, stopper.event,
+                                on_outcome=lambda o: published.set()
+                                if o.release_id == release.id and o.status in
+                                ("published", "failed") else None)
+    live = out.isatty()
+    if not live:
+        print("  waiting for the instant…", file=out, flush=True)
+    try:
+        while not published.is_set() and not stopper.event.is_set():
+            left = (release.instant - services.clock.now()).total_seconds()
+            if live:
+                out.write(f"\r  publishing in {max(left, 0):5.1f} s ")
+                out.flush()
+            published.wait(0.1)
+        if live:
+            out.write("\n")
+        deadline = services.clock.now() + timedelta(seconds=10)
+        while not stopper.event.is_set() and services.clock.now() < deadline:
+            pending = [m for m in service.outbox(release.id) if m.delivered_at is None]
+            if not pending:
+                break
+            stopper.event.wait(0.05)
+    finally:
+        interrupted = stopper.event.is_set()
+        scheduler.shutdown()
+    if interrupted:
+        print("demo stopped before it finished", file=sys.stderr)
+        return 130
+    release = service.get(release.id)
+    if release.state != PUBLISHED:
+        print(f"embargo: demo release ended {release.state}: {release.reason}", file=sys.stderr)
+        return 1
+    print(f"published {release.lateness_ms:.1f} ms after the instant:", file=out)
+    print(table([(d.filename, d.size, d.public_url) for d in release.documents],
+                ["document", "bytes", "public at"]), file=out)
+    notices = service.outbox(release.id)
+    print("\nnotices:", file=out)
+    print(table([(m.to_addr, m.purpose, m.delivered_to or f"pending: {m.last_error}")
+                 for m in notices], ["to", "purpose", "delivered to"]), file=out)
+    print(f"\nsee it all: embargo show {release.id}", file=out)
+    return 0

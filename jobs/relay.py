@@ -1,0 +1,120 @@
+"""The outbox relay: claims due notices, composes and hands each to the mail
+transport, records delivery, and backs off while the mail server is down."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+
+from config.errors import DeliveryError
+from jobs.mail import MailTransport
+from release import audit
+from release.notices import compose
+from release.records import OutboxMessage, Recipient, Release
+from release.service import Services
+from storage.db import transaction
+
+log = logging.getLogger(__name__)
+
+CLAIM = timedelta(seconds=60)
+
+
+def backoff(attempts: int) -> timedelta:
+    """0.5 s, 1 s, 2 s … capped at five minutes."""
+    return timedelta(seconds=min(300.0, 0.5 * 2 ** max(0, attempts - 1)))
+
+
+class OutboxRelay:
+    def __init__(self, services: Services, transport: MailTransport, *, sender: str,
+                 worker: str, max_attempts: int = 20, batch: int = 200) -> None:
+        self.s = services
+        self.transport = transport
+        self.sender = sender
+        self.worker = worker
+        self.max_attempts = max_attempts
+        self.batch = batch
+        self.sessions = services.sessions
+
+    def run_once(self) -> int:
+        """Deliver every notice that is due now. Returns how many were
+        delivered. Rows are claimed with a token first, so two relays never
+        send the same row at the same time."""
+        now = self.s.clock.now()
+        token = f"{self.worker}:{secrets.token_hex(4)}"
+        with transaction(self.sessions) as session:
+            due = select(OutboxMessage.id).where(
+                OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
+                OutboxMessage.not_before <= now, OutboxMessage.next_attempt_at <= now,
+                or_(OutboxMessage.claim_expires_at.is_(None),
+                    OutboxMessage.claim_expires_at < now),
+            ).order_by(OutboxMessage.id).limit(self.batch)
+            ids = list(session.scalars(due))
+            if not ids:
+                return 0
+            session.execute(update(OutboxMessage).where(
+                OutboxMessage.id.in_(ids),
+                or_(OutboxMessage.claim_expires_at.is_(None),
+                    OutboxMessage.claim_expires_at < now))
+                .values(claimed_by=token, claim_expires_at=now + CLAIM))
+        with transaction(self.sessions) as session:
+            rows = list(session.scalars(select(OutboxMessage).where(
+                OutboxMessage.claimed_by == token).order_by(OutboxMessage.id)))
+            releases = {r.id: r for r in session.scalars(select(Release).where(
+                Release.id.in_({row.release_id for row in rows})))}
+            for release in releases.values():
+                release.documents  # noqa: B018 - load before the session closes
+                release.recipients  # noqa: B018
+            recipients = {r.id: r for r in session.scalars(select(Recipient).where(
+                Recipient.id.in_({row.recipient_id for row in rows if row.recipient_id})))}
+        delivered = 0
+        try:
+            for row in rows:
+                delivered += self._deliver(row, releases[row.release_id],
+                                           recipients.get(row.recipient_id or ""))
+        finally:
+            self.transport.close()
+        return delivered
+
+    def _deliver(self, row: OutboxMessage, release: Release, recipient: Recipient | None) -> int:
+        message = compose(row, release, recipient, sender=self.sender)
+        try:
+            where = self.transport.send(message)
+        except DeliveryError as exc:
+            now = self.s.clock.now()
+            attempts = row.attempts + 1
+            give_up = attempts >= self.max_attempts
+            with transaction(self.sessions) as session:
+                session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
+                    attempts=attempts, last_error=str(exc), claimed_by=None,
+                    claim_expires_at=None, next_attempt_at=now + backoff(attempts),
+                    given_up_at=now if give_up else None))
+            if give_up:
+                log.error("gave up on notice %s to %s after %d attempts: %s",
+                          row.message_id, row.to_addr, attempts, exc)
+            else:
+                log.warning("notice %s to %s not delivered (attempt %d), retrying in %s: %s",
+                            row.message_id, row.to_addr, attempts, backoff(attempts), exc)
+            return 0
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
+                attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
+                last_error=None, claim_expires_at=None))
+            audit.record(session, action="notice_sent", actor=self.worker, at=now,
+                         release_id=row.release_id,
+                         details={"to": row.to_addr, "purpose": row.purpose,
+                                  "message_id": row.message_id, "via": where})
+        log.info("notice %s delivered to %s via %s", row.purpose, row.to_addr, where)
+        return 1
+
+    def next_due(self) -> float | None:
+        """Seconds until the next undelivered notice is due, if any."""
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            nxt = session.scalars(select(OutboxMessage.next_attempt_at).where(
+                OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None))
+                .order_by(OutboxMessage.next_attempt_at).limit(1)).first()
+        return None if nxt is None else max(0.0, (nxt - now).total_seconds())

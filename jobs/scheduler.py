@@ -1,0 +1,165 @@
+"""The long-running scheduler (``embargo run``) on APScheduler 3.
+
+The database is the source of truth: the scheduler derives one date job per
+active release from it at start and re-reads it every ``poll_seconds``, so a
+queue, cancel or reschedule made by another process reaches it within one
+poll. A job wakes ``lead`` before the instant and the publisher waits, reading
+the clock, for the instant itself."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import func, select
+
+from jobs.relay import OutboxRelay
+from release.publishing import Outcome, Publisher
+from release.records import PUBLISHING, QUEUED, Release
+from release.service import Services
+from storage.db import transaction
+
+log = logging.getLogger(__name__)
+
+
+class EmbargoScheduler:
+    def __init__(self, services: Services, publisher: Publisher, relay: OutboxRelay | None, *,
+                 poll_seconds: float = 0.5, workers: int = 16,
+                 lead: timedelta = timedelta(seconds=0.5),
+                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+        self.s = services
+        self.publisher = publisher
+        self.relay = relay
+        self.poll_seconds = poll_seconds
+        self.lead = lead
+        self.on_outcome = on_outcome
+        self.stop_event = publisher.stop
+        self.sessions = services.sessions
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(workers)},
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+            timezone=UTC,
+        )
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[int, datetime]] = {}
+        self._running: set[str] = set()
+        self._fingerprint: tuple[int, int] | None = None
+        self._relay_wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- life cycle ------------------------------------------------------------
+    def start(self) -> int:
+        """Schedule every active release and start the workers. Returns how
+        many releases were scheduled."""
+        self.scheduler.start()
+        count = self.sync(force=True)
+        poller = threading.Thread(target=self._poll_loop, name="embargo-poll", daemon=True)
+        self._threads.append(poller)
+        if self.relay is not None:
+            self._threads.append(threading.Thread(target=self._relay_loop, name="embargo-relay",
+                                                  daemon=True))
+        for thread in self._threads:
+            thread.start()
+        log.info("scheduler started: %d releases scheduled", count)
+        return count
+
+    def shutdown(self) -> None:
+        """Stop taking work; a publication in progress is finished, one still
+        waiting for its instant gives its claim back."""
+        self.stop_event.set()
+        self._relay_wake.set()
+        self.scheduler.shutdown(wait=True)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        log.info("scheduler stopped")
+
+    def kick_relay(self) -> None:
+        self._relay_wake.set()
+
+    # -- syncing with the database ---------------------------------------------
+    def _poll_loop(self) -> None:
+        while not self.stop_event.wait(self.poll_seconds):
+            try:
+                self.sync()
+            except Exception:
+                log.exception("could not read the releases; will try again")
+
+    def sync(self, *, force: bool = False) -> int:
+        """Bring the jobs in line with the database. Cheap when nothing has
+        changed: one aggregate query."""
+        with transaction(self.sessions) as session:
+            fingerprint = session.execute(
+                select(func.count(), func.coalesce(func.sum(Release.revision), 0))).one()
+            fp = (int(fingerprint[0]), int(fingerprint[1]))
+            if not force and fp == self._fingerprint:
+                return len(self._known)
+            rows = session.execute(
+                select(Release.id, Release.state, Release.instant, Release.revision,
+                       Release.lease_expires_at)
+                .where(Release.state.in_((QUEUED, PUBLISHING)))).all()
+        now = self.s.clock.now()
+        with self._lock:
+            active: set[str] = set()
+            for release_id, state, instant, revision, lease in rows:
+                active.add(release_id)
+                if release_id in self._running:
+                    continue
+                if state == QUEUED:
+                    run_at = instant - self.lead
+                else:  # publishing: resume when the current claim lapses
+                    run_at = max(lease or now, instant)
+                key = (revision, run_at)
+                if self._known.get(release_id) == key:
+                    continue
+                self._known[release_id] = key
+                self.scheduler.add_job(self._publish, "date", run_date=run_at,
+                                       id=f"publish:{release_id}", args=[release_id],
+                                       replace_existing=True, name=f"publish {release_id}")
+            for gone in set(self._known) - active:
+                del self._known[gone]
+                try:
+                    self.scheduler.remove_job(f"publish:{gone}")
+                except JobLookupError:
+                    pass
+            self._fingerprint = fp
+            return len(self._known)
+
+    # -- jobs ------------------------------------------------------------------
+    def _publish(self, release_id: str) -> None:
+        with self._lock:
+            if release_id in self._running:
+                return
+            self._running.add(release_id)
+        try:
+            outcome = self.publisher.publish(release_id,
+                                             wait_up_to=self.lead + timedelta(seconds=1))
+        except Exception:
+            log.exception("publishing %s failed unexpectedly", release_id)
+            outcome = Outcome(status="retry", release_id=release_id)
+        finally:
+            with self._lock:
+                self._running.discard(release_id)
+                self._known.pop(release_id, None)  # the next sync re-reads it
+                self._fingerprint = None
+        if outcome.status in ("published", "failed"):
+            self._relay_wake.set()
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+
+    def _relay_loop(self) -> None:
+        assert self.relay is not None
+        while not self.stop_event.is_set():
+            try:
+                self.relay.run_once()
+                wait = self.relay.next_due()
+            except Exception:
+                log.exception("outbox relay failed; will try again")
+                wait = self.poll_seconds
+            self._relay_wake.wait(self.poll_seconds if wait is None
+                                  else min(max(wait, 0.01), self.poll_seconds * 4))
+            self._relay_wake.clear()

@@ -1,0 +1,106 @@
+"""The audit chain: every action is an event whose hash covers the previous
+event's hash, so an edit, a deletion or a reordering breaks the chain at the
+first event it touches."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from release.records import AuditEvent, AuditHead
+
+GENESIS = "0" * 64
+
+
+def default_actor() -> str:
+    """Who is acting: the operating-system user and host, unless
+    ``EMBARGO_ACTOR``-style identity is passed in explicitly by the caller."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _digest(seq: int, at: datetime, actor: str, action: str, release_id: str | None,
+            details: str, prev_hash: str) -> str:
+    body = json.dumps(
+        [seq, at.isoformat(), actor, action, release_id, details, prev_hash],
+        separators=(",", ":"), ensure_ascii=False,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def record(session: Session, *, action: str, actor: str, at: datetime,
+           release_id: str | None = None, details: Mapping[str, Any] | None = None) -> AuditEvent:
+    """Append one event in the caller's transaction (so the event and the
+    change it describes commit together, or neither does)."""
+    head = session.execute(
+        update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)
+        .returning(AuditHead.seq, AuditHead.hash)
+    ).first()
+    if head is None:
+        session.add(AuditHead(id=1, seq=1, hash=GENESIS))
+        session.flush()
+        seq, prev = 1, GENESIS
+    else:
+        seq, prev = head
+    text = json.dumps(dict(details or {}), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, default=str)
+    digest = _digest(seq, at, actor, action, release_id, text, prev)
+    event = AuditEvent(seq=seq, at=at, actor=actor, action=action, release_id=release_id,
+                       details=text, prev_hash=prev, hash=digest)
+    session.add(event)
+    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=digest))
+    return event
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChainReport:
+    events: int
+    first_bad: int | None  # seq of the first event that does not check out
+    problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None
+
+
+def verify(session: Session) -> ChainReport:
+    """Walk the chain in order. Reports the first event whose hash, link or
+    sequence number does not check out, and what is wrong with it."""
+    prev = GENESIS
+    expected_seq = 1
+    count = 0
+    for event in session.scalars(select(AuditEvent).order_by(AuditEvent.seq)):
+        count += 1
+        if event.seq != expected_seq:
+            return ChainReport(events=count, first_bad=event.seq,
+                               problem=f"event {expected_seq} is missing (deleted?)")
+        if event.prev_hash != prev:
+            return ChainReport(events=count, first_bad=event.seq,
+                               problem="it does not follow the event before it "
+                                       "(deleted or reordered)")
+        digest = _digest(event.seq, event.at, event.actor, event.action, event.release_id,
+                         event.details, event.prev_hash)
+        if digest != event.hash:
+            return ChainReport(events=count, first_bad=event.seq,
+                               problem="its contents were changed after it was written")
+        prev = event.hash
+        expected_seq += 1
+    head = session.get(AuditHead, 1)
+    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
+        return ChainReport(events=count, first_bad=expected_seq,
+                           problem=f"the chain ends at event {expected_seq - 1} but the head "
+                                   f"records event {head.seq} (events removed from the end?)")
+    return ChainReport(events=count, first_bad=None, problem=None)

@@ -1,0 +1,291 @@
+"""Publication at the embargo instant: claim, wait for the exact instant,
+decrypt each document into the public target, verify it, write the manifest,
+then mark the release published and fill the outbox in one transaction.
+
+Every step is idempotent and checkpointed: a publisher that dies part-way is
+resumed by whoever claims the release next, and nothing is written twice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from sqlalchemy import or_, select, update
+
+from config.errors import EmbargoError, SealError, StorageError
+from release import audit, sealing
+from release.records import (
+    FAILED,
+    PUBLISHED,
+    PUBLISHING,
+    QUEUED,
+    Document,
+    OutboxMessage,
+    Release,
+)
+from release.service import Services, dek_key, document_key, embargo_of
+from storage.base import ObjectExistsError
+from storage.db import affected, transaction
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 10
+
+
+class TooEarlyError(EmbargoError):
+    """Raised if, against every check, a write was about to happen before the
+    embargo instant. Never caught and ignored."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    status: str  # published | not_yet | not_ours | inactive | retry | failed
+    release_id: str
+    lateness_ms: float | None = None
+    detail: str | None = None
+
+
+def message_id(release_id: str, purpose: str, recipient_id: str | None) -> str:
+    return f"<{release_id}.{purpose}.{recipient_id or 'owner'}@embargo.invalid>"
+
+
+class Publisher:
+    """Publishes releases. One per process; ``claimant`` names it in leases."""
+
+    def __init__(self, services: Services, private_key: X25519PrivateKey, *, claimant: str,
+                 lease: timedelta = timedelta(seconds=30),
+                 stop: threading.Event | None = None) -> None:
+        self.s = services
+        self.key = private_key
+        self.claimant = claimant
+        self.lease = lease
+        self.stop = stop or threading.Event()
+        self.sessions = services.sessions
+
+    def publish(self, release_id: str, *, wait_up_to: timedelta = timedelta(0)) -> Outcome:
+        """Publish ``release_id`` if its instant has come.
+
+        If the instant is more than ``wait_up_to`` away, nothing happens
+        (``not_yet``): the caller reschedules. Within it, the release is
+        claimed and the publisher waits, re-reading the clock, for the exact
+        instant. ``not_ours`` means another publisher holds the claim."""
+        clock = self.s.clock
+        now = clock.now()
+        with transaction(self.sessions) as session:
+            release = session.get(Release, release_id)
+            if release is None or release.state not in (QUEUED, PUBLISHING):
+                return Outcome(status="inactive", release_id=release_id)
+            instant = release.instant
+        if instant - now > wait_up_to:
+            return Outcome(status="not_yet", release_id=release_id)
+        if not self._claim(release_id, now):
+            return Outcome(status="not_ours", release_id=release_id)
+        if not clock.sleep_until(instant, self.stop):
+            self._unclaim(release_id)
+            return Outcome(status="not_yet", release_id=release_id, detail="stopping")
+        try:
+            return self._publish_claimed(release_id)
+        except Exception as exc:
+            return self._failed(release_id, exc)
+
+    # -- claim ---------------------------------------------------------------
+    def _claim(self, release_id: str, now: datetime) -> bool:
+        with transaction(self.sessions) as session:
+            claimed = affected(session.execute(
+                update(Release)
+                .where(Release.id == release_id,
+                       or_(Release.state == QUEUED,
+                           (Release.state == PUBLISHING)
+                           & or_(Release.lease_expires_at.is_(None),
+                                 Release.lease_expires_at < now)))
+                .values(state=PUBLISHING, claimant=self.claimant,
+                        lease_expires_at=now + self.lease, revision=Release.revision + 1,
+                        attempts=Release.attempts + 1)
+            ))
+        return bool(claimed)
+
+    def _renew(self, release_id: str) -> None:
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            held = affected(session.execute(
+                update(Release)
+                .where(Release.id == release_id, Release.state == PUBLISHING,
+                       Release.claimant == self.claimant)
+                .values(lease_expires_at=now + self.lease)
+            ))
+        if not held:
+            raise StorageError(f"lost the claim on {release_id} to another publisher")
+
+    def _unclaim(self, release_id: str) -> None:
+        """Give back a claim taken before the instant, when nothing was
+        published yet (stopping, or a clock that stepped back)."""
+        with transaction(self.sessions) as session:
+            session.execute(
+                update(Release).where(Release.id == release_id, Release.state == PUBLISHING,
+                                      Release.claimant == self.claimant,
+                                      Release.started_at.is_(None))
+                .values(state=QUEUED, claimant=None, lease_expires_at=None,
+                        revision=Release.revision + 1, attempts=Release.attempts - 1))
+
+    # -- publish -------------------------------------------------------------
+    def _check_time(self, instant: datetime) -> datetime:
+        now = self.s.clock.now()
+        if now < instant:
+            raise TooEarlyError(f"refusing to publish {now.isoformat()} before the embargo "
+                                f"{instant.isoformat()}")
+        return now
+
+    def _publish_claimed(self, release_id: str) -> Outcome:
+        with transaction(self.sessions) as session:
+            release = session.get(Release, release_id)
+            assert release is not None
+            instant = release.instant
+            now = self._check_time(instant)
+            if release.started_at is None:
+                release.started_at = now
+            started = release.started_at
+            slug = release.slug
+            documents = list(session.scalars(
+                select(Document).where(Document.release_id == release_id)
+                .order_by(Document.position)))
+            if release.attempts == 1:
+                audit.record(session, action="publication_started", actor=self.claimant,
+                             at=now, release_id=release_id,
+                             details={"lateness_ms": _ms(now - instant)})
+        lateness_ms = _ms(started - instant)
+        dek = sealing.open_dek(self.s.vault.get_bytes(dek_key(release_id)), self.key, release_id)
+        for document in documents:
+            if document.published_at is None:
+                self._publish_document(release_id, slug, instant, dek, document)
+                self._renew(release_id)
+        self._write_manifest(release_id, slug, started, lateness_ms)
+        return self._finish(release_id, lateness_ms)
+
+    def _publish_document(self, release_id: str, slug: str, instant: datetime, dek: bytes,
+                          document: Document) -> None:
+        key = f"{slug}/{document.filename}"
+        public = self.s.public
+        try:
+            with self.s.vault.reader(document_key(release_id, document.id)) as sealed:
+                self._check_time(instant)
+                with public.writer(key, content_type=document.content_type) as out:
+                    opened = sealing.open_stream(dek, document.id, sealed, out)
+                    if opened.sha256 != document.sha256 or opened.size != document.size:
+                        raise SealError()
+        except ObjectExistsError:
+            pass  # an earlier attempt got this far; the read-back below decides
+        stored = public.stat(key)
+        if stored.sha256 != document.sha256:
+            raise StorageError(f"{public.url(key)} holds other content than {document.filename}"
+                               f" (sha256 {stored.sha256[:12]}…, expected "
+                               f"{document.sha256[:12]}…); refusing to overwrite it")
+        with transaction(self.sessions) as session:
+            session.execute(update(Document).where(Document.id == document.id)
+                            .values(published_at=self.s.clock.now(), public_url=public.url(key)))
+        log.info("published %s", public.url(key))
+
+    def _write_manifest(self, release_id: str, slug: str, started: datetime,
+                        lateness_ms: float) -> None:
+        with transaction(self.sessions) as session:
+            release = session.get(Release, release_id)
+            assert release is not None
+            embargo = embargo_of(release)
+            body = {
+                "title": release.title,
+                "embargo": {"local": embargo.local.isoformat(), "zone": embargo.zone,
+                            "utc": embargo.instant.isoformat().replace("+00:00", "Z"),
+                            "text": embargo.describe_long()},
+                "published_at": started.isoformat().replace("+00:00", "Z"),
+                "lateness_ms": lateness_ms,
+                "documents": [{"name": d.filename, "kind": d.kind,
+                               "organisation": d.organisation, "size": d.size,
+                               "sha256": d.sha256, "content_type": d.content_type,
+                               "url": d.public_url} for d in release.documents],
+            }
+        data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
+        key = f"{slug}/manifest.json"
+        try:
+            with self.s.public.writer(key, content_type="application/json") as out:
+                out.write(data)
+        except ObjectExistsError:
+            with self.s.public.reader(key) as existing:
+                if existing.read() != data:
+                    raise StorageError(f"{self.s.public.url(key)} exists with other "
+                                       "content; refusing to overwrite it") from None
+
+    def _finish(self, release_id: str, lateness_ms: float) -> Outcome:
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            release = session.get(Release, release_id)
+            assert release is not None
+            done = affected(session.execute(
+                update(Release).where(Release.id == release_id, Release.state == PUBLISHING,
+                                      Release.claimant == self.claimant)
+                .values(state=PUBLISHED, published_at=now, lateness_ms=lateness_ms,
+                        lease_expires_at=None, revision=Release.revision + 1)
+            ))
+            if not done:
+                raise StorageError(f"lost the claim on {release_id} before finishing")
+            targets: list[tuple[str | None, str, str]] = [
+                (r.id, r.email, "published") for r in release.recipients]
+            if release.owner:
+                targets.append((None, release.owner, "owner_summary"))
+            for recipient_id, address, purpose in targets:
+                session.add(OutboxMessage(
+                    message_id=message_id(release_id, purpose, recipient_id),
+                    release_id=release_id, recipient_id=recipient_id, purpose=purpose,
+                    to_addr=address, created_at=now, not_before=now, attempts=0,
+                    next_attempt_at=now))
+            audit.record(session, action="release_published", actor=self.claimant, at=now,
+                         release_id=release_id,
+                         details={"lateness_ms": lateness_ms,
+                                  "documents": len(release.documents),
+                                  "notices": len(targets)})
+        log.info("release %s published, %.1f ms late", release_id, lateness_ms)
+        return Outcome(status="published", release_id=release_id, lateness_ms=lateness_ms)
+
+    def _failed(self, release_id: str, exc: Exception) -> Outcome:
+        if isinstance(exc, TooEarlyError):
+            log.error("%s", exc)
+            self._unclaim(release_id)
+            return Outcome(status="not_yet", release_id=release_id, detail=str(exc))
+        now = self.s.clock.now()
+        reason = str(exc) if isinstance(exc, EmbargoError) else f"{type(exc).__name__}: {exc}"
+        permanent = isinstance(exc, SealError)
+        with transaction(self.sessions) as session:
+            release = session.get(Release, release_id)
+            if release is None or release.claimant != self.claimant:
+                return Outcome(status="not_ours", release_id=release_id, detail=reason)
+            give_up = permanent or release.attempts >= MAX_ATTEMPTS
+            backoff = timedelta(seconds=min(60.0, 0.5 * 2 ** release.attempts))
+            if give_up:
+                release.state = FAILED
+                release.lease_expires_at = None
+                if release.owner:
+                    session.add(OutboxMessage(
+                        message_id=message_id(release_id, f"failed{release.attempts}", None),
+                        release_id=release_id, recipient_id=None, purpose="owner_failure",
+                        to_addr=release.owner, created_at=now, not_before=now, attempts=0,
+                        next_attempt_at=now))
+            else:
+                release.lease_expires_at = now + backoff  # retried when this passes
+            release.reason = reason
+            release.revision += 1
+            audit.record(session, action="publication_failed", actor=self.claimant, at=now,
+                         release_id=release_id,
+                         details={"reason": reason, "attempt": release.attempts,
+                                  "final": give_up})
+        if give_up:
+            log.error("release %s failed: %s", release_id, reason)
+            return Outcome(status="failed", release_id=release_id, detail=reason)
+        log.warning("release %s: attempt failed, retrying in %s: %s", release_id, backoff,
+                    reason)
+        return Outcome(status="retry", release_id=release_id, detail=reason)
+
+
+def _ms(delta: timedelta) -> float:
+    return round(delta.total_seconds() * 1000, 3)

@@ -1,0 +1,169 @@
+"""Database records of the domain: releases, documents, recipients, the
+outbox of notices, and the audit chain."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every database
+    (SQLite has no time zones). A naive datetime is refused."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given where UTC is required")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# Release states.
+QUEUED = "queued"
+PUBLISHING = "publishing"
+PUBLISHED = "published"
+CANCELLED = "cancelled"
+FAILED = "failed"
+
+
+class Release(Base):
+    __tablename__ = "releases"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    slug: Mapped[str] = mapped_column(String(120), unique=True)
+    title: Mapped[str] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(String(320))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    instant: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    zone: Mapped[str] = mapped_column(String(64))
+    wall: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(120))
+    # Bumped on every change the scheduler must notice (queue, reschedule,
+    # cancel, state change); the scheduler compares it with what it knows.
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    claimant: Mapped[str | None] = mapped_column(String(120))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lateness_ms: Mapped[float | None] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+    documents: Mapped[list[Document]] = relationship(
+        back_populates="release", order_by="Document.position", cascade="all, delete-orphan"
+    )
+    recipients: Mapped[list[Recipient]] = relationship(
+        back_populates="release", order_by="Recipient.position", cascade="all, delete-orphan"
+    )
+
+
+class Document(Base):
+    __tablename__ = "documents"
+    __table_args__ = (UniqueConstraint("release_id", "filename"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # "report" or "letter"
+    organisation: Mapped[str | None] = mapped_column(String(200))
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # Checkpoint of publication: set once the public copy is verified.
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    public_url: Mapped[str | None] = mapped_column(Text)
+
+    release: Mapped[Release] = relationship(back_populates="documents")
+
+
+class Recipient(Base):
+    __tablename__ = "recipients"
+    __table_args__ = (UniqueConstraint("release_id", "email"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(320))
+    organisation: Mapped[str | None] = mapped_column(String(200))
+
+    release: Mapped[Release] = relationship(back_populates="recipients")
+
+
+class OutboxMessage(Base):
+    """One notice to deliver. ``message_id`` is stable per (release,
+    recipient, purpose): the relay may retry, the mail server sees one id."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(200), unique=True)
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"), index=True)
+    recipient_id: Mapped[str | None] = mapped_column(ForeignKey("recipients.id"))
+    purpose: Mapped[str] = mapped_column(String(32))  # published, owner_summary, ...
+    to_addr: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(120))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    delivered_to: Mapped[str | None] = mapped_column(Text)
+    given_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditEvent(Base):
+    """One link of the tamper-evident chain: ``hash`` covers the event's
+    fields and the previous event's hash."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(40))
+    release_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    details: Mapped[str] = mapped_column(Text)  # canonical JSON
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """A single row that every append locks first, so that appends from
+    several processes form one chain, not a fork."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))

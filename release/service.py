@@ -1,0 +1,291 @@
+"""The one service API of the domain. The command line (and later a web UI)
+call this; it owns no clock, engine or storage of its own: all are passed in."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.errors import InputError, NotFoundError, StateError
+from release import audit, sealing, timerules
+from release.clock import Clock
+from release.keys import load_public_key
+from release.manifest import ReleaseSpec
+from release.records import (
+    CANCELLED,
+    FAILED,
+    PUBLISHED,
+    PUBLISHING,
+    QUEUED,
+    AuditEvent,
+    Base,
+    Document,
+    OutboxMessage,
+    Recipient,
+    Release,
+)
+from storage.base import PublicTarget, Vault
+from storage.db import affected, session_factory, transaction
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
+
+
+def dek_key(release_id: str) -> str:
+    return f"releases/{release_id}/dek.hpke"
+
+
+def document_key(release_id: str, document_id: str) -> str:
+    return f"releases/{release_id}/{document_id}.emb"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def slugify(text: str) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:40].rstrip("-") or "release"
+
+
+def embargo_of(release: Release) -> timerules.Embargo:
+    return timerules.Embargo(instant=release.instant, zone=release.zone, wall=release.wall)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Services:
+    """What the domain needs, built once at start and passed in."""
+
+    engine: Engine
+    vault: Vault
+    public: PublicTarget
+    keys_dir: Path
+    clock: Clock
+    zone: str = "Europe/London"
+    default_at: str = "00:01"
+    copies_max_lead: timedelta | None = None
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        return session_factory(self.engine)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+
+class ReleaseService:
+    """Queue, inspect, cancel and reschedule releases."""
+
+    def __init__(self, services: Services, *, actor: str) -> None:
+        self.s = services
+        self.actor = actor
+        self.sessions = services.sessions
+
+    # -- queue -------------------------------------------------------------
+    def resolve_embargo(self, publish_on: str, at: str | None, zone: str | None,
+                        now: datetime) -> timerules.Embargo:
+        return timerules.resolve(publish_on, at=at, zone=zone or self.s.zone, now=now,
+                                 default_at=self.s.default_at)
+
+    def queue(self, spec: ReleaseSpec, *, progress: Progress | None = None) -> Release:
+        """Seal every document into the vault and record the release.
+
+        Everything is checked before the first byte is sealed; if anything
+        fails part-way (including Ctrl-C), the objects already sealed are
+        deleted and no release record is written."""
+        now = self.s.clock.now()
+        embargo = self.resolve_embargo(spec.publish_on, spec.at, spec.zone, now)
+        public_key = load_public_key(self.s.keys_dir)
+        release_id = new_id("rel")
+        written: list[str] = []
+        try:
+            dek = sealing.new_dek()
+            documents: list[Document] = []
+            for position, doc in enumerate(spec.documents):
+                document_id = new_id("doc")
+                key = document_key(release_id, document_id)
+                written.append(key)
+                result = self._seal_file(dek, document_id, doc.path, doc.filename, doc.size,
+                                         key, progress)
+                documents.append(Document(
+                    id=document_id, position=position, kind=doc.kind,
+                    organisation=doc.organisation, filename=doc.filename,
+                    content_type=doc.content_type, size=result.size, sha256=result.sha256))
+            written.append(dek_key(release_id))
+            self.s.vault.put_bytes(dek_key(release_id),
+                                   sealing.seal_dek(dek, public_key, release_id))
+            del dek
+            with transaction(self.sessions) as session:
+                release = Release(
+                    id=release_id, slug=self._free_slug(session, embargo, spec.title),
+                    title=spec.title, owner=spec.owner, state=QUEUED,
+                    instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
+                    created_at=now, created_by=self.actor, revision=1, attempts=0,
+                    documents=documents,
+                    recipients=[Recipient(id=new_id("rcp"), position=i, name=r.name,
+                                          email=r.email, organisation=r.organisation)
+                                for i, r in enumerate(spec.recipients)],
+                )
+                session.add(release)
+                session.flush()
+                audit.record(session, action="release_queued", actor=self.actor, at=now,
+                             release_id=release_id, details={
+                                 "title": spec.title, "embargo": embargo.describe(),
+                                 "instant": embargo.instant.isoformat(),
+                                 "documents": [{"id": d.id, "name": d.filename,
+                                                "sha256": d.sha256} for d in documents],
+                                 "recipients": [r.email for r in spec.recipients]})
+        except BaseException:
+            for key in written:
+                try:
+                    self.s.vault.delete(key)
+                except Exception:  # clean-up must not hide the first error
+                    log.exception("could not remove %s after a failed queue", key)
+            raise
+        log.info("queued %s for %s", release_id, embargo.describe())
+        return self.get(release_id)
+
+    def _seal_file(self, dek: bytes, document_id: str, path: Path, name: str, size: int,
+                   key: str, progress: Progress | None) -> sealing.StreamResult:
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(name, done, size)
+
+        try:
+            src = path.open("rb")
+        except OSError as exc:
+            raise InputError(f"file {path} cannot be read: {exc.strerror}") from None
+        with src, self.s.vault.writer(key) as out:
+            return sealing.seal_stream(dek, document_id, src, out, on_progress=step)
+
+    def _free_slug(self, session: Session, embargo: timerules.Embargo, title: str) -> str:
+        base = f"{embargo.wall[:10]}-{slugify(title)}"
+        taken = set(session.scalars(select(Release.slug).where(Release.slug.like(f"{base}%"))))
+        slug, n = base, 2
+        while slug in taken:
+            slug, n = f"{base}-{n}", n + 1
+        return slug
+
+    # -- read --------------------------------------------------------------
+    def get(self, release_id: str) -> Release:
+        with transaction(self.sessions) as session:
+            release = session.get(Release, release_id)
+            if release is None:
+                release = session.scalars(select(Release).where(
+                    Release.id.like(f"{release_id}%"))).first() if len(release_id) >= 6 else None
+            if release is None:
+                raise NotFoundError(f"no release {release_id!r} (see `embargo list`)")
+            release.documents  # noqa: B018 - load while the session is open
+            release.recipients  # noqa: B018
+            return release
+
+    def all_releases(self) -> list[Release]:
+        with transaction(self.sessions) as session:
+            return list(session.scalars(select(Release).order_by(Release.instant)))
+
+    def outbox(self, release_id: str) -> list[OutboxMessage]:
+        with transaction(self.sessions) as session:
+            return list(session.scalars(select(OutboxMessage).where(
+                OutboxMessage.release_id == release_id).order_by(OutboxMessage.id)))
+
+    def events(self, release_id: str) -> list[AuditEvent]:
+        with transaction(self.sessions) as session:
+            return list(session.scalars(select(AuditEvent).where(
+                AuditEvent.release_id == release_id).order_by(AuditEvent.seq)))
+
+    def counts(self) -> dict[str, int]:
+        with transaction(self.sessions) as session:
+            rows = session.execute(select(Release.state, func.count()).group_by(Release.state))
+            return {state: n for state, n in rows}
+
+    # -- change ------------------------------------------------------------
+    def cancel(self, release_id: str, *, reason: str) -> Release:
+        """Cancel a queued (or failed) release and shred its data key."""
+        if not reason.strip():
+            raise InputError("a cancellation needs a --reason")
+        release = self.get(release_id)
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            changed = affected(session.execute(
+                update(Release).where(Release.id == release.id,
+                                      Release.state.in_((QUEUED, FAILED)))
+                .values(state=CANCELLED, reason=reason, revision=Release.revision + 1)
+            ))
+            if not changed:
+                current = session.get(Release, release.id)
+                state = current.state if current else "gone"
+                raise StateError(f"release {release.id} is {state}; only a queued or failed "
+                                 "release can be cancelled")
+            audit.record(session, action="release_cancelled", actor=self.actor, at=now,
+                         release_id=release.id, details={"reason": reason})
+        self.s.vault.delete(dek_key(release.id))
+        return self.get(release.id)
+
+    def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
+                   zone: str | None) -> Release:
+        release = self.get(release_id)
+        now = self.s.clock.now()
+        embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
+        old = embargo_of(release)
+        with transaction(self.sessions) as session:
+            changed = affected(session.execute(
+                update(Release).where(Release.id == release.id, Release.state == QUEUED)
+                .values(instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
+                        revision=Release.revision + 1)
+            ))
+            if not changed:
+                current = session.get(Release, release.id)
+                raise StateError(f"release {release.id} is "
+                                 f"{current.state if current else 'gone'}; "
+                                 "only a queued release can be rescheduled")
+            audit.record(session, action="release_rescheduled", actor=self.actor, at=now,
+                         release_id=release.id,
+                         details={"from": old.describe(), "to": embargo.describe(),
+                                  "instant": embargo.instant.isoformat()})
+        return self.get(release.id)
+
+    def verify_audit(self) -> audit.ChainReport:
+        with transaction(self.sessions) as session:
+            return audit.verify(session)
+
+
+def release_facts(release: Release, now: datetime) -> dict[str, Any]:
+    """The facts about a release that `list` and `show` print, as plain data."""
+    embargo = embargo_of(release)
+    facts: dict[str, Any] = {
+        "id": release.id,
+        "slug": release.slug,
+        "title": release.title,
+        "state": release.state,
+        "embargo": embargo.describe(),
+        "instant_utc": release.instant.isoformat().replace("+00:00", "Z"),
+        "zone": release.zone,
+        "local": embargo.local.isoformat(),
+        "time_left": timerules.format_delta(release.instant - now)
+        if release.state in (QUEUED, PUBLISHING) else None,
+        "owner": release.owner,
+        "published_at": release.published_at.isoformat() if release.published_at else None,
+        "lateness_ms": release.lateness_ms,
+        "reason": release.reason,
+    }
+    return facts
+
+
+__all__ = ["CANCELLED", "FAILED", "PUBLISHED", "PUBLISHING", "QUEUED", "ReleaseService",
+           "Services", "release_facts"]

@@ -1,0 +1,121 @@
+"""The storage contracts. Backends (``storage/local.py``, ``storage/s3.py``)
+implement these and stay terse; the promises are written here, once."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+CHUNK = 1 << 20
+
+
+class ObjectExistsError(Exception):
+    """A create-only write found an object already at that key. Not an
+    EmbargoError: the caller decides (same bytes: fine; other bytes: fail)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"an object already exists at {key}")
+        self.key = key
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+def hash_stream(src: BinaryIO) -> StoredObject:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := src.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return StoredObject(key="", size=size, sha256=digest.hexdigest())
+
+
+class Vault(ABC):
+    """Private store of sealed objects (``EMB1`` documents and sealed data
+    keys). Never given plaintext."""
+
+    @abstractmethod
+    def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A binary stream to write the object at ``key``. The object appears
+        only when the block exits normally and then replaces any old one; if
+        the block raises, nothing is left behind."""
+
+    @abstractmethod
+    def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A binary stream reading the object at ``key``.
+        Raises NotFoundError when there is none."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key``; no error if it is already gone."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored at ``key``."""
+
+    @abstractmethod
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Every stored key that starts with ``prefix``."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Verify that the location exists and is readable and writable,
+        without writing a real object. Raises StorageError saying what is
+        wrong."""
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self.writer(key) as out:
+            out.write(data)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.reader(key) as src:
+            return src.read()
+
+
+class PublicTarget(ABC):
+    """Where published documents go: readable by anyone once written. The
+    publisher writes here only after the embargo instant."""
+
+    @abstractmethod
+    def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
+        """A binary stream that creates the object at ``key``. The object
+        becomes visible whole, only when the block exits normally, and only if
+        no object is there yet: otherwise ObjectExistsError is raised at exit
+        and the existing object is left untouched. If the block raises,
+        nothing becomes visible."""
+
+    @abstractmethod
+    def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A binary stream reading the published object.
+        Raises NotFoundError when there is none."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object is published at ``key``."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove a published object; no error if it is already gone."""
+
+    @abstractmethod
+    def url(self, key: str) -> str:
+        """The address at which the public reads ``key``."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Verify access to the location without publishing anything.
+        Raises StorageError saying what is wrong."""
+
+    def stat(self, key: str) -> StoredObject:
+        """Size and SHA-256 of the stored object, read back from the store."""
+        with self.reader(key) as src:
+            found = hash_stream(src)
+        return StoredObject(key=key, size=found.size, sha256=found.sha256)

@@ -1,0 +1,77 @@
+"""Database engine and sessions. The engine is built once from a URL and
+passed in; nothing here is global."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import CursorResult, Result, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.errors import ConfigError, StorageError
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url``.
+
+    SQLite gets a folder, WAL, a busy timeout and ``BEGIN IMMEDIATE``
+    transactions, so that writers from several processes queue for the lock
+    instead of failing half-way. Raises ConfigError for a URL that cannot be
+    used."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"database URL {url!r} is not a valid SQLAlchemy URL") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    try:
+        return create_engine(parsed, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"database URL {url!r} needs the driver {exc.name!r}: "
+                          "pip install it") from None
+
+
+def affected(result: Result[Any]) -> int:
+    """Rows changed by an UPDATE or DELETE: how a compare-and-set knows it won."""
+    return cast(CursorResult[Any], result).rowcount
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: committed when the block ends, rolled back when it
+    raises. Database outages become StorageError."""
+    session = factory()
+    try:
+        with session.begin():
+            yield session
+    except OperationalError as exc:
+        raise StorageError(f"database error: {exc.orig}") from exc
+    finally:
+        session.close()

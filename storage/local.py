@@ -1,0 +1,128 @@
+"""Local-folder backends: the embedded default."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from config.errors import NotFoundError, StorageError
+from storage.base import ObjectExistsError, PublicTarget, Vault
+
+
+def _safe_path(root: Path, key: str) -> Path:
+    parts = key.split("/")
+    if not key or any(part in ("", ".", "..") for part in parts) or key.startswith("/"):
+        raise ValueError(f"bad storage key {key!r}")
+    return root.joinpath(*parts)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _staged(root: Path, target: Path, *, create_only: bool) -> Iterator[BinaryIO]:
+    """Write into a temporary file beside the root, fsync it, then move it to
+    ``target`` atomically (``link`` when it must not replace anything)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = root / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=staging, prefix=".part-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        if create_only:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise ObjectExistsError(str(target)) from None
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _open(path: Path, key: str) -> Iterator[BinaryIO]:
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise NotFoundError(f"no stored object {key}") from None
+    with handle:
+        yield handle
+
+
+def _check_folder(root: Path, what: str) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{what} folder {root} cannot be created: {exc.strerror}") from None
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        raise StorageError(f"{what} folder {root} is not readable and writable")
+
+
+class LocalVault(Vault):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return _staged(self.root, _safe_path(self.root, key), create_only=False)
+
+    def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return _open(_safe_path(self.root, key), key)
+
+    def delete(self, key: str) -> None:
+        _safe_path(self.root, key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return _safe_path(self.root, key).is_file()
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root).as_posix()
+            if path.is_file() and not rel.startswith(".staging") and rel.startswith(prefix):
+                yield rel
+
+    def check(self) -> None:
+        _check_folder(self.root, "vault")
+
+
+class LocalPublicTarget(PublicTarget):
+    def __init__(self, root: Path, *, base_url: str | None = None) -> None:
+        self.root = root
+        self.base_url = base_url
+
+    def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
+        return _staged(self.root, _safe_path(self.root, key), create_only=True)
+
+    def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return _open(_safe_path(self.root, key), key)
+
+    def exists(self, key: str) -> bool:
+        return _safe_path(self.root, key).is_file()
+
+    def delete(self, key: str) -> None:
+        _safe_path(self.root, key).unlink(missing_ok=True)
+
+    def url(self, key: str) -> str:
+        if self.base_url:
+            return f"{self.base_url}/{key}"
+        return _safe_path(self.root, key).resolve().as_uri()
+
+    def check(self) -> None:
+        _check_folder(self.root, "public")

@@ -1,0 +1,469 @@
+"""The vault format: round trips, the format itself, and every way to break it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from typing import BinaryIO, cast
+
+import pytest
+from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from config.errors import SealError
+from release import sealing
+from release.sealing import (
+    DEFAULT_SEGMENT_SIZE,
+    DEK_SIZE,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE,
+    StreamResult,
+    new_dek,
+    open_bytes,
+    open_dek,
+    open_stream,
+    seal_bytes,
+    seal_dek,
+    seal_stream,
+)
+
+OPAQUE = str(SealError())
+TAG = 16
+SEG = 1024  # small segments keep the tampering objects small
+MiB = 1024 * 1024
+
+
+def pattern(size: int) -> bytes:
+    """Deterministic, non-repeating-per-segment bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(counter.to_bytes(8, "big")).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def sealed_length(size: int, segment_size: int) -> int:
+    segments = max(1, -(-size // segment_size))
+    return HEADER_SIZE + segments * TAG + size
+
+
+def assert_opaque(excinfo: pytest.ExceptionInfo[SealError]) -> None:
+    assert type(excinfo.value) is SealError
+    assert str(excinfo.value) == OPAQUE
+    assert excinfo.value.__cause__ is None
+
+
+def reference_key(dek: bytes, salt: bytes, document_id: str) -> AESGCM:
+    key = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=salt,
+        info=b"embargo/v1/doc/" + document_id.encode("utf-8"),
+    ).derive(dek)
+    return AESGCM(key)
+
+
+def reference_seal(
+    dek: bytes, document_id: str, segments: list[bytes], flags: list[int], segment_size: int = SEG
+) -> bytes:
+    """Build an object by hand, straight from DESIGN.md, with any flags."""
+    salt, prefix = os.urandom(16), os.urandom(7)
+    header = b"EMB1" + segment_size.to_bytes(4, "big") + salt + prefix
+    aead = reference_key(dek, salt, document_id)
+    body = b"".join(
+        aead.encrypt(prefix + i.to_bytes(4, "big") + bytes([flag]), seg, header)
+        for i, (seg, flag) in enumerate(zip(segments, flags, strict=True))
+    )
+    return header + body
+
+
+@pytest.fixture(scope="module")
+def dek() -> bytes:
+    return new_dek()
+
+
+# --- round trips -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 10 * MiB], ids=lambda s: f"{s}B")
+def test_stream_round_trip(dek: bytes, size: int) -> None:
+    data = os.urandom(size)
+    expected = StreamResult(size=size, sha256=hashlib.sha256(data).hexdigest())
+
+    sealed = io.BytesIO()
+    assert seal_stream(dek, "letter-01", io.BytesIO(data), sealed) == expected
+    blob = sealed.getvalue()
+    assert len(blob) == sealed_length(size, DEFAULT_SEGMENT_SIZE)
+
+    opened = io.BytesIO()
+    assert open_stream(dek, "letter-01", io.BytesIO(blob), opened) == expected
+    assert opened.getvalue() == data
+
+
+@pytest.mark.parametrize("size", [0, 1, 1023, 1024, 1025, 2048, 5000])
+def test_small_segment_round_trip(dek: bytes, size: int) -> None:
+    data = pattern(size)
+    blob = seal_bytes(dek, "report", data, segment_size=SEG)
+    assert len(blob) == sealed_length(size, SEG)
+    assert open_bytes(dek, "report", blob) == data
+
+
+@pytest.mark.parametrize("segment_size", [MIN_SEGMENT_SIZE, 4096, MAX_SEGMENT_SIZE])
+def test_segment_size_bounds_accepted(dek: bytes, segment_size: int) -> None:
+    data = pattern(3 * MIN_SEGMENT_SIZE + 7)
+    blob = seal_bytes(dek, "report", data, segment_size=segment_size)
+    assert blob[4:8] == segment_size.to_bytes(4, "big")
+    assert open_bytes(dek, "report", blob) == data
+
+
+@pytest.mark.parametrize("segment_size", [0, MIN_SEGMENT_SIZE - 1, MAX_SEGMENT_SIZE + 1])
+def test_segment_size_out_of_bounds_refused(dek: bytes, segment_size: int) -> None:
+    with pytest.raises(ValueError, match="segment size"):
+        seal_bytes(dek, "report", b"x", segment_size=segment_size)
+
+
+@pytest.mark.parametrize("bad_dek", [b"", bytes(DEK_SIZE - 1), bytes(DEK_SIZE + 1)])
+def test_dek_of_wrong_size_refused(dek: bytes, bad_dek: bytes) -> None:
+    blob = seal_bytes(dek, "report", b"x")
+    with pytest.raises(ValueError, match="data key"):
+        seal_bytes(bad_dek, "report", b"x")
+    with pytest.raises(ValueError, match="data key"):
+        open_bytes(bad_dek, "report", blob)
+    with pytest.raises(ValueError, match="data key"):
+        seal_dek(bad_dek, X25519PrivateKey.generate().public_key(), "r1")
+
+
+def test_progress_reports_each_segment(dek: bytes) -> None:
+    data = pattern(2 * SEG + 100)
+    sealed_steps: list[int] = []
+    dst = io.BytesIO()
+    seal_stream(dek, "d", io.BytesIO(data), dst, segment_size=SEG, on_progress=sealed_steps.append)
+    opened_steps: list[int] = []
+    open_stream(dek, "d", io.BytesIO(dst.getvalue()), io.BytesIO(), on_progress=opened_steps.append)
+    assert sealed_steps == opened_steps == [SEG, SEG, 100]
+
+
+class Trickle(io.RawIOBase):
+    """A raw stream that reads and writes at most a few bytes per call."""
+
+    def __init__(self, data: bytes = b"", step: int = 7) -> None:
+        self._src = io.BytesIO(data)
+        self.written = bytearray()
+        self._step = step
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        chunk = self._src.read(min(len(buf), self._step))
+        buf[: len(chunk)] = chunk
+        return len(chunk)
+
+    def write(self, buf: memoryview) -> int:  # type: ignore[override]
+        chunk = bytes(buf[: self._step])
+        self.written += chunk
+        return len(chunk)
+
+
+class ReadOnly:
+    """A file-like with only ``read`` (like some HTTP response bodies)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._src = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._src.read(min(size, 100))
+
+
+def test_short_reads_and_writes(dek: bytes) -> None:
+    data = pattern(3 * SEG + 5)
+    dst = Trickle()
+    seal_stream(dek, "d", cast(BinaryIO, Trickle(data)), cast(BinaryIO, dst), segment_size=SEG)
+    blob = bytes(dst.written)
+    assert open_bytes(dek, "d", blob) == data
+
+    out = Trickle()
+    result = open_stream(dek, "d", cast(BinaryIO, Trickle(blob)), cast(BinaryIO, out))
+    assert bytes(out.written) == data
+    assert result.size == len(data)
+
+
+def test_source_without_readinto(dek: bytes) -> None:
+    data = pattern(2 * SEG + 1)
+    dst = io.BytesIO()
+    seal_stream(dek, "d", cast(BinaryIO, ReadOnly(data)), dst, segment_size=SEG)
+    out = io.BytesIO()
+    open_stream(dek, "d", cast(BinaryIO, ReadOnly(dst.getvalue())), out)
+    assert out.getvalue() == data
+
+
+# --- the format itself -------------------------------------------------------
+
+
+def test_header_layout_and_fresh_randomness(dek: bytes) -> None:
+    first = seal_bytes(dek, "report", b"same text")
+    second = seal_bytes(dek, "report", b"same text")
+    assert HEADER_SIZE == 31
+    assert first[:4] == MAGIC == b"EMB1"
+    assert first[4:8] == (65536).to_bytes(4, "big")
+    assert first[8:24] != second[8:24]  # salt
+    assert first[24:31] != second[24:31]  # nonce prefix
+    assert first[HEADER_SIZE:] != second[HEADER_SIZE:]
+
+
+@pytest.mark.parametrize("size", [0, 1, SEG, SEG + 1, 3 * SEG])
+def test_sealed_object_matches_design(dek: bytes, size: int) -> None:
+    """Decrypt what seal_bytes wrote with an implementation of DESIGN.md."""
+    data = pattern(size)
+    blob = seal_bytes(dek, "letter-07", data, segment_size=SEG)
+    header = blob[:HEADER_SIZE]
+    assert int.from_bytes(header[4:8], "big") == SEG
+    aead = reference_key(dek, header[8:24], "letter-07")
+    prefix = header[24:31]
+    chunks = [blob[i : i + SEG + TAG] for i in range(HEADER_SIZE, len(blob), SEG + TAG)]
+    plain = b""
+    for counter, chunk in enumerate(chunks):
+        flag = b"\x01" if counter == len(chunks) - 1 else b"\x00"
+        plain += aead.decrypt(prefix + counter.to_bytes(4, "big") + flag, chunk, header)
+    assert plain == data
+
+
+def test_hand_built_object_opens(dek: bytes) -> None:
+    segments = [pattern(SEG), pattern(SEG)[::-1], b"tail"]
+    blob = reference_seal(dek, "letter-07", segments, [0, 0, 1])
+    assert open_bytes(dek, "letter-07", blob) == b"".join(segments)
+
+
+def test_lone_empty_segment_is_an_empty_document(dek: bytes) -> None:
+    blob = reference_seal(dek, "d", [b""], [1])
+    assert len(blob) == HEADER_SIZE + TAG
+    assert open_bytes(dek, "d", blob) == b""
+
+
+@pytest.mark.parametrize(
+    ("segments", "flags"),
+    [
+        pytest.param([pattern(SEG), b""], [0, 1], id="empty-last-after-full"),
+        pytest.param([pattern(SEG), b"a", b"b"], [0, 1, 1], id="two-last-flags"),
+        pytest.param([pattern(SEG), b"a"], [0, 0], id="no-last-flag"),
+        pytest.param([pattern(SEG), pattern(SEG)], [1, 1], id="last-flag-first"),
+        pytest.param([b"short", b"tail"], [0, 1], id="short-middle-segment"),
+    ],
+)
+def test_hand_built_malformed_object_fails(
+    dek: bytes, segments: list[bytes], flags: list[int]
+) -> None:
+    blob = reference_seal(dek, "d", segments, flags)
+    with pytest.raises(SealError) as excinfo:
+        open_bytes(dek, "d", blob)
+    assert_opaque(excinfo)
+
+
+def test_counter_limit(dek: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 2)
+    exactly = pattern(2 * SEG)
+    blob = seal_bytes(dek, "d", exactly, segment_size=SEG)
+    assert open_bytes(dek, "d", blob) == exactly
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        seal_bytes(dek, "d", exactly + b"!", segment_size=SEG)
+
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 3)
+    longer = seal_bytes(dek, "d", exactly + b"!", segment_size=SEG)
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 2)
+    with pytest.raises(SealError) as excinfo:
+        open_bytes(dek, "d", longer)
+    assert_opaque(excinfo)
+
+
+# --- the data key ------------------------------------------------------------
+
+
+def test_dek_round_trip() -> None:
+    private = X25519PrivateKey.generate()
+    dek = new_dek()
+    assert len(dek) == DEK_SIZE
+    assert new_dek() != dek
+    sealed = seal_dek(dek, private.public_key(), "release-2014-09-04")
+    assert dek not in sealed
+    assert seal_dek(dek, private.public_key(), "release-2014-09-04") != sealed
+    assert open_dek(sealed, private, "release-2014-09-04") == dek
+
+
+def _flip(blob: bytes, index: int) -> bytes:
+    out = bytearray(blob)
+    out[index] ^= 0x01
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "case", ["wrong-key", "wrong-release", "flipped-first", "flipped-last", "cut", "empty"]
+)
+def test_dek_open_failures(case: str) -> None:
+    private = X25519PrivateKey.generate()
+    sealed = seal_dek(new_dek(), private.public_key(), "r1")
+    key, release_id = private, "r1"
+    if case == "wrong-key":
+        key = X25519PrivateKey.generate()
+    elif case == "wrong-release":
+        release_id = "r2"
+    elif case == "flipped-first":
+        sealed = _flip(sealed, 0)
+    elif case == "flipped-last":
+        sealed = _flip(sealed, len(sealed) - 1)
+    elif case == "cut":
+        sealed = sealed[:-1]
+    elif case == "empty":
+        sealed = b""
+    with pytest.raises(SealError) as excinfo:
+        open_dek(sealed, key, release_id)
+    assert_opaque(excinfo)
+
+
+@pytest.mark.parametrize("length", [0, DEK_SIZE - 1, DEK_SIZE + 1])
+def test_dek_of_wrong_length_inside_fails(length: int) -> None:
+    private = X25519PrivateKey.generate()
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    sealed = suite.encrypt(bytes(length), private.public_key(), info=b"embargo/v1/dek/r1")
+    with pytest.raises(SealError) as excinfo:
+        open_dek(sealed, private, "r1")
+    assert_opaque(excinfo)
+
+
+# --- tampering with a sealed object ------------------------------------------
+
+# Three segments of 1024: two full, one of 500 bytes.
+DATA = pattern(2 * SEG + 500)
+CHUNK = SEG + TAG
+SEG_AT = [HEADER_SIZE, HEADER_SIZE + CHUNK, HEADER_SIZE + 2 * CHUNK]
+
+
+def _swap(blob: bytes, a: int, b: int) -> bytes:
+    parts = [blob[:HEADER_SIZE]] + [blob[i : i + CHUNK] for i in SEG_AT]
+    parts[a + 1], parts[b + 1] = parts[b + 1], parts[a + 1]
+    return b"".join(parts)
+
+
+def _set_segment_size(blob: bytes, size: int) -> bytes:
+    return blob[:4] + size.to_bytes(4, "big") + blob[8:]
+
+
+Tamper = Callable[[bytes], bytes]
+
+TAMPERS: dict[str, Tamper] = {
+    "header-magic": lambda b: _flip(b, 0),
+    "header-segment-size": lambda b: _flip(b, 7),
+    "header-salt": lambda b: _flip(b, 8 + 5),
+    "header-nonce-prefix": lambda b: _flip(b, HEADER_SIZE - 1),
+    "first-segment": lambda b: _flip(b, SEG_AT[0] + 3),
+    "middle-segment": lambda b: _flip(b, SEG_AT[1] + SEG // 2),
+    "middle-segment-tag": lambda b: _flip(b, SEG_AT[2] - 1),
+    "last-segment": lambda b: _flip(b, SEG_AT[2]),
+    "last-segment-tag": lambda b: _flip(b, len(b) - 1),
+    "last-segment-cut": lambda b: b[:-3],
+    "last-segment-cut-to-tag": lambda b: b[: SEG_AT[2] + TAG],
+    "last-segment-dropped": lambda b: b[: SEG_AT[2]],
+    "two-segments-dropped": lambda b: b[: SEG_AT[1]],
+    "header-only": lambda b: b[:HEADER_SIZE],
+    "shorter-than-header": lambda b: b[: HEADER_SIZE - 1],
+    "few-bytes": lambda b: b[:4],
+    "empty": lambda b: b"",
+    "first-two-swapped": lambda b: _swap(b, 0, 1),
+    "middle-and-last-swapped": lambda b: _swap(b, 1, 2),
+    "extra-segment-appended": lambda b: b + b[SEG_AT[1] : SEG_AT[2]],
+    "last-segment-appended-again": lambda b: b + b[SEG_AT[2] :],
+    "segment-repeated": lambda b: b[: SEG_AT[2]] + b[SEG_AT[1] :],
+    "byte-appended": lambda b: b + b"\x00",
+    "tag-appended": lambda b: b + bytes(TAG),
+    "bad-magic": lambda b: b"EMB2" + b[4:],
+    "lowercase-magic": lambda b: b"emb1" + b[4:],
+    "segment-size-zero": lambda b: _set_segment_size(b, 0),
+    "segment-size-absurd": lambda b: _set_segment_size(b, 2**32 - 1),
+    "segment-size-too-small": lambda b: _set_segment_size(b, MIN_SEGMENT_SIZE - 1),
+    "segment-size-doubled": lambda b: _set_segment_size(b, 2 * SEG),
+}
+
+
+@pytest.fixture(scope="module")
+def blob(dek: bytes) -> bytes:
+    sealed = seal_bytes(dek, "letter-01", DATA, segment_size=SEG)
+    assert len(sealed) == SEG_AT[2] + 500 + TAG
+    return sealed
+
+
+@pytest.mark.parametrize("tamper", TAMPERS.values(), ids=TAMPERS.keys())
+def test_tampered_object_fails(dek: bytes, blob: bytes, tamper: Tamper) -> None:
+    damaged = tamper(blob)
+    assert damaged != blob
+    with pytest.raises(SealError) as excinfo:
+        open_bytes(dek, "letter-01", damaged)
+    assert_opaque(excinfo)
+
+
+def test_every_flipped_byte_fails(dek: bytes) -> None:
+    small = seal_bytes(dek, "d", pattern(SEG + 300), segment_size=SEG)
+    for index in range(len(small)):
+        for bit in (0x01, 0x80):
+            damaged = bytearray(small)
+            damaged[index] ^= bit
+            with pytest.raises(SealError) as excinfo:
+                open_bytes(dek, "d", bytes(damaged))
+            assert str(excinfo.value) == OPAQUE, index
+
+
+def test_every_truncation_fails(dek: bytes) -> None:
+    small = seal_bytes(dek, "d", pattern(2 * SEG + 300), segment_size=SEG)
+    for length in range(len(small)):
+        with pytest.raises(SealError) as excinfo:
+            open_bytes(dek, "d", small[:length])
+        assert str(excinfo.value) == OPAQUE, length
+
+
+def test_wrong_dek_fails(blob: bytes) -> None:
+    with pytest.raises(SealError) as excinfo:
+        open_bytes(new_dek(), "letter-01", blob)
+    assert_opaque(excinfo)
+
+
+def test_swapped_documents_fail(dek: bytes, blob: bytes) -> None:
+    other = seal_bytes(dek, "letter-02", DATA, segment_size=SEG)
+    assert open_bytes(dek, "letter-02", other) == DATA
+    for document_id, sealed in [("letter-02", blob), ("letter-01", other)]:
+        with pytest.raises(SealError) as excinfo:
+            open_bytes(dek, document_id, sealed)
+        assert_opaque(excinfo)
+
+
+def test_segments_from_another_document_fail(dek: bytes, blob: bytes) -> None:
+    """Same DEK, same id, same header spliced onto another object's body."""
+    other = seal_bytes(dek, "letter-01", DATA, segment_size=SEG)
+    spliced = blob[:HEADER_SIZE] + other[HEADER_SIZE:]
+    with pytest.raises(SealError) as excinfo:
+        open_bytes(dek, "letter-01", spliced)
+    assert_opaque(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "written"),
+    [
+        pytest.param(lambda b: _flip(b, SEG_AT[0]), b"", id="first-segment"),
+        pytest.param(lambda b: _flip(b, SEG_AT[1]), DATA[:SEG], id="middle-segment"),
+        pytest.param(lambda b: b[: SEG_AT[2]], DATA[:SEG], id="last-segment-dropped"),
+    ],
+)
+def test_only_authenticated_segments_are_written(
+    dek: bytes, blob: bytes, tamper: Tamper, written: bytes
+) -> None:
+    dst = io.BytesIO()
+    with pytest.raises(SealError):
+        open_stream(dek, "letter-01", io.BytesIO(tamper(blob)), dst)
+    assert dst.getvalue() == written
