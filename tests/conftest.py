@@ -1,0 +1,114 @@
+"""Shared fixtures: a fresh data dir with keys, settings and services."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.settings import Settings, load_settings
+from jobs.app import build_services
+from release import keys as keyfile
+from release.clock import Clock
+from release.service import ReleaseService, Services
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SEED_INSTANT = datetime(2014, 9, 3, 23, 1, tzinfo=UTC)  # 00:01 BST Thursday 4 September 2014
+MARKER = "EMBARGO-PLAINTEXT-MARKER-7f3a"
+
+
+def service_missing(what: str) -> None:
+    """A missing service fails in CI and skips elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI")
+    pytest.skip(f"{what} is not available")
+
+
+class FakeClock(Clock):
+    """A clock the test sets; ``sleep_until`` refuses to wait for it."""
+
+    def __init__(self, now: datetime) -> None:
+        self.current = now
+
+    def now(self) -> datetime:
+        return self.current
+
+    def set(self, now: datetime) -> None:
+        self.current = now
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "var"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    settings = load_settings(environ={}, overrides={"data_dir": str(data_dir)})
+    keyfile.init_keys(settings.keys_dir)
+    return settings
+
+
+@pytest.fixture
+def services(settings: Settings) -> Iterator[Services]:
+    services = build_services(settings)
+    yield services
+    services.engine.dispose()
+
+
+@pytest.fixture
+def service(services: Services) -> ReleaseService:
+    return ReleaseService(services, actor="tester")
+
+
+def write_bundle(folder: Path, *, letters: int = 3, publish_on: str = "2014-09-04",
+                 extra: str = "", report_bytes: bytes | None = None,
+                 letter_bytes: int | None = None) -> Path:
+    """A manifest with a report, ``letters`` letters (one per organisation)
+    and one liaison officer per organisation. Every document contains
+    MARKER so tests can search for plaintext."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "letters").mkdir(exist_ok=True)
+    report = report_bytes if report_bytes is not None else (
+        f"National report {MARKER}\n" * 50).encode()
+    (folder / "national-report.txt").write_bytes(report)
+    docs = ['[[documents]]\npath = "national-report.txt"\nkind = "report"\n']
+    people = []
+    for i in range(1, letters + 1):
+        body = (f"Letter to Force {i} {MARKER}\n" * 10).encode()
+        if letter_bytes is not None:
+            body = (body * (letter_bytes // len(body) + 1))[:letter_bytes]
+        (folder / "letters" / f"force-{i}.txt").write_bytes(body)
+        docs.append(f'[[documents]]\npath = "letters/force-{i}.txt"\nkind = "letter"\n'
+                    f'organisation = "Force {i}"\n')
+        people.append(f'[[recipients]]\nname = "Liaison {i}"\n'
+                      f'email = "liaison{i}@force{i}.police.example"\n'
+                      f'organisation = "Force {i}"\n')
+    manifest = folder / "manifest.toml"
+    manifest.write_text(textwrap.dedent(f"""\
+        title = "Core business: a test inspection"
+        publish_on = "{publish_on}"
+        owner = "press@inspectorate.example"
+        {extra}
+        """) + "\n".join(docs + people))
+    return manifest
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    return write_bundle(tmp_path / "bundle")
+
+
+def all_bytes_under(folder: Path) -> list[tuple[Path, bytes]]:
+    return [(p, p.read_bytes()) for p in folder.rglob("*") if p.is_file()]
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "postgres: needs the PostgreSQL on 127.0.0.1:5432")
