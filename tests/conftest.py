@@ -112,3 +112,32 @@ def all_bytes_under(folder: Path) -> list[tuple[Path, bytes]]:
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "postgres: needs the PostgreSQL on 127.0.0.1:5432")
+
+
+PG_ADMIN_URL = os.environ.get("EMBARGO_TEST_PG",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    import secrets
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text("select 1"))
+    except (OperationalError, ModuleNotFoundError) as exc:
+        service_missing(f"PostgreSQL at {PG_ADMIN_URL} ({exc.__class__.__name__})")
+    name = f"embargo_{secrets.token_hex(6)}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

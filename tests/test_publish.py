@@ -1,0 +1,306 @@
+"""The publication side: never early, on time, late rather than never,
+exactly once. The embargo instant is the seed's: 00:01 BST Thursday
+4 September 2014, i.e. 2014-09-03T23:01:00Z."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from freezegun import freeze_time
+from sqlalchemy import func, select
+
+from config.settings import Settings, load_settings
+from jobs.app import build_services
+from jobs.mail import FileMailTransport
+from jobs.relay import OutboxRelay
+from jobs.scheduler import EmbargoScheduler
+from release.clock import Clock
+from release.keys import load_private_key
+from release.manifest import load_manifest
+from release.publishing import Publisher
+from release.records import PUBLISHED, OutboxMessage, Release
+from release.service import ReleaseService, Services
+from tests.conftest import MARKER, SEED_INSTANT, FakeClock, write_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+JUST_BEFORE = SEED_INSTANT - timedelta(microseconds=1)
+
+
+def queue_seed(services: Services, bundle: Path, **kw: str) -> Release:
+    """Queue the bundle for the seed instant, as if on 1 September 2014."""
+    queuing = dataclasses.replace(services, clock=FakeClock(datetime(2014, 9, 1, tzinfo=UTC)))
+    return ReleaseService(queuing, actor="comms").queue(load_manifest(bundle, **kw))
+
+
+def public_files(settings: Settings) -> dict[str, bytes]:
+    root = settings.public.path
+    assert root is not None
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and ".staging" not in p.parts}
+
+
+def outbox_rows(services: Services) -> list[OutboxMessage]:
+    with services.sessions() as session:
+        return list(session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
+
+
+def check_published(settings: Settings, services: Services, release_id: str) -> Release:
+    """Every document public with the right bytes, a right manifest, one
+    notice per officer and one for the owner."""
+    release = ReleaseService(services, actor="t").get(release_id)
+    assert release.state == PUBLISHED
+    files = public_files(settings)
+    for doc in release.documents:
+        data = files[f"{release.slug}/{doc.filename}"]
+        assert hashlib.sha256(data).hexdigest() == doc.sha256
+        assert doc.published_at is not None and doc.public_url
+    manifest = json.loads(files[f"{release.slug}/manifest.json"])
+    assert manifest["embargo"]["utc"] == "2014-09-03T23:01:00Z" or release.instant != SEED_INSTANT
+    assert [d["name"] for d in manifest["documents"]] == [d.filename for d in release.documents]
+    assert [d["sha256"] for d in manifest["documents"]] == [d.sha256 for d in release.documents]
+    assert len(files) == len(release.documents) + 1
+    rows = [r for r in outbox_rows(services) if r.release_id == release_id]
+    assert sorted(r.to_addr for r in rows) == sorted(
+        [r.email for r in release.recipients] + [release.owner or ""])
+    return release
+
+
+@pytest.fixture
+def publisher(settings: Settings, services: Services) -> Publisher:
+    return Publisher(services, load_private_key(settings.keys_dir), claimant="test-node")
+
+
+# -- never early, called directly ----------------------------------------------------
+def test_seed_instant_direct(settings: Settings, services: Services, publisher: Publisher,
+                             bundle: Path) -> None:
+    release = queue_seed(services, bundle)
+    assert release.instant == SEED_INSTANT
+    with freeze_time(JUST_BEFORE) as frozen:
+        outcome = publisher.publish(release.id)
+        assert outcome.status == "not_yet"
+        assert public_files(settings) == {}
+        assert outbox_rows(services) == []
+        assert ReleaseService(services, actor="t").get(release.id).state == "queued"
+        frozen.move_to(SEED_INSTANT)
+        outcome = publisher.publish(release.id)
+    assert outcome.status == "published"
+    assert outcome.lateness_ms == 0
+    check_published(settings, services, release.id)
+    # A second call does nothing: published once.
+    with freeze_time(SEED_INSTANT + timedelta(seconds=1)):
+        assert publisher.publish(release.id).status == "inactive"
+    assert len(outbox_rows(services)) == 4
+
+
+def test_too_early_by_clock_is_refused_even_inside_the_wait(
+        settings: Settings, services: Services, bundle: Path) -> None:
+    """A publisher whose clock says 1 µs early waits; one that is told it
+    may not wait does nothing at all."""
+    release = queue_seed(services, bundle)
+    clock = FakeClock(JUST_BEFORE)
+    stop = threading.Event()
+    stop.set()  # a stopping publisher gives its claim back instead of waiting
+    early = Publisher(dataclasses.replace(services, clock=clock),
+                      load_private_key(settings.keys_dir), claimant="early", stop=stop)
+    outcome = early.publish(release.id, wait_up_to=timedelta(seconds=5))
+    assert outcome.status == "not_yet"
+    assert public_files(settings) == {}
+    after = ReleaseService(services, actor="t").get(release.id)
+    assert after.state == "queued" and after.claimant is None
+
+
+# -- never early, through a live scheduler -------------------------------------------
+def test_seed_instant_live_scheduler(settings: Settings, services: Services,
+                                     publisher: Publisher, bundle: Path) -> None:
+    release = queue_seed(services, bundle)
+    relay = OutboxRelay(services, FileMailTransport(settings.outbox_dir), sender="e@x.example",
+                        worker="relay")
+    with freeze_time(JUST_BEFORE) as frozen:
+        scheduler = EmbargoScheduler(services, publisher, relay, poll_seconds=0.05)
+        scheduler.start()
+        try:
+            time.sleep(0.6)  # the job has woken (it is due 0.5 s early) and waits
+            assert public_files(settings) == {}
+            assert outbox_rows(services) == []
+            frozen.move_to(SEED_INSTANT)
+            deadline = time.monotonic_ns() + 10 * 10**9
+            while time.monotonic_ns() < deadline:
+                with services.sessions() as session:
+                    delivered = session.scalar(select(func.count()).where(
+                        OutboxMessage.delivered_at.is_not(None)))
+                if delivered == 4:
+                    break
+                time.sleep(0.02)
+        finally:
+            scheduler.shutdown()
+    published = check_published(settings, services, release.id)
+    assert published.lateness_ms == 0
+    assert len(list(settings.outbox_dir.glob("*.eml"))) == 4
+
+
+# -- on time, real clock ----------------------------------------------------------------
+def test_real_time_publication_within_100ms(settings: Settings, services: Services,
+                                            publisher: Publisher, tmp_path: Path) -> None:
+    instant = (datetime.now(UTC) + timedelta(seconds=2)).replace(microsecond=0)
+    manifest = write_bundle(tmp_path / "b", publish_on=instant.isoformat())
+    release = ReleaseService(services, actor="t").queue(load_manifest(manifest))
+    seen: list[float] = []
+    scheduler = EmbargoScheduler(services, publisher, None, poll_seconds=0.05,
+                                 on_outcome=lambda o: seen.append(time.time()))
+    scheduler.start()
+    try:
+        root = settings.public.path
+        assert root is not None
+        first_seen = None
+        while time.time() < instant.timestamp() + 5 and not seen:
+            if first_seen is None and any(root.glob("*/*.txt")):
+                first_seen = time.time()
+            time.sleep(0.0005)
+    finally:
+        scheduler.shutdown()
+    done = ReleaseService(services, actor="t").get(release.id)
+    assert done.state == PUBLISHED
+    assert done.started_at is not None and done.started_at >= instant
+    assert done.lateness_ms is not None and 0 <= done.lateness_ms < 100
+    assert first_seen is not None and first_seen >= instant.timestamp()
+
+
+# -- late rather than never ---------------------------------------------------------------
+def test_restart_across_the_instant(settings: Settings, services: Services,
+                                    publisher: Publisher, bundle: Path) -> None:
+    release = queue_seed(services, bundle)
+    with freeze_time(SEED_INSTANT - timedelta(minutes=5)):
+        scheduler = EmbargoScheduler(services, publisher, None, poll_seconds=0.05)
+        scheduler.start()
+        time.sleep(0.2)
+        scheduler.shutdown()  # down before the instant
+    assert public_files(settings) == {}
+    again = Publisher(services, load_private_key(settings.keys_dir), claimant="node-2")
+    outcomes: list[str] = []
+    with freeze_time(SEED_INSTANT + timedelta(minutes=7, seconds=3)):
+        scheduler = EmbargoScheduler(services, again, None, poll_seconds=0.05,
+                                     on_outcome=lambda o: outcomes.append(o.status))
+        scheduler.start()
+        deadline = time.perf_counter() + 10
+        while not outcomes and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        scheduler.shutdown()
+    assert outcomes == ["published"]
+    done = check_published(settings, services, release.id)
+    assert done.lateness_ms == 423_000.0  # 7 min 3 s late, recorded
+    events = ReleaseService(services, actor="t").events(release.id)
+    assert [e.action for e in events].count("release_published") == 1
+
+
+# -- crash injection ----------------------------------------------------------------------
+def run_child(settings: Settings, release_id: str, name: str, *extra: str,
+              db_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.publisher_child", str(settings.data_dir),
+         db_url or settings.database_url, release_id, name, *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("kill_point", ["after", "before-checkpoint"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_crash_after_k_documents_then_resume(settings: Settings, services: Services,
+                                             tmp_path: Path, k: int, kill_point: str) -> None:
+    manifest = write_bundle(tmp_path / "b", letters=3)  # 4 documents
+    release = queue_seed(services, manifest)
+    child = run_child(settings, release.id, "doomed", "--kill-after", str(k),
+                      "--kill-point", kill_point, "--lease", "30")
+    assert child.returncode == -9, child.stderr
+    with services.sessions() as session:
+        state = session.get(Release, release.id)
+        assert state is not None and state.state == "publishing"
+    partial = public_files(settings)
+    assert 0 < len(partial) <= k
+    # Another node resumes once the dead one's lease has lapsed.
+    later = FakeClock(datetime.now(UTC) + timedelta(seconds=31))
+    resumed = Publisher(dataclasses.replace(services, clock=later),
+                        load_private_key(settings.keys_dir), claimant="survivor")
+    assert resumed.publish(release.id).status == "published"
+    check_published(settings, services, release.id)
+    for name, data in partial.items():  # nothing rewritten
+        assert public_files(settings)[name] == data
+    relay = OutboxRelay(dataclasses.replace(services, clock=later),
+                        FileMailTransport(settings.outbox_dir), sender="e@x.example",
+                        worker="relay")
+    assert relay.run_once() == 4
+    assert relay.run_once() == 0
+    assert len(list(settings.outbox_dir.glob("*.eml"))) == 4
+    events = [e.action for e in ReleaseService(services, actor="t").events(release.id)]
+    assert events.count("release_published") == 1
+
+
+def test_resume_is_refused_while_the_lease_holds(settings: Settings, services: Services,
+                                                 bundle: Path) -> None:
+    release = queue_seed(services, bundle)
+    child = run_child(settings, release.id, "doomed", "--kill-after", "1", "--lease", "30")
+    assert child.returncode == -9
+    other = Publisher(services, load_private_key(settings.keys_dir), claimant="eager")
+    assert other.publish(release.id).status == "not_ours"
+
+
+# -- racing publishers ----------------------------------------------------------------------
+def race(settings: Settings, services: Services, bundle: Path, db_url: str) -> None:
+    release = queue_seed(services, bundle)
+    start = time.time() + 1.5
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tests.publisher_child", str(settings.data_dir), db_url,
+         release.id, f"racer-{i}", "--start-at", str(start)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=60) for p in procs]
+    statuses = sorted(out.strip() for out, _ in results)
+    assert statuses in (["not_ours", "published"], ["inactive", "published"]), results
+    check_published(settings, services, release.id)
+    events = [e.action for e in ReleaseService(services, actor="t").events(release.id)]
+    assert events.count("release_published") == 1
+
+
+def test_two_publishers_race_sqlite(settings: Settings, services: Services,
+                                    bundle: Path) -> None:
+    race(settings, services, bundle, settings.database_url)
+
+
+@pytest.mark.postgres
+def test_two_publishers_race_postgres(data_dir: Path, bundle: Path, pg_url: str) -> None:
+    settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
+                                                    "database.url": pg_url})
+    from release.keys import init_keys
+
+    init_keys(settings.keys_dir)
+    services = build_services(settings)
+    try:
+        race(settings, services, bundle, pg_url)
+    finally:
+        services.engine.dispose()
+
+
+# -- no plaintext before, every byte after ------------------------------------------------
+def test_public_target_holds_no_plaintext_before(settings: Settings, services: Services,
+                                                 publisher: Publisher, bundle: Path) -> None:
+    release = queue_seed(services, bundle)
+    with freeze_time(JUST_BEFORE):
+        publisher.publish(release.id)
+    for path in settings.data_dir.rglob("*"):
+        if path.is_file():
+            assert MARKER.encode() not in path.read_bytes(), path
+    with freeze_time(SEED_INSTANT):
+        publisher.publish(release.id)
+    assert any(MARKER.encode() in data for data in public_files(settings).values())
+
+
+def test_clock_is_read_through_clock_object() -> None:
+    assert abs((Clock().now() - datetime.now(UTC)).total_seconds()) < 1
