@@ -50,7 +50,10 @@ class Outcome:
 
 
 def message_id(release_id: str, purpose: str, recipient_id: str | None) -> str:
-    return f"<{release_id}.{purpose}.{recipient_id or 'owner'}@embargo.invalid>"
+    """Stable per (release, purpose, recipient), and short enough that the
+    header is never folded."""
+    who = recipient_id.removeprefix("rcp_") if recipient_id else "owner"
+    return f"<{release_id.removeprefix('rel_')}.{purpose}.{who}@embargo.invalid>"
 
 
 class Publisher:

@@ -1,0 +1,171 @@
+"""Notices through the outbox: a real SMTP server (aiosmtpd) on a free
+loopback port, first down, then up."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from sqlalchemy import select
+
+from config.settings import Settings
+from jobs.mail import SmtpMailTransport
+from jobs.relay import OutboxRelay
+from release.keys import load_private_key
+from release.publishing import Publisher
+from release.records import OutboxMessage
+from release.service import Services
+from tests.conftest import SEED_INSTANT, FakeClock
+from tests.test_publish import queue_seed
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def smtp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def inbox() -> Inbox:
+    return Inbox()
+
+
+def start_server(port: int, inbox: Inbox) -> Controller:
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    return controller
+
+
+@pytest.fixture
+def published(settings: Settings, services: Services, bundle: Path) -> Iterator[Services]:
+    """The seed release, published at its instant; the clock stays there."""
+    clock = FakeClock(SEED_INSTANT)
+    at_instant = dataclasses.replace(services, clock=clock)
+    release = queue_seed(services, bundle)
+    publisher = Publisher(at_instant, load_private_key(settings.keys_dir), claimant="n")
+    assert publisher.publish(release.id).status == "published"
+    yield at_instant
+
+
+def test_smtp_down_then_up_delivers_each_notice_once(published: Services, smtp_port: int,
+                                                     inbox: Inbox) -> None:
+    clock = published.clock
+    assert isinstance(clock, FakeClock)
+    relay = OutboxRelay(published, SmtpMailTransport("127.0.0.1", smtp_port, security="none",
+                                                     timeout=2),
+                        sender="Press office <press@inspectorate.example>", worker="relay")
+    assert relay.run_once() == 0  # nothing listening
+    with published.sessions() as session:
+        rows = list(session.scalars(select(OutboxMessage)))
+    assert len(rows) == 4
+    assert all(r.attempts == 1 and r.delivered_at is None and r.last_error for r in rows)
+    assert all("cannot be reached" in (r.last_error or "") for r in rows)
+    # Still down, and the backoff has not passed: nothing is tried.
+    assert relay.run_once() == 0
+    controller = start_server(smtp_port, inbox)
+    try:
+        assert relay.run_once() == 0  # backoff still running
+        clock.set(SEED_INSTANT + timedelta(seconds=2))
+        assert relay.run_once() == 4
+        assert relay.run_once() == 0
+        clock.set(SEED_INSTANT + timedelta(hours=1))
+        assert relay.run_once() == 0
+    finally:
+        controller.stop()
+    ids = [m["Message-ID"] for m in inbox.messages]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    with published.sessions() as session:
+        rows = list(session.scalars(select(OutboxMessage)))
+    assert sorted(ids) == sorted(r.message_id for r in rows)
+    assert all(r.delivered_at is not None and r.delivered_to for r in rows)
+    officer = next(m for m in inbox.messages if m["To"] == "liaison2@force2.police.example")
+    assert officer["Subject"] == "Published: Core business: a test inspection"
+    text = officer.get_payload()[0].get_payload(decode=True).decode()  # type: ignore[index,union-attr]
+    assert "00:01 BST Thursday 4 September 2014" in text
+    assert "force-2.txt" in text and "national-report.txt" in text
+    assert "force-1.txt" not in text  # only the officer's own organisation's letter
+    html = officer.get_payload()[1]  # type: ignore[index]
+    assert html.get_content_type() == "text/html"
+
+
+def test_message_id_is_stable_across_retries(published: Services, smtp_port: int,
+                                             inbox: Inbox) -> None:
+    """A retry after a lost acknowledgement re-sends under the same id."""
+    controller = start_server(smtp_port, inbox)
+    try:
+        relay = OutboxRelay(published, SmtpMailTransport("127.0.0.1", smtp_port,
+                                                         security="none"),
+                            sender="e@x.example", worker="relay")
+        assert relay.run_once() == 4
+        first = sorted(m["Message-ID"] for m in inbox.messages)
+        with published.sessions() as session, session.begin():  # forget delivery
+            for row in session.scalars(select(OutboxMessage)):
+                row.delivered_at = None
+        assert relay.run_once() == 4
+    finally:
+        controller.stop()
+    second = sorted(m["Message-ID"] for m in inbox.messages[4:])
+    assert first == second
+
+
+def test_relay_gives_up_after_max_attempts(published: Services, smtp_port: int) -> None:
+    clock = published.clock
+    assert isinstance(clock, FakeClock)
+    relay = OutboxRelay(published, SmtpMailTransport("127.0.0.1", smtp_port, security="none",
+                                                     timeout=1),
+                        sender="e@x.example", worker="relay", max_attempts=2)
+    relay.run_once()
+    clock.set(clock.now() + timedelta(minutes=10))
+    relay.run_once()
+    with published.sessions() as session:
+        rows = list(session.scalars(select(OutboxMessage)))
+    assert all(r.given_up_at is not None and r.attempts == 2 for r in rows)
+    clock.set(clock.now() + timedelta(days=1))
+    assert relay.run_once() == 0
+
+
+def test_two_relays_do_not_send_the_same_notice(published: Services, smtp_port: int,
+                                                inbox: Inbox) -> None:
+    import threading
+
+    controller = start_server(smtp_port, inbox)
+    try:
+        relays = [OutboxRelay(published, SmtpMailTransport("127.0.0.1", smtp_port,
+                                                           security="none"),
+                              sender="e@x.example", worker=f"r{i}") for i in range(3)]
+        counts: list[int] = []
+        threads = [threading.Thread(target=lambda r=r: counts.append(r.run_once()))
+                   for r in relays]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        controller.stop()
+    assert sum(counts) == 4
+    assert len(inbox.messages) == 4
+
+
