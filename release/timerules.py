@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from config.errors import InputError
+from config.settings import parse_duration as settings_parse_duration
 
 __all__ = ["Embargo", "format_delta", "parse_duration", "resolve"]
 
@@ -55,7 +56,6 @@ _WORDY_DATE = re.compile(
     r"(?:([a-z]+),?\s+)?(\d{1,2})\s+([a-z]+)\s+(\d{4})", re.IGNORECASE | re.ASCII
 )
 _TIME_OF_DAY = re.compile(r"(\d{2}):(\d{2})(?::(\d{2}))?", re.ASCII)
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
 
 _DATE_FORMS = "2014-09-04, Thursday 4 September 2014, or 2014-09-04T00:01+01:00"
 
@@ -174,22 +174,12 @@ def resolve(
 
 
 def parse_duration(text: str) -> timedelta:
-    """Read a duration such as ``24h``, ``90m``, ``30s``, ``1d`` or ``1h30m``.
-
-    Units are d, h, m, s, each at most once and in that order. Raises
-    :class:`InputError` for anything else.
-    """
-    match = _DURATION.fullmatch(text.strip().lower())
-    if match is None or not any(match.groups()):
-        raise InputError(
-            f"{text!r} is not a duration: use a number and a unit, "
-            "such as 24h, 90m, 30s, 1d or 1h30m"
-        )
-    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    """Read a duration such as ``24h``, ``90m``, ``30s``, ``1d`` or ``1h30m``
+    (the settings' parser, with the user-facing error). Raises InputError."""
     try:
-        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    except OverflowError:
-        raise InputError(f"duration {text!r} is too long") from None
+        return settings_parse_duration(text)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def format_delta(delta: timedelta) -> str:
