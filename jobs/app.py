@@ -8,7 +8,7 @@ from typing import Any
 
 from config.settings import Settings
 from release.clock import Clock
-from release.service import Services
+from release.context import Services
 from storage.db import make_engine
 from storage.factory import make_public, make_s3_client, make_vault, needs_s3
 

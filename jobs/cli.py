@@ -14,13 +14,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from config.errors import EmbargoError
+from config.errors import EmbargoError, InputError
 from config.settings import Settings, load_settings
 from release import keys as keyfile
 from release.audit import default_actor
+from release.copies import access_list, trace
 from release.manifest import load_manifest
 from release.records import Release
-from release.service import ReleaseService, Services, embargo_of, release_facts
+from release.service import (
+    ReleaseService,
+    Services,
+    describe_instant,
+    embargo_of,
+    release_facts,
+)
 
 log = logging.getLogger("embargo")
 
@@ -92,7 +99,7 @@ def _service(settings: Settings) -> tuple[Services, ReleaseService]:
 
 def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
     spec = load_manifest(Path(args.manifest), publish_on=args.publish_on, at=args.at,
-                         zone=args.zone)
+                         zone=args.zone, copies_at=args.copies_at)
     for warning in spec.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     _, service = _service(settings)
@@ -101,6 +108,9 @@ def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
     print(f"queued \"{release.title}\": {len(release.documents)} documents sealed, "
           f"{len(release.recipients)} recipients; publishes {embargo_of(release).describe()}",
           file=sys.stderr)
+    if release.recipients and release.copies_at is not None:
+        print(f"pre-embargo copies go {describe_instant(release.copies_at, release.zone)}",
+              file=sys.stderr)
     return 0
 
 
@@ -136,6 +146,7 @@ def _show_facts(service: ReleaseService, release: Release, now: Any) -> dict[str
                          "delivered_at": m.delivered_at, "via": m.delivered_to,
                          "attempts": m.attempts, "last_error": m.last_error}
                         for m in service.outbox(release.id)]
+    facts["access_list"] = access_list(service.s, release.id)
     facts["events"] = [{"seq": e.seq, "at": e.at, "action": e.action, "actor": e.actor,
                         "details": json.loads(e.details)} for e in service.events(release.id)]
     return facts
@@ -164,6 +175,13 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     print("\nrecipients")
     print(table([(r["name"], r["email"], r["organisation"] or "") for r in facts["recipients"]],
                 ["name", "email", "organisation"]))
+    print("\npre-release access (copies)")
+    if facts["access_list"]:
+        _print_access(facts["access_list"], release.zone)
+    elif release.copies_at is not None and release.state == "queued":
+        print(f"  none sent yet; due {describe_instant(release.copies_at, release.zone)}")
+    else:
+        print("  none")
     if facts["notices"]:
         print("\nnotices")
         print(table([(n["to"], n["purpose"], n["delivered_at"] or "pending", n["via"] or "",
@@ -172,6 +190,48 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     print("\naudit")
     print(table([(e["seq"], e["at"], e["action"], e["actor"]) for e in facts["events"]],
                 ["#", "at (UTC)", "event", "by"]))
+    return 0
+
+
+def _print_access(rows: list[dict[str, Any]], zone: str) -> None:
+    print(table([(r["name"], r["email"], r["organisation"] or "", ", ".join(r["documents"]),
+                  r["copy_id"],
+                  describe_instant(r["sent_at"], zone) if r["sent_at"] else "not yet delivered")
+                 for r in rows],
+                ["name", "email", "organisation", "documents", "copy", "sent"]))
+
+
+def cmd_access_list(settings: Settings, args: argparse.Namespace) -> int:
+    services, service = _service(settings)
+    release = service.get(args.id)
+    rows = access_list(services, release.id)
+    if args.json:
+        _json(rows)
+        return 0
+    print(f"Pre-release access: {release.title}\n"
+          f"embargoed until {embargo_of(release).describe()}\n")
+    if rows:
+        _print_access(rows, release.zone)
+    else:
+        print("no pre-embargo copies have been issued")
+    return 0
+
+
+def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
+    services, _ = _service(settings)
+    path = Path(args.what)
+    if path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{path} cannot be read: {exc.strerror}") from None
+        found = trace(services, str(path), data)
+    else:
+        found = trace(services, args.what)
+    print(f"copy {found.copy_id} of \"{found.title}\" ({found.release_id})\n"
+          f"  sent to  {found.name} <{found.email}>, {found.organisation or '-'}\n"
+          f"  issued   {found.issued_at.isoformat()}\n"
+          f"  delivered {found.sent_at.isoformat() if found.sent_at else 'not delivered'}")
     return 0
 
 
@@ -236,6 +296,7 @@ def start_scheduler(settings: Settings, services: Services, stop: threading.Even
     from jobs.mail import make_transport
     from jobs.relay import OutboxRelay
     from jobs.scheduler import EmbargoScheduler
+    from release.copies import DocumentOpener
     from release.publishing import Publisher
 
     private_key = keyfile.load_private_key(settings.keys_dir)
@@ -243,7 +304,8 @@ def start_scheduler(settings: Settings, services: Services, stop: threading.Even
     publisher = Publisher(services, private_key, claimant=name,
                           lease=timedelta(seconds=settings["scheduler.lease_seconds"]), stop=stop)
     relay = OutboxRelay(services, make_transport(settings), sender=settings["mail.sender"],
-                        worker=name, max_attempts=settings["mail.max_attempts"])
+                        worker=name, max_attempts=settings["mail.max_attempts"],
+                        opener=DocumentOpener(services, private_key))
     scheduler = EmbargoScheduler(
         services, publisher, relay, poll_seconds=settings["scheduler.poll_seconds"],
         workers=settings["scheduler.workers"],
@@ -306,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     queue = sub.add_parser("queue", help="seal and queue a release from a manifest")
     queue.add_argument("manifest", metavar="MANIFEST.toml")
     when(queue, False)
+    queue.add_argument("--copies-at", metavar="WHEN",
+                       help="when liaison officers get pre-embargo copies: local "
+                            "'YYYY-MM-DD HH:MM' or an ISO timestamp with offset "
+                            "(default: as soon as queued, within copies.max_lead)")
     queue.set_defaults(func=cmd_queue)
 
     lst = sub.add_parser("list", help="all releases")
@@ -326,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     resched.add_argument("id")
     when(resched, True)
     resched.set_defaults(func=cmd_reschedule)
+
+    acc = sub.add_parser("access-list", help="who received pre-embargo copies, and when")
+    acc.add_argument("id")
+    acc.add_argument("--json", action="store_true")
+    acc.set_defaults(func=cmd_access_list)
+
+    trc = sub.add_parser("trace", help="whose copy a leaked file (or copy id) is")
+    trc.add_argument("what", metavar="FILE|COPY-ID")
+    trc.set_defaults(func=cmd_trace)
 
     aud = sub.add_parser("audit", help="the audit chain")
     aud_sub = aud.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

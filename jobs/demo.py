@@ -4,6 +4,7 @@ scheduler with a countdown, and show what was published and who was told."""
 from __future__ import annotations
 
 import sys
+import textwrap
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from config.settings import Settings
 from release import keys as keyfile
 from release.manifest import load_manifest
+from release.marking import text_pdf
 from release.records import PUBLISHED
 from release.service import ReleaseService, embargo_of
 
@@ -74,18 +76,30 @@ Copied to: the liaison officer, {organisation}
 """
 
 
+def _pdf(text: str) -> bytes:
+    """The text as a PDF, wrapped at 80 columns, 50 lines a page, with a
+    second page so the stamp can be seen on every page."""
+    lines: list[str] = []
+    for paragraph in text.splitlines():
+        lines += textwrap.wrap(paragraph, 80) or [""]
+    pages = [lines[i:i + 50] for i in range(0, len(lines), 50)]
+    pages.append(["(This page is intentionally left blank apart from the embargo mark.)"])
+    return text_pdf(pages)
+
+
 def write_bundle(folder: Path) -> Path:
     """Write the demo documents and manifest into ``folder``; return the
     manifest's path."""
     (folder / "letters").mkdir(parents=True, exist_ok=True)
-    (folder / "national-report.txt").write_text(REPORT.format(title=TITLE))
+    (folder / "national-report.pdf").write_bytes(_pdf(REPORT.format(title=TITLE)))
     lines = [f'title = "{TITLE}"', 'publish_on = "2099-01-01"',
              'owner = "press-office@inspectorate.example"', "",
-             "[[documents]]", 'path = "national-report.txt"', 'kind = "report"', ""]
-    for organisation, short, _officer, finding in AUTHORITIES:
-        (folder / "letters" / f"{short}.txt").write_text(LETTER.format(
-            organisation=organisation, first="colleague", title=TITLE, finding=finding))
-        lines += ["[[documents]]", f'path = "letters/{short}.txt"', 'kind = "letter"',
+             "[[documents]]", 'path = "national-report.pdf"', 'kind = "report"', ""]
+    for organisation, short, officer, finding in AUTHORITIES:
+        (folder / "letters" / f"{short}.pdf").write_bytes(_pdf(LETTER.format(
+            organisation=organisation, first=officer.split()[0], title=TITLE,
+            finding=finding)))
+        lines += ["[[documents]]", f'path = "letters/{short}.pdf"', 'kind = "letter"',
                   f'organisation = "{organisation}"', ""]
     for organisation, short, officer, _ in AUTHORITIES:
         lines += ["[[recipients]]", f'name = "{officer}"',

@@ -3,23 +3,26 @@ transport, records delivery, and backs off while the mail server is down."""
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
-from config.errors import DeliveryError
+from config.errors import DeliveryError, SealError
 from jobs.mail import MailTransport
 from release import audit
-from release.notices import compose
-from release.records import OutboxMessage, Recipient, Release
-from release.service import Services
+from release.context import Services
+from release.copies import DocumentOpener
+from release.notices import Attachment, compose
+from release.records import Copy, OutboxMessage, Recipient, Release
 from storage.db import transaction
 
 log = logging.getLogger(__name__)
 
 CLAIM = timedelta(seconds=60)
+TOO_LATE = "the embargo lifted before this copy could be delivered; it was not sent"
 
 
 def backoff(attempts: int) -> timedelta:
@@ -29,7 +32,9 @@ def backoff(attempts: int) -> timedelta:
 
 class OutboxRelay:
     def __init__(self, services: Services, transport: MailTransport, *, sender: str,
-                 worker: str, max_attempts: int = 20, batch: int = 200) -> None:
+                 worker: str, max_attempts: int = 20, batch: int = 200,
+                 opener: DocumentOpener | None = None) -> None:
+        self.opener = opener
         self.s = services
         self.transport = transport
         self.sender = sender
@@ -45,6 +50,10 @@ class OutboxRelay:
         now = self.s.clock.now()
         token = f"{self.worker}:{secrets.token_hex(4)}"
         with transaction(self.sessions) as session:
+            session.execute(update(OutboxMessage).where(
+                OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
+                OutboxMessage.not_after.is_not(None), OutboxMessage.not_after <= now)
+                .values(given_up_at=now, last_error=TOO_LATE))
             due = select(OutboxMessage.id).where(
                 OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
                 OutboxMessage.not_before <= now, OutboxMessage.next_attempt_at <= now,
@@ -78,10 +87,30 @@ class OutboxRelay:
             self.transport.close()
         return delivered
 
+    def _attachments(self, row: OutboxMessage, release: Release) -> list[Attachment]:
+        if row.purpose != "copy":
+            return []
+        if self.opener is None:
+            raise DeliveryError("this relay cannot open documents (no private key)")
+        with transaction(self.sessions) as session:
+            copy = session.scalars(select(Copy).where(Copy.message_id == row.message_id)).one()
+            wanted = json.loads(copy.document_ids)
+        documents = {d.id: d for d in release.documents}
+        return [Attachment(document=documents[d], data=self.opener.read(release.id,
+                                                                        documents[d]),
+                           copy_id=copy.id) for d in wanted]
+
     def _deliver(self, row: OutboxMessage, release: Release, recipient: Recipient | None) -> int:
-        message = compose(row, release, recipient, sender=self.sender)
         try:
+            message = compose(row, release, recipient, sender=self.sender,
+                              attachments=self._attachments(row, release))
+            if row.not_after is not None and self.s.clock.now() >= row.not_after:
+                self._give_up(row, TOO_LATE)
+                return 0
             where = self.transport.send(message)
+        except SealError as exc:
+            self._give_up(row, str(exc))
+            return 0
         except DeliveryError as exc:
             now = self.s.clock.now()
             attempts = row.attempts + 1
@@ -103,12 +132,26 @@ class OutboxRelay:
             session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
                 attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
                 last_error=None, claim_expires_at=None))
-            audit.record(session, action="notice_sent", actor=self.worker, at=now,
-                         release_id=row.release_id,
-                         details={"to": row.to_addr, "purpose": row.purpose,
-                                  "message_id": row.message_id, "via": where})
+            details = {"to": row.to_addr, "purpose": row.purpose,
+                       "message_id": row.message_id, "via": where}
+            if row.purpose == "copy":
+                session.execute(update(Copy).where(Copy.message_id == row.message_id)
+                                .values(sent_at=now))
+                details["copy_id"] = str(message["X-Embargo-Copy-Id"])
+            audit.record(session, action="copy_sent" if row.purpose == "copy" else "notice_sent",
+                         actor=self.worker, at=now, release_id=row.release_id, details=details)
         log.info("notice %s delivered to %s via %s", row.purpose, row.to_addr, where)
         return 1
+
+    def _give_up(self, row: OutboxMessage, reason: str) -> None:
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
+                given_up_at=now, last_error=reason, claim_expires_at=None))
+            audit.record(session, action="notice_failed", actor=self.worker, at=now,
+                         release_id=row.release_id,
+                         details={"to": row.to_addr, "purpose": row.purpose, "reason": reason})
+        log.error("notice %s to %s given up: %s", row.message_id, row.to_addr, reason)
 
     def next_due(self) -> float | None:
         """Seconds until the next undelivered notice is due, if any."""

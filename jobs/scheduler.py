@@ -19,9 +19,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import func, select
 
 from jobs.relay import OutboxRelay
+from release.context import Services
+from release.copies import issue_copies
 from release.publishing import Outcome, Publisher
 from release.records import PUBLISHING, QUEUED, Release
-from release.service import Services
 from storage.db import transaction
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class EmbargoScheduler:
         )
         self._lock = threading.Lock()
         self._known: dict[str, tuple[int, datetime]] = {}
+        self._copies: dict[str, datetime] = {}
         self._running: set[str] = set()
         self._fingerprint: tuple[int, int] | None = None
         self._relay_wake = threading.Event()
@@ -100,13 +102,22 @@ class EmbargoScheduler:
                 return len(self._known)
             rows = session.execute(
                 select(Release.id, Release.state, Release.instant, Release.revision,
-                       Release.lease_expires_at)
+                       Release.lease_expires_at, Release.copies_at, Release.copies_issued_at)
                 .where(Release.state.in_((QUEUED, PUBLISHING)))).all()
         now = self.s.clock.now()
         with self._lock:
             active: set[str] = set()
-            for release_id, state, instant, revision, lease in rows:
+            copies_due: set[str] = set()
+            for release_id, state, instant, revision, lease, copies_at, issued in rows:
                 active.add(release_id)
+                if state == QUEUED and copies_at is not None and issued is None:
+                    copies_due.add(release_id)
+                    if self._copies.get(release_id) != copies_at:
+                        self._copies[release_id] = copies_at
+                        self.scheduler.add_job(self._issue_copies, "date", run_date=copies_at,
+                                               id=f"copies:{release_id}", args=[release_id],
+                                               replace_existing=True,
+                                               name=f"copies {release_id}")
                 if release_id in self._running:
                     continue
                 if state == QUEUED:
@@ -120,6 +131,12 @@ class EmbargoScheduler:
                 self.scheduler.add_job(self._publish, "date", run_date=run_at,
                                        id=f"publish:{release_id}", args=[release_id],
                                        replace_existing=True, name=f"publish {release_id}")
+            for done in set(self._copies) - copies_due:
+                del self._copies[done]
+                try:
+                    self.scheduler.remove_job(f"copies:{done}")
+                except JobLookupError:
+                    pass
             for gone in set(self._known) - active:
                 del self._known[gone]
                 try:
@@ -150,6 +167,16 @@ class EmbargoScheduler:
             self._relay_wake.set()
         if self.on_outcome is not None:
             self.on_outcome(outcome)
+
+    def _issue_copies(self, release_id: str) -> None:
+        try:
+            if issue_copies(self.s, release_id, actor=self.publisher.claimant):
+                self._relay_wake.set()
+        except Exception:
+            log.exception("issuing the copies of %s failed; will try again", release_id)
+        with self._lock:
+            self._copies.pop(release_id, None)  # the next sync re-reads it
+            self._fingerprint = None
 
     def _relay_loop(self) -> None:
         assert self.relay is not None

@@ -4,11 +4,18 @@ it, so a retry sends the same message under the same Message-ID."""
 from __future__ import annotations
 
 import html
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-from release.records import OutboxMessage, Recipient, Release
-from release.service import embargo_of
+from config.errors import InputError
+from release.context import embargo_of
+from release.marking import COPY_ID, stamp_line, stamp_pdf
+from release.records import Document, OutboxMessage, Recipient, Release
+
+log = logging.getLogger(__name__)
 
 
 def _links(release: Release, organisation: str | None) -> tuple[list[str], str | None]:
@@ -19,9 +26,17 @@ def _links(release: Release, organisation: str | None) -> tuple[list[str], str |
     return lines, (f"{letter.filename}: {letter.public_url}" if letter else None)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Attachment:
+    document: Document
+    data: bytes
+    copy_id: str
+
+
 def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
-            *, sender: str) -> EmailMessage:
-    """The message for one outbox row, with its stable Message-ID."""
+            *, sender: str, attachments: Sequence[Attachment] = ()) -> EmailMessage:
+    """The message for one outbox row, with its stable Message-ID. A
+    pre-embargo copy carries its documents, PDFs stamped with the copy id."""
     embargo = embargo_of(release)
     message = EmailMessage()
     message["From"] = sender
@@ -39,6 +54,39 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
         if letter:
             text += ["", f"The letter to {recipient.organisation}:", f"- {letter}"]
         text += ["", "This notice was sent automatically by Embargo."]
+    elif row.purpose == "copy":
+        assert recipient is not None
+        copy_id = attachments[0].copy_id if attachments else _copy_id(row)
+        message["Subject"] = f"EMBARGOED UNTIL {embargo.headline()}: {release.title}"
+        message["X-Embargo-Copy-Id"] = copy_id
+        message["X-Embargo-Until"] = embargo.instant.isoformat().replace("+00:00", "Z")
+        text = [f"Dear {recipient.name},", "",
+                f"Attached is an embargoed copy of \"{release.title}\"",
+                "with the letter to " + (recipient.organisation or "your organisation") + ".",
+                "", f"EMBARGOED UNTIL {embargo.describe_long()}.", "",
+                "These documents must not be published, shared or quoted before that time.",
+                f"This copy is numbered {copy_id} and is recorded against your name; "
+                "PDF pages carry the number.", "", "Attached:",
+                *[f"- {a.document.filename}" for a in attachments]]
+    elif row.purpose in ("withdrawn", "rescheduled"):
+        assert recipient is not None
+        copy_id = _copy_id(row)
+        message["X-Embargo-Copy-Id"] = copy_id
+        if row.purpose == "withdrawn":
+            message["Subject"] = f"WITHDRAWN: {release.title}"
+            text = [f"Dear {recipient.name},", "",
+                    f"The release \"{release.title}\", which was embargoed until "
+                    f"{embargo.describe_long()}, has been withdrawn and will not be "
+                    "published.", "",
+                    f"Please delete your pre-embargo copy ({copy_id}) and do not share it."]
+        else:
+            message["Subject"] = (f"NEW EMBARGO: {release.title} is now embargoed until "
+                                  f"{embargo.headline()}")
+            text = [f"Dear {recipient.name},", "",
+                    f"The embargo on \"{release.title}\" has changed. It is now "
+                    f"embargoed until {embargo.describe_long()}.", "",
+                    f"Your pre-embargo copy ({copy_id}) must not be published or shared "
+                    "before then."]
     elif row.purpose == "owner_summary":
         message["Subject"] = f"Release published: {release.title}"
         text = [f"\"{release.title}\" was published for {embargo.describe_long()}.",
@@ -55,7 +103,28 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
     body = "\n".join(text) + "\n"
     message.set_content(body)
     message.add_alternative(_html(body), subtype="html")
+    for attachment in attachments:
+        _attach(message, attachment, embargo.headline())
     return message
+
+
+def _copy_id(row: OutboxMessage) -> str:
+    match = COPY_ID.search(row.message_id)
+    return match.group(0) if match else "unknown"
+
+
+def _attach(message: EmailMessage, attachment: Attachment, headline: str) -> None:
+    document = attachment.document
+    data = attachment.data
+    if document.content_type == "application/pdf":
+        try:
+            data = stamp_pdf(data, line=stamp_line(headline, attachment.copy_id),
+                             copy_id=attachment.copy_id)
+        except InputError:
+            log.warning("%s is not a readable PDF; attached unmarked", document.filename)
+    maintype, _, subtype = document.content_type.partition("/")
+    message.add_attachment(data, maintype=maintype or "application",
+                           subtype=subtype or "octet-stream", filename=document.filename)
 
 
 def _html(text: str) -> str:

@@ -18,6 +18,7 @@ from sqlalchemy import or_, select, update
 
 from config.errors import EmbargoError, SealError, StorageError
 from release import audit, sealing
+from release.context import Services, dek_key, document_key, embargo_of
 from release.records import (
     FAILED,
     PUBLISHED,
@@ -27,7 +28,6 @@ from release.records import (
     OutboxMessage,
     Release,
 )
-from release.service import Services, dek_key, document_key, embargo_of
 from storage.base import ObjectExistsError
 from storage.db import affected, transaction
 

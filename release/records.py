@@ -75,6 +75,10 @@ class Release(Base):
     lateness_ms: Mapped[float | None] = mapped_column()
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str | None] = mapped_column(Text)
+    # Pre-embargo copies: when they go (always before ``instant``), and when
+    # they were issued to the outbox (once).
+    copies_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    copies_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     documents: Mapped[list[Document]] = relationship(
         back_populates="release", order_by="Document.position", cascade="all, delete-orphan"
@@ -132,6 +136,9 @@ class OutboxMessage(Base):
     to_addr: Mapped[str] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     not_before: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # A notice that must not go at or after this instant (a pre-embargo copy
+    # must never arrive once the embargo has lifted).
+    not_after: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     claimed_by: Mapped[str | None] = mapped_column(String(120))
@@ -140,6 +147,22 @@ class OutboxMessage(Base):
     delivered_to: Mapped[str | None] = mapped_column(Text)
     given_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Copy(Base):
+    """One officer's pre-embargo copy of a release: the report and their
+    organisation's letter, marked with ``id`` so a leak can be traced."""
+
+    __tablename__ = "copies"
+    __table_args__ = (UniqueConstraint("release_id", "recipient_id"),)
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True)  # CPY-XXXX-XXXX-XXXX
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"), index=True)
+    recipient_id: Mapped[str] = mapped_column(ForeignKey("recipients.id"))
+    document_ids: Mapped[str] = mapped_column(Text)  # JSON list, in attachment order
+    message_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class AuditEvent(Base):

@@ -8,17 +8,16 @@ import re
 import secrets
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from config.errors import InputError, NotFoundError, StateError
-from release import audit, sealing, timerules
-from release.clock import Clock
+from release import audit, copies, sealing, timerules
+from release.context import Services, dek_key, describe_instant, document_key, embargo_of
 from release.keys import load_public_key
 from release.manifest import ReleaseSpec
 from release.records import (
@@ -28,26 +27,16 @@ from release.records import (
     PUBLISHING,
     QUEUED,
     AuditEvent,
-    Base,
     Document,
     OutboxMessage,
     Recipient,
     Release,
 )
-from storage.base import PublicTarget, Vault
-from storage.db import affected, session_factory, transaction
+from storage.db import affected, transaction
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
-
-
-def dek_key(release_id: str) -> str:
-    return f"releases/{release_id}/dek.hpke"
-
-
-def document_key(release_id: str, document_id: str) -> str:
-    return f"releases/{release_id}/{document_id}.emb"
 
 
 def new_id(prefix: str) -> str:
@@ -58,31 +47,6 @@ def slugify(text: str) -> str:
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
     return slug[:40].rstrip("-") or "release"
-
-
-def embargo_of(release: Release) -> timerules.Embargo:
-    return timerules.Embargo(instant=release.instant, zone=release.zone, wall=release.wall)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Services:
-    """What the domain needs, built once at start and passed in."""
-
-    engine: Engine
-    vault: Vault
-    public: PublicTarget
-    keys_dir: Path
-    clock: Clock
-    zone: str = "Europe/London"
-    default_at: str = "00:01"
-    copies_max_lead: timedelta | None = None
-
-    @property
-    def sessions(self) -> sessionmaker[Session]:
-        return session_factory(self.engine)
-
-    def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
 
 
 class ReleaseService:
@@ -107,6 +71,8 @@ class ReleaseService:
         deleted and no release record is written."""
         now = self.s.clock.now()
         embargo = self.resolve_embargo(spec.publish_on, spec.at, spec.zone, now)
+        copies_at = copies.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
+                                             max_lead=self.s.copies_max_lead)
         public_key = load_public_key(self.s.keys_dir)
         release_id = new_id("rel")
         written: list[str] = []
@@ -132,6 +98,7 @@ class ReleaseService:
                     id=release_id, slug=self._free_slug(session, embargo, spec.title),
                     title=spec.title, owner=spec.owner, state=QUEUED,
                     instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
+                    copies_at=copies_at,
                     created_at=now, created_by=self.actor, revision=1, attempts=0,
                     documents=documents,
                     recipients=[Recipient(id=new_id("rcp"), position=i, name=r.name,
@@ -144,6 +111,7 @@ class ReleaseService:
                              release_id=release_id, details={
                                  "title": spec.title, "embargo": embargo.describe(),
                                  "instant": embargo.instant.isoformat(),
+                                 "copies_at": copies_at.isoformat(),
                                  "documents": [{"id": d.id, "name": d.filename,
                                                 "sha256": d.sha256} for d in documents],
                                  "recipients": [r.email for r in spec.recipients]})
@@ -232,8 +200,12 @@ class ReleaseService:
                 state = current.state if current else "gone"
                 raise StateError(f"release {release.id} is {state}; only a queued or failed "
                                  "release can be cancelled")
+            current = session.get(Release, release.id)
+            assert current is not None
+            told = copies.notify_copy_holders(session, current, purpose="withdrawn", now=now)
             audit.record(session, action="release_cancelled", actor=self.actor, at=now,
-                         release_id=release.id, details={"reason": reason})
+                         release_id=release.id, details={"reason": reason,
+                                                         "officers_told": told})
         self.s.vault.delete(dek_key(release.id))
         return self.get(release.id)
 
@@ -243,6 +215,11 @@ class ReleaseService:
         now = self.s.clock.now()
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
         old = embargo_of(release)
+        if (release.copies_issued_at is None and release.copies_at is not None
+                and release.copies_at >= embargo.instant):
+            raise InputError(f"the pre-embargo copies are due after {embargo.describe()}; "
+                             "choose a later embargo, or cancel and queue again with "
+                             "--copies-at")
         with transaction(self.sessions) as session:
             changed = affected(session.execute(
                 update(Release).where(Release.id == release.id, Release.state == QUEUED)
@@ -254,10 +231,14 @@ class ReleaseService:
                 raise StateError(f"release {release.id} is "
                                  f"{current.state if current else 'gone'}; "
                                  "only a queued release can be rescheduled")
+            current = session.get(Release, release.id)
+            assert current is not None
+            told = copies.notify_copy_holders(session, current, purpose="rescheduled", now=now)
             audit.record(session, action="release_rescheduled", actor=self.actor, at=now,
                          release_id=release.id,
                          details={"from": old.describe(), "to": embargo.describe(),
-                                  "instant": embargo.instant.isoformat()})
+                                  "instant": embargo.instant.isoformat(),
+                                  "officers_told": told})
         return self.get(release.id)
 
     def verify_audit(self) -> audit.ChainReport:
@@ -283,9 +264,12 @@ def release_facts(release: Release, now: datetime) -> dict[str, Any]:
         "published_at": release.published_at.isoformat() if release.published_at else None,
         "lateness_ms": release.lateness_ms,
         "reason": release.reason,
+        "copies_at": describe_instant(release.copies_at, release.zone)
+        if release.copies_at else None,
     }
     return facts
 
 
 __all__ = ["CANCELLED", "FAILED", "PUBLISHED", "PUBLISHING", "QUEUED", "ReleaseService",
-           "Services", "release_facts"]
+           "Services", "dek_key", "describe_instant", "document_key", "embargo_of",
+           "release_facts"]

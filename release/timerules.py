@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 from config.errors import InputError
 from config.settings import parse_duration as settings_parse_duration
 
-__all__ = ["Embargo", "format_delta", "parse_duration", "resolve"]
+__all__ = ["Embargo", "format_delta", "parse_duration", "resolve", "wall_of"]
 
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = (
@@ -93,7 +93,7 @@ class Embargo:
             )
         if instant.tzinfo is not UTC:
             object.__setattr__(self, "instant", instant.replace(tzinfo=UTC))
-        expected = _wall(self.local)
+        expected = wall_of(self.local)
         if self.wall != expected:
             raise InputError(
                 f"embargo wall time {self.wall!r} does not match "
@@ -164,7 +164,7 @@ def resolve(
     except OverflowError:
         raise InputError(f"{publish_on!r} is too far from the present to use") from None
 
-    embargo = Embargo(instant=instant, zone=zone, wall=_wall(local))
+    embargo = Embargo(instant=instant, zone=zone, wall=wall_of(local))
     if instant <= now:
         then = embargo.describe()
         current = _describe(now.astimezone(tz), long=False, exact=True)
@@ -357,7 +357,7 @@ def _candidate(local: datetime, wall: datetime, *, parens: bool = False) -> str:
 
 
 def _offset_stamp(local: datetime) -> str:
-    return f"{_wall(local)}{_offset(local)}"
+    return f"{wall_of(local)}{_offset(local)}"
 
 
 # Formatting (no strftime: names must not depend on the locale)
@@ -392,7 +392,7 @@ def _day(moment: date, *, long: bool, year: bool = True) -> str:
     return f"{text} {moment.year}" if year else text
 
 
-def _wall(local: datetime) -> str:
+def wall_of(local: datetime) -> str:
     return f"{local.date().isoformat()}T{_clock(local)}"
 
 

@@ -51,8 +51,11 @@ def public_files(settings: Settings) -> dict[str, bytes]:
 
 
 def outbox_rows(services: Services) -> list[OutboxMessage]:
+    """The publication notices (not pre-embargo copies)."""
     with services.sessions() as session:
-        return list(session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
+        return list(session.scalars(select(OutboxMessage).where(
+            OutboxMessage.purpose.in_(("published", "owner_summary")))
+            .order_by(OutboxMessage.id)))
 
 
 def check_published(settings: Settings, services: Services, release_id: str) -> Release:
@@ -138,7 +141,8 @@ def test_seed_instant_live_scheduler(settings: Settings, services: Services,
             while time.monotonic_ns() < deadline:
                 with services.sessions() as session:
                     delivered = session.scalar(select(func.count()).where(
-                        OutboxMessage.delivered_at.is_not(None)))
+                        OutboxMessage.delivered_at.is_not(None),
+                        OutboxMessage.purpose != "copy"))
                 if delivered == 4:
                     break
                 time.sleep(0.02)
@@ -146,7 +150,8 @@ def test_seed_instant_live_scheduler(settings: Settings, services: Services,
             scheduler.shutdown()
     published = check_published(settings, services, release.id)
     assert published.lateness_ms == 0
-    assert len(list(settings.outbox_dir.glob("*.eml"))) == 4
+    assert len(list(settings.outbox_dir.glob("*.published.*.eml"))) == 3
+    assert len(list(settings.outbox_dir.glob("*.owner_summary.*.eml"))) == 1
 
 
 # -- on time, real clock ----------------------------------------------------------------
