@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from config.errors import InputError
 from config.settings import Settings
-from jobs.mail import FileMailTransport, SmtpMailTransport
+from jobs.mail import FileMailTransport
 from jobs.relay import OutboxRelay
 from release.copies import DocumentOpener, access_list, issue_copies, trace
 from release.keys import load_private_key
@@ -72,7 +72,7 @@ def copies_in_outbox(settings: Settings) -> list[EmailMessage]:
             for p in sorted(settings.outbox_dir.glob("*.copy.*.eml"))]
 
 
-# -- when copies go ----------------------------------------------------------------------
+# -- when copies go ----------
 @pytest.mark.parametrize("copies_at", ["2014-09-04 00:01", "2014-09-04 00:02",
                                        "2014-09-03T23:01:00Z"])
 def test_copies_at_or_after_the_embargo_are_refused(services: Services, bundle: Path,
@@ -106,7 +106,7 @@ def test_copy_time_in_a_gap_is_refused(services: Services, bundle: Path,
         queue(services, manifest, copies_at="2015-03-29 01:30")
 
 
-# -- never at or after the instant ------------------------------------------------------------
+# -- never at or after the instant ----------
 def test_copies_issued_and_sent_one_microsecond_before(settings: Settings,
                                                        services: Services) -> None:
     release = queue(services, pdf_bundle(settings.data_dir.parent / "b"),
@@ -153,7 +153,7 @@ def test_copies_wait_for_their_time(settings: Settings, services: Services,
         assert issue_copies(services, release.id, actor="t") == 3
 
 
-# -- what officers receive ------------------------------------------------------------------------
+# -- what officers receive ----------
 def test_copy_message_marked_and_pdf_stamped_on_every_page(settings: Settings,
                                                            services: Services) -> None:
     release = queue(services, pdf_bundle(settings.data_dir.parent / "b"))
@@ -198,7 +198,7 @@ def test_non_pdf_documents_go_unchanged_with_the_id_in_headers(
     assert str(message["X-Embargo-Copy-Id"]).startswith("CPY-")
 
 
-# -- trace and the access list ----------------------------------------------------------------------
+# -- trace and the access list ----------
 def test_trace_from_a_leaked_pdf_and_from_a_copy_id(settings: Settings,
                                                     services: Services) -> None:
     release = queue(services, pdf_bundle(settings.data_dir.parent / "b"))
@@ -253,7 +253,7 @@ def test_access_list_matches_what_was_sent(settings: Settings, services: Service
     assert {r["copy_id"] for r in json.loads(cli.stdout)} == set(sent)
 
 
-# -- changes after copies went ---------------------------------------------------------------------
+# -- changes after copies went ----------
 def test_reschedule_and_cancel_notify_exactly_the_copy_holders(
         settings: Settings, services: Services, tmp_path: Path) -> None:
     release = queue(services, write_bundle(tmp_path / "b", letters=3))
@@ -289,7 +289,7 @@ def test_reschedule_and_cancel_notify_exactly_the_copy_holders(
     assert relay.run_once() == 0
 
 
-# -- across a crash, to a real SMTP server ----------------------------------------------------------
+# -- across a crash, to a real SMTP server ----------
 def test_one_copy_per_officer_across_a_scheduler_crash(settings: Settings, services: Services,
                                                        tmp_path: Path) -> None:
     port = free_port()
