@@ -188,12 +188,21 @@ FIELDS: tuple[Field, ...] = (
           help="delivery attempts before a notice is given up and alerted"),
     Field(key="scheduler.poll_seconds", default=0.5, check=_number(0.05, 60),
           help="how often the scheduler re-reads the database for changes"),
-    Field(key="scheduler.lease_seconds", default=30.0, check=_number(1, 3600),
-          help="how long a publisher's claim lasts before another may resume it"),
+    Field(key="scheduler.lease_seconds", default=3.0, check=_number(1, 3600),
+          help="how long a publisher's claim lasts unrenewed: a node that dies "
+               "mid-publish is taken over this long after its last renewal"),
+    Field(key="scheduler.max_skew_ms", default=500.0, check=_number(1, 600_000),
+          help="a node whose clock differs from the database server's by more than "
+               "this refuses to publish"),
+    Field(key="scheduler.skew_check_seconds", default=60.0, check=_number(1, 3600),
+          help="how often a node measures its clock against the database server"),
     Field(key="scheduler.workers", default=16, check=_number(1, 512, int),
           help="threads that run jobs; releases due together do not wait for each other"),
     Field(key="scheduler.lead_seconds", default=0.5, check=_number(0, 10),
           help="the job wakes this early, prepares, then waits for the exact instant"),
+    Field(key="testing.clock_offset_ms", default=0.0, check=_number(-86_400_000, 86_400_000),
+          help="shift this node's clock (rehearsals of clock trouble only; the skew check "
+               "stops such a node from publishing)"),
     Field(key="copies.max_lead", default="", check=_optional_duration,
           help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
 )

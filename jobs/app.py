@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from config.settings import Settings
+from jobs.mail import make_transport
+from jobs.nodes import NodeMonitor
+from jobs.relay import OutboxRelay
+from jobs.scheduler import EmbargoScheduler
 from release.clock import Clock
 from release.context import Services
+from release.copies import DocumentOpener
+from release.keys import load_private_key
+from release.publishing import Outcome, Publisher
+from storage import migrate
 from storage.db import make_engine
 from storage.factory import make_public, make_s3_client, make_vault, needs_s3
 
@@ -22,15 +34,53 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         vault=make_vault(settings.vault, s3_client=s3_client),
         public=make_public(settings.public, settings, s3_client=s3_client),
         keys_dir=settings.keys_dir,
-        clock=clock or Clock(),
+        clock=clock or Clock(timedelta(milliseconds=settings["testing.clock_offset_ms"])),
         zone=settings["zone"],
         default_at=settings["default_at"],
         copies_max_lead=settings["copies.max_lead"],
     )
-    if create_schema:
-        services.create_schema()
+    if create_schema and migrate.current(services.engine) != migrate.head():
+        migrate.upgrade(services.engine)
     return services
 
 
 def node_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class RunningNode:
+    """One running scheduler node: its clock monitor and its scheduler."""
+
+    name: str
+    monitor: NodeMonitor
+    scheduler: EmbargoScheduler
+
+    def shutdown(self) -> None:
+        self.scheduler.shutdown()
+        self.monitor.stop()
+
+
+def start_node(settings: Settings, services: Services, stop: threading.Event,
+               on_outcome: Callable[[Outcome], None] | None = None) -> RunningNode:
+    """Start a scheduler node: check the clock, then schedule every active
+    release, publish, issue copies and deliver notices until ``stop``."""
+    private_key = load_private_key(settings.keys_dir)
+    name = node_name()
+    lease = timedelta(seconds=settings["scheduler.lease_seconds"])
+    publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop)
+    relay = OutboxRelay(services, make_transport(settings), sender=settings["mail.sender"],
+                        worker=name, max_attempts=settings["mail.max_attempts"],
+                        opener=DocumentOpener(services, private_key))
+    monitor = NodeMonitor(services, name,
+                          max_skew=timedelta(milliseconds=settings["scheduler.max_skew_ms"]),
+                          skew_every=settings["scheduler.skew_check_seconds"])
+    scheduler = EmbargoScheduler(
+        services, publisher, relay, poll_seconds=settings["scheduler.poll_seconds"],
+        workers=settings["scheduler.workers"],
+        lead=timedelta(seconds=settings["scheduler.lead_seconds"]), on_outcome=on_outcome,
+        guard=lambda: monitor.clock_ok)
+    monitor.doing = scheduler.doing
+    monitor.start()
+    scheduler.start()
+    return RunningNode(name=name, monitor=monitor, scheduler=scheduler)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
+import os
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from config.errors import EmbargoError, InputError
 from config.settings import Settings, load_settings
+from jobs.app import build_services, start_node
+from jobs.console import Stopper, table
+from jobs.demo import run_demo
+from jobs.nodes import list_nodes
 from release import keys as keyfile
 from release.audit import default_actor
 from release.copies import access_list, trace
@@ -28,20 +30,13 @@ from release.service import (
     embargo_of,
     release_facts,
 )
+from storage import migrate
+from storage.db import make_engine
 
 log = logging.getLogger("embargo")
 
 
 # -- output helpers ---------------------------------------------------------------
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 class ProgressBar:
     """A one-line progress display on standard error, only on a terminal and
     only for files big enough to take a moment."""
@@ -91,8 +86,6 @@ def cmd_config_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _service(settings: Settings) -> tuple[Services, ReleaseService]:
-    from jobs.app import build_services
-
     services = build_services(settings)
     return services, ReleaseService(services, actor=default_actor())
 
@@ -270,71 +263,57 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-class _Stopper:
-    """Turns SIGTERM and Ctrl-C into a stop request; a second Ctrl-C is
-    not needed and not harmful."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def install(self) -> None:
-        def handler(signum: int, _frame: FrameType | None) -> None:
-            if not self.event.is_set():
-                print(f"\nstopping ({signal.Signals(signum).name}): finishing work in progress…",
-                      file=sys.stderr)
-            self.event.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-
-def start_scheduler(settings: Settings, services: Services, stop: threading.Event,
-                    on_outcome: Any = None) -> Any:
-    from datetime import timedelta
-
-    from jobs.app import node_name
-    from jobs.mail import make_transport
-    from jobs.relay import OutboxRelay
-    from jobs.scheduler import EmbargoScheduler
-    from release.copies import DocumentOpener
-    from release.publishing import Publisher
-
-    private_key = keyfile.load_private_key(settings.keys_dir)
-    name = node_name()
-    publisher = Publisher(services, private_key, claimant=name,
-                          lease=timedelta(seconds=settings["scheduler.lease_seconds"]), stop=stop)
-    relay = OutboxRelay(services, make_transport(settings), sender=settings["mail.sender"],
-                        worker=name, max_attempts=settings["mail.max_attempts"],
-                        opener=DocumentOpener(services, private_key))
-    scheduler = EmbargoScheduler(
-        services, publisher, relay, poll_seconds=settings["scheduler.poll_seconds"],
-        workers=settings["scheduler.workers"],
-        lead=timedelta(seconds=settings["scheduler.lead_seconds"]), on_outcome=on_outcome)
-    scheduler.start()
-    return scheduler
-
-
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from jobs.app import build_services
-
     services = build_services(settings)
-    stopper = _Stopper()
+    stopper = Stopper()
     stopper.install()
-    scheduler = start_scheduler(settings, services, stopper.event)
+    node = start_node(settings, services, stopper.event)
     counts = ReleaseService(services, actor="scheduler").counts()
-    print(f"embargo scheduler running ({counts.get('queued', 0)} queued, "
-          f"{counts.get('publishing', 0)} publishing); Ctrl-C or SIGTERM stops it",
+    clock = ("clock ok" if node.monitor.clock_ok else
+             "CLOCK SKEWED: this node will not publish")
+    print(f"embargo scheduler running as {node.name} ({counts.get('queued', 0)} queued, "
+          f"{counts.get('publishing', 0)} publishing; {clock}, skew "
+          f"{node.monitor.skew_ms} ms); Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)
     try:
         stopper.event.wait()
     finally:
-        scheduler.shutdown()
+        node.shutdown()
     return 0
 
 
-def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo
+def cmd_nodes(settings: Settings, args: argparse.Namespace) -> int:
+    services, _ = _service(settings)
+    rows = list_nodes(services)
+    if args.json:
+        _json(rows)
+    elif not rows:
+        print("no node has run against this database")
+    else:
+        print(table([(r["name"], r["state"], r["heartbeat_s_ago"],
+                      "" if r["skew_ms"] is None else f"{r['skew_ms']:+.1f}",
+                      "yes" if r["clock_ok"] else "NO", r["doing"]) for r in rows],
+                    ["node", "state", "heartbeat (s ago)", "clock skew (ms)", "clock ok",
+                     "doing"]))
+    return 0
 
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings.database_url)
+    before = migrate.current(engine)
+    after = migrate.upgrade(engine)
+    print(f"database schema: {before or 'empty'} -> {after} (latest {migrate.head()})")
+    return 0
+
+
+def cmd_db_current(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings.database_url)
+    now = migrate.current(engine)
+    print(f"database schema: {now or 'empty'} (latest {migrate.head()})")
+    return 0 if now == migrate.head() else 9
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, seconds=args.seconds)
 
 
@@ -406,6 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     aud_sub = aud.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     aud_sub.add_parser("verify", help="check the chain").set_defaults(func=cmd_audit_verify)
 
+    nodes = sub.add_parser("nodes", help="scheduler nodes: heartbeat, clock skew, work")
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(func=cmd_nodes)
+
+    db = sub.add_parser("db", help="the database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("upgrade", help="migrate to the latest schema (safe to repeat)"
+                      ).set_defaults(func=cmd_db_upgrade)
+    db_sub.add_parser("current", help="show the schema revision"
+                      ).set_defaults(func=cmd_db_current)
+
     sub.add_parser("check", help="verify access to the vault, public target and keys"
                    ).set_defaults(func=cmd_check)
     sub.add_parser("run", help="run the scheduler until stopped").set_defaults(func=cmd_run)
@@ -433,6 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embargo: interrupted; nothing half-done was kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `embargo list | head`: the reader left; so do we, quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

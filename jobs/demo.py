@@ -10,6 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from config.settings import Settings
+from jobs.app import build_services, start_node
+from jobs.console import Stopper, table
 from release import keys as keyfile
 from release.manifest import load_manifest
 from release.marking import text_pdf
@@ -111,8 +113,6 @@ def write_bundle(folder: Path) -> Path:
 
 
 def run_demo(settings: Settings, *, seconds: int = 10) -> int:
-    from jobs.app import build_services
-    from jobs.cli import _Stopper, start_scheduler, table
 
     out = sys.stdout
     if not (settings.keys_dir / keyfile.PRIVATE_NAME).exists():
@@ -129,10 +129,10 @@ def run_demo(settings: Settings, *, seconds: int = 10) -> int:
           f"sealed into {settings.vault}, {len(release.recipients)} liaison officers", file=out)
     print(f"  embargo {embargo_of(release).describe()}", file=out)
 
-    stopper = _Stopper()
+    stopper = Stopper()
     stopper.install()
     published = threading.Event()
-    scheduler = start_scheduler(settings, services, stopper.event,
+    scheduler = start_node(settings, services, stopper.event,
                                 on_outcome=lambda o: published.set()
                                 if o.release_id == release.id and o.status in
                                 ("published", "failed") else None)

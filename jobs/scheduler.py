@@ -32,7 +32,9 @@ class EmbargoScheduler:
     def __init__(self, services: Services, publisher: Publisher, relay: OutboxRelay | None, *,
                  poll_seconds: float = 0.5, workers: int = 16,
                  lead: timedelta = timedelta(seconds=0.5),
-                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+                 on_outcome: Callable[[Outcome], None] | None = None,
+                 guard: Callable[[], bool] = lambda: True) -> None:
+        self.guard = guard
         self.s = services
         self.publisher = publisher
         self.relay = relay
@@ -105,6 +107,10 @@ class EmbargoScheduler:
                        Release.lease_expires_at, Release.copies_at, Release.copies_issued_at)
                 .where(Release.state.in_((QUEUED, PUBLISHING)))).all()
         now = self.s.clock.now()
+        fresh: tuple[int, int] | None = fp
+        if not self.guard():
+            rows = []  # a node that may not publish schedules nothing,
+            fresh = None  # and looks again at the next poll
         with self._lock:
             active: set[str] = set()
             copies_due: set[str] = set()
@@ -143,11 +149,26 @@ class EmbargoScheduler:
                     self.scheduler.remove_job(f"publish:{gone}")
                 except JobLookupError:
                     pass
-            self._fingerprint = fp
+            self._fingerprint = fresh
             return len(self._known)
 
     # -- jobs ------------------------------------------------------------------
+    def doing(self) -> str:
+        """What this node is working on, for ``embargo nodes``."""
+        with self._lock:
+            running = sorted(self._running)
+            waiting = len(self._known)
+        if running:
+            return "publishing " + ", ".join(running)
+        return f"waiting for {waiting} release{'s' if waiting != 1 else ''}"
+
     def _publish(self, release_id: str) -> None:
+        if not self.guard():
+            log.warning("not publishing %s: this node's clock is not trusted", release_id)
+            with self._lock:
+                self._known.pop(release_id, None)
+                self._fingerprint = None
+            return
         with self._lock:
             if release_id in self._running:
                 return
@@ -169,6 +190,8 @@ class EmbargoScheduler:
             self.on_outcome(outcome)
 
     def _issue_copies(self, release_id: str) -> None:
+        if not self.guard():
+            return
         try:
             if issue_copies(self.s, release_id, actor=self.publisher.claimant):
                 self._relay_wake.set()
@@ -181,6 +204,9 @@ class EmbargoScheduler:
     def _relay_loop(self) -> None:
         assert self.relay is not None
         while not self.stop_event.is_set():
+            if not self.guard():  # a wrong clock could deliver a copy too late
+                self._relay_wake.wait(self.poll_seconds)
+                continue
             try:
                 self.relay.run_once()
                 wait = self.relay.next_due()

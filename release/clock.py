@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 
 class Clock:
-    """The system clock, in aware UTC."""
+    """The system clock, in aware UTC. ``offset`` shifts it: only for
+    rehearsing a node with a wrong clock (the skew check must catch it)."""
+
+    def __init__(self, offset: timedelta = timedelta(0)) -> None:
+        self.offset = offset
 
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return datetime.now(UTC) + self.offset
 
     def sleep_until(self, instant: datetime, stop: threading.Event | None = None) -> bool:
         """Wait until ``now() >= instant``, re-reading the clock (never

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from release import timerules
 from release.clock import Clock
-from release.records import Base, Release
+from release.records import Release
 from storage.base import PublicTarget, Vault
 from storage.db import session_factory
 
@@ -53,6 +53,3 @@ class Services:
     @property
     def sessions(self) -> sessionmaker[Session]:
         return session_factory(self.engine)
-
-    def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)

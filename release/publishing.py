@@ -87,13 +87,16 @@ class Publisher:
             return Outcome(status="not_yet", release_id=release_id)
         if not self._claim(release_id, now):
             return Outcome(status="not_ours", release_id=release_id)
-        if not clock.sleep_until(instant, self.stop):
-            self._unclaim(release_id)
-            return Outcome(status="not_yet", release_id=release_id, detail="stopping")
-        try:
-            return self._publish_claimed(release_id)
-        except Exception as exc:
-            return self._failed(release_id, exc)
+        with _LeaseKeeper(self, release_id) as keeper:
+            if not clock.sleep_until(instant, self.stop):
+                keeper.close()
+                self._unclaim(release_id)
+                return Outcome(status="not_yet", release_id=release_id, detail="stopping")
+            try:
+                return self._publish_claimed(release_id, keeper)
+            except Exception as exc:
+                keeper.close()
+                return self._failed(release_id, exc)
 
     # -- claim ---------------------------------------------------------------
     def _claim(self, release_id: str, now: datetime) -> bool:
@@ -142,7 +145,7 @@ class Publisher:
                                 f"{instant.isoformat()}")
         return now
 
-    def _publish_claimed(self, release_id: str) -> Outcome:
+    def _publish_claimed(self, release_id: str, keeper: _LeaseKeeper) -> Outcome:
         with transaction(self.sessions) as session:
             release = session.get(Release, release_id)
             assert release is not None
@@ -155,17 +158,20 @@ class Publisher:
             documents = list(session.scalars(
                 select(Document).where(Document.release_id == release_id)
                 .order_by(Document.position)))
-            if release.attempts == 1:
-                audit.record(session, action="publication_started", actor=self.claimant,
-                             at=now, release_id=release_id,
-                             details={"lateness_ms": _ms(now - instant)})
+            audit.record(session, action="publication_started" if release.started_at == now
+                         else "publication_resumed", actor=self.claimant, at=now,
+                         release_id=release_id,
+                         details={"lateness_ms": _ms(now - instant),
+                                  "attempt": release.attempts})
         lateness_ms = _ms(started - instant)
         dek = sealing.open_dek(self.s.vault.get_bytes(dek_key(release_id)), self.key, release_id)
         for document in documents:
             if document.published_at is None:
+                keeper.check()
                 self._publish_document(release_id, slug, instant, dek, document)
-                self._renew(release_id)
+        keeper.check()
         self._write_manifest(release_id, slug, started, lateness_ms)
+        keeper.close()
         return self._finish(release_id, lateness_ms)
 
     def _publish_document(self, release_id: str, slug: str, instant: datetime, dek: bytes,
@@ -288,6 +294,45 @@ class Publisher:
         log.warning("release %s: attempt failed, retrying in %s: %s", release_id, backoff,
                     reason)
         return Outcome(status="retry", release_id=release_id, detail=reason)
+
+
+class _LeaseKeeper:
+    """Renews a publisher's claim every third of the lease while it works,
+    so a long publication keeps it and a dead publisher loses it quickly."""
+
+    def __init__(self, publisher: Publisher, release_id: str) -> None:
+        self.publisher = publisher
+        self.release_id = release_id
+        self.lost: Exception | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"lease-{release_id}")
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._done.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        every = self.publisher.lease.total_seconds() / 3
+        while not self._done.wait(every):
+            try:
+                self.publisher._renew(self.release_id)
+            except Exception as exc:  # reported to the publishing thread by check()
+                self.lost = exc
+                return
+
+    def check(self) -> None:
+        """Raise if the claim was lost (another node may be publishing)."""
+        if self.lost is not None:
+            raise StorageError(f"lost the claim on {self.release_id}: {self.lost}")
 
 
 def _ms(delta: timedelta) -> float:

@@ -190,3 +190,18 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class Node(Base):
+    """One ``embargo run`` process: its heartbeat, its clock's measured skew
+    against the database server, and what it is doing."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(120), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    skew_ms: Mapped[float | None] = mapped_column()
+    clock_ok: Mapped[bool] = mapped_column(default=True)
+    doing: Mapped[str | None] = mapped_column(Text)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

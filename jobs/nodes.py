@@ -1,0 +1,147 @@
+"""Scheduler nodes: each ``embargo run`` records a heartbeat and measures its
+clock against the database server's. A node whose clock is off by more than
+``max_skew`` refuses to publish (and to send copies); the others carry on."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, text, update
+from sqlalchemy.engine import Connection
+
+from release.context import Services
+from release.records import Node
+from storage.db import transaction
+
+log = logging.getLogger(__name__)
+
+LIVE = timedelta(seconds=10)  # a node silent for longer is shown as gone
+
+
+def server_time(connection: Connection) -> datetime:
+    """The database server's clock, read now (not at transaction start)."""
+    if connection.dialect.name == "postgresql":
+        value = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
+    elif connection.dialect.name == "sqlite":
+        raw = connection.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        value = datetime.fromisoformat(raw).replace(tzinfo=UTC)
+    else:
+        value = connection.execute(text("SELECT CURRENT_TIMESTAMP")).scalar_one()
+    assert isinstance(value, datetime)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class NodeMonitor:
+    """Heartbeat and clock check of one node, in a thread of its own."""
+
+    def __init__(self, services: Services, name: str, *, max_skew: timedelta,
+                 skew_every: float = 60.0, heartbeat_every: float = 1.0,
+                 doing: Callable[[], str] | None = None) -> None:
+        self.s = services
+        self.name = name
+        self.max_skew = max_skew
+        self.skew_every = skew_every
+        self.heartbeat_every = heartbeat_every
+        self.doing = doing or (lambda: "")
+        self.skew_ms: float | None = None
+        self._ok = False  # until measured, a node does not publish
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def clock_ok(self) -> bool:
+        return self._ok
+
+    def measure(self) -> float:
+        """Skew of our clock against the server's in ms (positive: ours is
+        ahead), from the midpoint of the round trip; keeps the best of three
+        tries so a slow round trip does not look like skew."""
+        best: tuple[float, float] | None = None
+        for _ in range(3):
+            with self.s.engine.connect() as connection:
+                start_real = time.perf_counter()
+                before = self.s.clock.now()
+                server = server_time(connection)
+                after = self.s.clock.now()
+                trip = time.perf_counter() - start_real
+            ours = before + (after - before) / 2
+            skew = (ours - server).total_seconds() * 1000
+            if best is None or trip < best[1]:
+                best = (skew, trip)
+        assert best is not None
+        self.skew_ms = round(best[0], 3)
+        ok = abs(self.skew_ms) <= self.max_skew.total_seconds() * 1000
+        if ok != self._ok or not ok:
+            if ok:
+                log.info("clock within %.1f ms of the database server: publishing allowed",
+                         self.skew_ms)
+            else:
+                log.error("clock is %.1f ms off the database server's (limit %.0f ms): this "
+                          "node will not publish until it is corrected", self.skew_ms,
+                          self.max_skew.total_seconds() * 1000)
+        self._ok = ok
+        return self.skew_ms
+
+    def start(self) -> None:
+        self.measure()
+        with transaction(self.s.sessions) as session:
+            now = server_time(session.connection())
+            node = session.get(Node, self.name)
+            if node is None:
+                session.add(Node(name=self.name, started_at=now, heartbeat_at=now,
+                                 skew_ms=self.skew_ms, clock_ok=self._ok, doing="starting"))
+            else:
+                node.started_at, node.heartbeat_at, node.stopped_at = now, now, None
+                node.skew_ms, node.clock_ok = self.skew_ms, self._ok
+        self._thread = threading.Thread(target=self._loop, name="embargo-node", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        next_check = time.monotonic() + self.skew_every
+        while not self._stop.wait(self.heartbeat_every):
+            try:
+                if time.monotonic() >= next_check:
+                    self.measure()
+                    next_check = time.monotonic() + self.skew_every
+                self.beat()
+            except Exception:
+                log.exception("node heartbeat failed; will try again")
+
+    def beat(self) -> None:
+        """Record that this node is alive, in the database server's time (so
+        a node with a wrong clock does not look dead or immortal)."""
+        with transaction(self.s.sessions) as session:
+            session.execute(update(Node).where(Node.name == self.name).values(
+                heartbeat_at=server_time(session.connection()), skew_ms=self.skew_ms,
+                clock_ok=self._ok,
+                doing=(self.doing() or "idle") if self._ok else "refusing: clock skew"))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with transaction(self.s.sessions) as session:
+            session.execute(update(Node).where(Node.name == self.name).values(
+                stopped_at=server_time(session.connection()), doing="stopped"))
+
+
+def list_nodes(services: Services) -> list[dict[str, object]]:
+    """Every node that has run against this database, newest first, with
+    its state as seen from the database server's clock."""
+    with services.engine.connect() as connection:
+        server = server_time(connection)
+    with transaction(services.sessions) as session:
+        rows = []
+        for node in session.scalars(select(Node).order_by(Node.heartbeat_at.desc())):
+            silent = server - node.heartbeat_at
+            state = ("stopped" if node.stopped_at else
+                     "live" if silent <= LIVE else "silent (dead?)")
+            rows.append({"name": node.name, "state": state,
+                         "heartbeat_s_ago": round(silent.total_seconds(), 1),
+                         "skew_ms": node.skew_ms, "clock_ok": node.clock_ok,
+                         "doing": node.doing, "started_at": node.started_at})
+        return rows

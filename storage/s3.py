@@ -1,0 +1,431 @@
+"""S3 backends: the vault and the public target in buckets, through one boto3
+client built at start by :func:`make_client` and passed in.
+
+Writes are spooled to a temporary file (memory stays flat) and sent when the
+block exits normally. The public target creates objects conditionally
+(``If-None-Match: *``, on PutObject and on CompleteMultipartUpload), so a
+second writer gets ObjectExistsError instead of replacing what is public.
+``stat`` is the base one: it reads the stored bytes back and hashes them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from typing import IO, Any, BinaryIO, cast
+from urllib.parse import quote, urlsplit
+
+import boto3
+from boto3.exceptions import Boto3Error
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from config.errors import ConfigError, NotFoundError, StorageError
+from config.settings import Settings
+from storage.base import CHUNK, ObjectExistsError, PublicTarget, Vault
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+SPOOL_MAX = 1 * MiB  # bytes a writer keeps in memory before spilling to disk
+PART_SIZE = 8 * MiB  # multipart part size; S3's minimum is 5 MiB
+PART_CONCURRENCY = 4  # parts in flight per public multipart upload (sent from disk)
+VAULT_PART_CONCURRENCY = 2  # s3transfer holds each part in memory: 2 x PART_SIZE
+
+_MISSING_KEY = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED = frozenset({"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId",
+                     "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                     "AllAccessDisabled", "AccountProblem"})
+_TRANSIENT = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                        "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+                        "RequestLimitExceeded", "TooManyRequestsException",
+                        "PriorRequestNotComplete"})
+_NETWORK = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)
+
+
+def make_client(settings: Settings) -> Any:
+    """The one S3 client: the standard credential chain (environment,
+    profiles, instance or task roles), with the region, endpoint and
+    addressing style from the ``s3.*`` settings."""
+    config = Config(
+        s3={"addressing_style": settings["s3.addressing_style"]},
+        retries={"mode": "standard", "max_attempts": 8},
+        connect_timeout=5,
+        read_timeout=60,
+        max_pool_connections=32,
+        tcp_keepalive=True,
+    )
+    try:
+        session = boto3.session.Session()
+        return session.client("s3", region_name=settings["s3.region"],
+                              endpoint_url=settings["s3.endpoint_url"], config=config)
+    except (BotoCoreError, ValueError) as exc:
+        raise ConfigError(f"cannot set up the S3 client: {exc}") from exc
+
+
+# -- errors --------------------------------------------------------------------------
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _transient(exc: ClientError) -> bool:
+    status = _status(exc)
+    return _code(exc) in _TRANSIENT or status == 429 or status >= 500
+
+
+def _problem(exc: Exception, bucket: str) -> str:
+    """What went wrong, in words, for one line of an error message."""
+    if isinstance(exc, NoCredentialsError):
+        return ("no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or run with an instance or task role)")
+    if isinstance(exc, EndpointConnectionError):
+        return f"cannot reach the S3 endpoint {exc.kwargs.get('endpoint_url', '')}".rstrip()
+    if not isinstance(exc, ClientError):
+        return f"{type(exc).__name__}: {exc}"
+    code = _code(exc)
+    if code in ("NoSuchBucket", "404") or (code == "NotFound" and _status(exc) == 404):
+        return f"bucket {bucket} does not exist"
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+        return f"the AWS credentials were refused ({code})"
+    if code in _DENIED:
+        return (f"access to bucket {bucket} denied: check the credentials and the bucket's "
+                "policy")
+    if code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed",
+                "IllegalLocationConstraintException"):
+        headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        region = headers.get("x-amz-bucket-region")
+        where = f" ({region})" if region else ""
+        return f"bucket {bucket} is in another region{where}: set s3.region"
+    message = exc.response.get("Error", {}).get("Message") or ""
+    return f"{code or _status(exc)} {message}".strip()
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"bad storage key {key!r}")
+
+
+def _sha256_of(src: IO[bytes] | io.RawIOBase) -> bytes:
+    src.seek(0)
+    digest = hashlib.sha256()
+    while chunk := src.read(CHUNK):
+        digest.update(chunk)
+    src.seek(0)
+    return digest.digest()
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only, seekable window ``[start, start + length)`` of an open
+    file, read with ``os.pread``: several windows of one file can be sent
+    from several threads at once, and botocore can rewind one to retry."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.start = start
+        self.length = length
+        self.position = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count = min(len(view), self.length - self.position)
+        if count <= 0:
+            return 0
+        data = os.pread(self.fd, count, self.start + self.position)
+        view[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+# -- shared by both backends ------------------------------------------------------
+class _S3Location:
+    role = "storage"
+
+    def __init__(self, client: Any, *, bucket: str, prefix: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(s3://{self.bucket}/{self.prefix})"
+
+    def _name(self, key: str) -> str:
+        _check_key(key)
+        return self.prefix + key
+
+    def _error(self, exc: Exception, doing: str) -> StorageError:
+        return StorageError(f"S3 {self.role}: cannot {doing} in s3://{self.bucket}: "
+                            f"{_problem(exc, self.bucket)}")
+
+    @contextmanager
+    def _read(self, key: str) -> Iterator[BinaryIO]:
+        name = self._name(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if _code(exc) in _MISSING_KEY:
+                raise NotFoundError(f"no stored object {key}") from None
+            raise self._error(exc, f"read {name}") from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, f"read {name}") from exc
+        body = response["Body"]
+        try:
+            yield cast(BinaryIO, body)
+        finally:
+            body.close()
+
+    def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return self._read(key)
+
+    def exists(self, key: str) -> bool:
+        name = self._name(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if _code(exc) in _MISSING_KEY:
+                return False
+            raise self._error(exc, f"look up {name}") from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, f"look up {name}") from exc
+        return True
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=name)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, f"delete {name}") from exc
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", ()):
+                    yield str(item["Key"])[len(self.prefix):]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "list objects") from exc
+
+    def check(self) -> None:
+        where = f"s3://{self.bucket}/{self.prefix}"
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"{self.role} {where}: {_problem(exc, self.bucket)}") from None
+        log.debug("%s %s is reachable", self.role, where)
+
+
+class S3Vault(_S3Location, Vault):
+    role = "vault"
+
+    def __init__(self, client: Any, *, bucket: str, prefix: str,
+                 transfer: TransferConfig | None = None) -> None:
+        super().__init__(client, bucket=bucket, prefix=prefix)
+        if transfer is None:
+            transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
+                                      max_concurrency=VAULT_PART_CONCURRENCY, use_threads=True)
+            # s3transfer reads each part into memory and by default keeps up to 10 of them
+            transfer.max_in_memory_upload_chunks = VAULT_PART_CONCURRENCY
+        self.transfer = transfer
+
+    @contextmanager
+    def _write(self, key: str) -> Iterator[BinaryIO]:
+        name = self._name(key)
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX) as spool:
+            yield cast(BinaryIO, spool)
+            spool.seek(0)
+            try:
+                self.client.upload_fileobj(spool, self.bucket, name, Config=self.transfer)
+            except (ClientError, BotoCoreError, Boto3Error) as exc:
+                raise self._error(exc, f"write {name}") from exc
+
+    def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return self._write(key)
+
+
+class S3PublicTarget(_S3Location, PublicTarget):
+    role = "public"
+
+    def __init__(self, client: Any, *, bucket: str, prefix: str, base_url: str | None = None,
+                 acl: str | None = None, cache_control: str | None = None,
+                 multipart_threshold: int = PART_SIZE, part_size: int = PART_SIZE,
+                 part_concurrency: int = PART_CONCURRENCY, attempts: int = 5,
+                 backoff: float = 0.05, sleep: Callable[[float], None] = time.sleep) -> None:
+        super().__init__(client, bucket=bucket, prefix=prefix)
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.acl = acl or None
+        self.cache_control = cache_control or None
+        self.multipart_threshold = max(multipart_threshold, 1)
+        self.part_size = part_size
+        self.part_concurrency = max(part_concurrency, 1)
+        self.attempts = max(attempts, 1)
+        self.backoff = backoff
+        self.sleep = sleep
+
+    def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
+        return self._create(key, content_type)
+
+    def url(self, key: str) -> str:
+        path = quote(self._name(key), safe="/-_.~")
+        if self.base_url:
+            return f"{self.base_url}/{path}"
+        endpoint = str(self.client.meta.endpoint_url).rstrip("/")
+        style = (self.client.meta.config.s3 or {}).get("addressing_style") or "auto"
+        parts = urlsplit(endpoint)
+        aws = (parts.hostname or "").endswith(".amazonaws.com")
+        if style == "virtual" or (style == "auto" and aws and "." not in self.bucket):
+            return f"{parts.scheme}://{self.bucket}.{parts.netloc}/{path}"
+        return f"{endpoint}/{quote(self.bucket)}/{path}"
+
+    # -- the conditional create ----------------------------------------------------------
+    @contextmanager
+    def _create(self, key: str, content_type: str) -> Iterator[BinaryIO]:
+        name = self._name(key)
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX) as spool:
+            yield cast(BinaryIO, spool)
+            size = spool.seek(0, 2)
+            digest = _sha256_of(spool)
+            extra: dict[str, Any] = {"ContentType": content_type,
+                                     "Metadata": {"sha256": digest.hex()}}
+            if self.cache_control:
+                extra["CacheControl"] = self.cache_control
+            if self.acl:
+                extra["ACL"] = self.acl
+            if size <= self.multipart_threshold:
+                self._put(name, spool, _b64(digest), extra)
+            else:
+                self._multipart(key, name, spool, size, extra)
+            log.debug("created s3://%s/%s (%d bytes)", self.bucket, name, size)
+
+    def _put(self, name: str, spool: IO[bytes], checksum: str, extra: dict[str, Any]) -> None:
+        def put() -> None:
+            spool.seek(0)
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=spool, IfNoneMatch="*",
+                                   ChecksumSHA256=checksum, **extra)
+
+        self._conditional(name, put)
+
+    def _multipart(self, key: str, name: str, spool: IO[bytes], size: int,
+                   extra: dict[str, Any]) -> None:
+        if self.exists(key):  # cheap; spares re-sending a large document that is there
+            raise ObjectExistsError(f"s3://{self.bucket}/{name}")
+        try:
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=name, ChecksumAlgorithm="SHA256", **extra)["UploadId"]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, f"start uploading {name}") from exc
+        try:
+            parts = self._parts(name, upload_id, spool, size)
+            self._conditional(name, lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=name, UploadId=upload_id,
+                MultipartUpload={"Parts": parts}, IfNoneMatch="*"))
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=name,
+                                                   UploadId=upload_id)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("could not abort the multipart upload of s3://%s/%s: %s",
+                            self.bucket, name, exc)
+            raise
+
+    def _parts(self, name: str, upload_id: str, spool: IO[bytes],
+               size: int) -> list[dict[str, Any]]:
+        """Upload the parts, ``part_concurrency`` at a time. Each part is sent
+        from the spool file itself (a window read with pread), so memory does
+        not grow with the part size or the number of parts in flight."""
+        spool.flush()
+        fd = spool.fileno()  # a SpooledTemporaryFile rolls over to disk here
+        slices = [(number, start, min(self.part_size, size - start))
+                  for number, start in enumerate(range(0, size, self.part_size), start=1)]
+        with ThreadPoolExecutor(max_workers=self.part_concurrency,
+                                thread_name_prefix="s3-part") as pool:
+            futures = [pool.submit(self._part, name, upload_id, number, fd, start, length)
+                       for number, start, length in slices]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    def _part(self, name: str, upload_id: str, number: int, fd: int, start: int,
+              length: int) -> dict[str, Any]:
+        body = _FileSlice(fd, start, length)
+        checksum = _b64(_sha256_of(body))
+        try:
+            response = self.client.upload_part(
+                Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number,
+                Body=body, ChecksumSHA256=checksum)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, f"upload part {number} of {name}") from exc
+        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
+
+    def _conditional(self, name: str, call: Callable[[], object]) -> None:
+        """Run a conditional create. 412: ObjectExistsError. 409 (a concurrent
+        conditional write), throttling, 5xx and network errors: retried with
+        full-jitter backoff, on top of botocore's own retries."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                call()
+                return
+            except ClientError as exc:
+                if _code(exc) == "PreconditionFailed" or _status(exc) == 412:
+                    raise ObjectExistsError(f"s3://{self.bucket}/{name}") from None
+                retry = (_code(exc) == "ConditionalRequestConflict" or _status(exc) == 409
+                         or _transient(exc))
+                if not retry or attempt == self.attempts:
+                    raise self._error(exc, f"publish {name}") from exc
+                reason = _code(exc) or str(_status(exc))
+            except _NETWORK as exc:
+                if attempt == self.attempts:
+                    raise self._error(exc, f"publish {name}") from exc
+                reason = type(exc).__name__
+            except BotoCoreError as exc:
+                raise self._error(exc, f"publish {name}") from exc
+            delay = random.uniform(0, self.backoff * 2 ** attempt)
+            log.warning("S3 %s creating s3://%s/%s; retry %d of %d in %.2f s", reason,
+                        self.bucket, name, attempt, self.attempts - 1, delay)
+            self.sleep(delay)
