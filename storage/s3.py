@@ -414,6 +414,10 @@ class S3PublicTarget(_S3Location, PublicTarget):
             except ClientError as exc:
                 if _code(exc) == "PreconditionFailed" or _status(exc) == 412:
                     raise ObjectExistsError(f"s3://{self.bucket}/{name}") from None
+                if _code(exc) == "NoSuchUpload" and attempt > 1:
+                    # a retried CompleteMultipartUpload whose first try went
+                    # through: the caller's read-back decides, as for a 412
+                    raise ObjectExistsError(f"s3://{self.bucket}/{name}") from None
                 retry = (_code(exc) == "ConditionalRequestConflict" or _status(exc) == 409
                          or _transient(exc))
                 if not retry or attempt == self.attempts:
