@@ -94,6 +94,9 @@ def _optional_text(value: Any) -> str | None:
 
 def _zone(value: Any) -> str:
     name = _text(value)
+    if name in ("localtime", "posixrules"):
+        raise ValueError(f"{name!r} means this machine's zone; give an IANA name such as "
+                         "Europe/London")
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -226,7 +229,7 @@ class Settings:
     def _under_data(self, key: str, default: str) -> Path:
         text = self.values[key]
         path = Path(text).expanduser() if text else self.data_dir / default
-        return path if path.is_absolute() else Path.cwd() / path
+        return path if path.is_absolute() else self.data_dir / path
 
     @property
     def database_url(self) -> str:
@@ -255,6 +258,8 @@ class Settings:
             value = self.values[f.key]
             if f.secret and value:
                 value = "(set)"
+            elif f.key == "database.url" and value:
+                value = _mask_url(value)
             elif isinstance(value, timedelta):
                 value = str(value)
             shown[f.key] = value

@@ -93,10 +93,10 @@ def _service(settings: Settings) -> tuple[Services, ReleaseService]:
 def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
     spec = load_manifest(Path(args.manifest), publish_on=args.publish_on, at=args.at,
                          zone=args.zone, copies_at=args.copies_at)
-    for warning in spec.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     _, service = _service(settings)
     release = service.queue(spec, progress=ProgressBar())
+    for warning in spec.warnings:  # after success: a failed queue prints one line
+        print(f"warning: {warning}", file=sys.stderr)
     print(release.id)
     print(f"queued \"{release.title}\": {len(release.documents)} documents sealed, "
           f"{len(release.recipients)} recipients; publishes {embargo_of(release).describe()}",
@@ -113,6 +113,10 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     releases = service.all_releases()
     facts = [release_facts(r, now) for r in releases]
     if args.json:
+        for release, fact in zip(releases, facts, strict=True):
+            fact["documents"] = [{"id": d.id, "name": d.filename, "kind": d.kind,
+                                  "organisation": d.organisation, "size": d.size,
+                                  "sha256": d.sha256} for d in release.documents]
         _json(facts)
         return 0
     if not releases:

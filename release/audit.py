@@ -15,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from release.records import AuditEvent, AuditHead
@@ -45,16 +47,15 @@ def record(session: Session, *, action: str, actor: str, at: datetime,
            release_id: str | None = None, details: Mapping[str, Any] | None = None) -> AuditEvent:
     """Append one event in the caller's transaction (so the event and the
     change it describes commit together, or neither does)."""
-    head = session.execute(
-        update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)
-        .returning(AuditHead.seq, AuditHead.hash)
-    ).first()
-    if head is None:
-        session.add(AuditHead(id=1, seq=1, hash=GENESIS))
-        session.flush()
-        seq, prev = 1, GENESIS
-    else:
-        seq, prev = head
+    bump = (update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)
+            .returning(AuditHead.seq, AuditHead.hash))
+    head = session.execute(bump).first()
+    if head is None:  # the very first event: create the head, race-free
+        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        session.execute(insert(AuditHead).values(id=1, seq=0, hash=GENESIS)
+                        .on_conflict_do_nothing(index_elements=["id"]))
+        head = session.execute(bump).one()
+    seq, prev = head
     text = json.dumps(dict(details or {}), sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False, default=str)
     digest = _digest(seq, at, actor, action, release_id, text, prev)

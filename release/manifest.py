@@ -17,6 +17,7 @@ TOP_KEYS = {"title", "publish_on", "at", "zone", "owner", "copies_at", "document
 DOCUMENT_KEYS = {"path", "kind", "organisation", "name", "content_type"}
 RECIPIENT_KEYS = {"name", "email", "organisation"}
 KINDS = ("report", "letter")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ].+")
 _EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
                     r"[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
 
@@ -186,7 +187,10 @@ def load_manifest(path: Path, *, publish_on: str | None = None, at: str | None =
     )
     return ReleaseSpec(
         title=title, publish_on=when,
-        at=at or _text(table, "at", where, required=False),
+        # A timestamp on the command line carries its own time of day: the
+        # file's `at` belongs to the file's date, not to it.
+        at=at or (None if publish_on and _TIMESTAMP.match(publish_on.strip())
+                  else _text(table, "at", where, required=False)),
         zone=zone or _text(table, "zone", where, required=False),
         owner=owner,
         copies_at=copies_at or _text(table, "copies_at", where, required=False),

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -72,7 +73,7 @@ class Release(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    lateness_ms: Mapped[float | None] = mapped_column()
+    lateness_ms: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str | None] = mapped_column(Text)
     # Pre-embargo copies: when they go (always before ``instant``), and when
@@ -201,7 +202,7 @@ class Node(Base):
     name: Mapped[str] = mapped_column(String(120), primary_key=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    skew_ms: Mapped[float | None] = mapped_column()
+    skew_ms: Mapped[float | None] = mapped_column(Float)
     clock_ok: Mapped[bool] = mapped_column(default=True)
     doing: Mapped[str | None] = mapped_column(Text)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

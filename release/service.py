@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from config.errors import InputError, NotFoundError, StateError
 from release import audit, copies, sealing, timerules
@@ -154,9 +154,13 @@ class ReleaseService:
     def get(self, release_id: str) -> Release:
         with transaction(self.sessions) as session:
             release = session.get(Release, release_id)
-            if release is None:
-                release = session.scalars(select(Release).where(
-                    Release.id.like(f"{release_id}%"))).first() if len(release_id) >= 6 else None
+            if release is None and len(release_id) >= 6:
+                matches = list(session.scalars(select(Release).where(
+                    Release.id.startswith(release_id, autoescape=True)).limit(2)))
+                if len(matches) > 1:
+                    raise InputError(f"{release_id!r} matches more than one release; give more "
+                                     "of the id (see `embargo list`)")
+                release = matches[0] if matches else None
             if release is None:
                 raise NotFoundError(f"no release {release_id!r} (see `embargo list`)")
             release.documents  # noqa: B018 - load while the session is open
@@ -165,7 +169,9 @@ class ReleaseService:
 
     def all_releases(self) -> list[Release]:
         with transaction(self.sessions) as session:
-            return list(session.scalars(select(Release).order_by(Release.instant)))
+            return list(session.scalars(select(Release).options(
+                selectinload(Release.documents), selectinload(Release.recipients))
+                .order_by(Release.instant)))
 
     def outbox(self, release_id: str) -> list[OutboxMessage]:
         with transaction(self.sessions) as session:
@@ -198,6 +204,11 @@ class ReleaseService:
             if not changed:
                 current = session.get(Release, release.id)
                 state = current.state if current else "gone"
+                if state == CANCELLED and self.s.vault.exists(dek_key(release.id)):
+                    # An earlier cancel committed but could not delete the key.
+                    self.s.vault.delete(dek_key(release.id))
+                    raise StateError(f"release {release.id} was already cancelled; its data "
+                                     "key, left behind then, is now destroyed")
                 raise StateError(f"release {release.id} is {state}; only a queued or failed "
                                  "release can be cancelled")
             current = session.get(Release, release.id)

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import CursorResult, Result, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.errors import ConfigError, StorageError
@@ -71,7 +71,7 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     try:
         with session.begin():
             yield session
-    except OperationalError as exc:
+    except DBAPIError as exc:
         raise StorageError(f"database error: {exc.orig}") from exc
     finally:
         session.close()

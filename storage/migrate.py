@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -13,6 +14,9 @@ from sqlalchemy import Engine, inspect
 from config.errors import StorageError
 
 SCRIPTS = Path(__file__).with_name("migrations")
+# Alembic's command API keeps module-level state: one upgrade per process at
+# a time. Across processes the database lock in env.py orders them.
+_LOCK = threading.Lock()
 
 
 def _config() -> Config:
@@ -37,12 +41,13 @@ def upgrade(engine: Engine, revision: str = "head") -> str:
     """Bring the schema to ``revision``; safe to call from several processes
     at once. Returns the revision the database is at afterwards. A database
     that holds tables but no revision (not made by Embargo) is refused."""
-    if current(engine) is None and inspect(engine).get_table_names():
-        names = ", ".join(sorted(inspect(engine).get_table_names())[:5])
+    tables = inspect(engine).get_table_names()
+    if tables and "alembic_version" not in tables:
+        names = ", ".join(sorted(tables)[:5])
         raise StorageError(f"the database has tables ({names}…) but no Embargo schema "
                            "revision; use an empty database")
     config = _config()
-    with engine.begin() as connection:
+    with _LOCK, engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
     after = current(engine)

@@ -17,6 +17,8 @@ from release import keys as keyfile
 from release.clock import Clock
 from release.service import ReleaseService, Services
 
+pytest_plugins = ["tests.s3server"]
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SEED_INSTANT = datetime(2014, 9, 3, 23, 1, tzinfo=UTC)  # 00:01 BST Thursday 4 September 2014
 MARKER = "EMBARGO-PLAINTEXT-MARKER-7f3a"
@@ -114,7 +116,7 @@ def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "postgres: needs the PostgreSQL on 127.0.0.1:5432")
 
 
-PG_ADMIN_URL = os.environ.get("EMBARGO_TEST_PG",
+PG_ADMIN_URL = os.environ.get("PG_TEST_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
