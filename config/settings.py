@@ -201,6 +201,8 @@ FIELDS: tuple[Field, ...] = (
           help="how often a node measures its clock against the database server"),
     Field(key="scheduler.workers", default=16, check=_number(1, 512, int),
           help="threads that run jobs; releases due together do not wait for each other"),
+    Field(key="scheduler.publish_workers", default=4, check=_number(1, 64, int),
+          help="documents of one release written to the public location at once"),
     Field(key="scheduler.lead_seconds", default=0.5, check=_number(0, 10),
           help="the job wakes this early, prepares, then waits for the exact instant"),
     Field(key="testing.clock_offset_ms", default=0.0, check=_number(-86_400_000, 86_400_000),

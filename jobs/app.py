@@ -68,7 +68,8 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     private_key = load_private_key(settings.keys_dir)
     name = node_name()
     lease = timedelta(seconds=settings["scheduler.lease_seconds"])
-    publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop)
+    publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop,
+                          workers=settings["scheduler.publish_workers"])
     relay = OutboxRelay(services, make_transport(settings), sender=settings["mail.sender"],
                         worker=name, max_attempts=settings["mail.max_attempts"],
                         opener=DocumentOpener(services, private_key))

@@ -318,7 +318,17 @@ def cmd_db_current(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    return run_demo(settings, seconds=args.seconds)
+    if args.storage == "s3":
+        bucket = args.bucket
+        settings = load_settings(config_file=args.config, overrides={
+            "data_dir": args.data_dir,
+            "storage.vault": f"s3://{bucket}-vault/vault",
+            "storage.public": f"s3://{bucket}-public/releases",
+            "s3.endpoint_url": args.endpoint_url,
+            "s3.addressing_style": "path" if args.endpoint_url else None})
+    elif args.endpoint_url:
+        raise InputError("--endpoint-url goes with --storage s3")
+    return run_demo(settings, seconds=args.seconds, create_buckets=args.storage == "s3")
 
 
 # -- parser ---------------------------------------------------------------------------
@@ -406,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="queue and publish a demo release, start to finish")
     demo.add_argument("--seconds", type=int, default=10, help="embargo this far ahead")
+    demo.add_argument("--storage", choices=("folder", "s3"), default="folder",
+                      help="where the vault and the public documents go (default: folders)")
+    demo.add_argument("--endpoint-url", metavar="URL",
+                      help="an S3-compatible server, e.g. http://127.0.0.1:9000 (default: AWS)")
+    demo.add_argument("--bucket", default="embargo-demo", metavar="NAME",
+                      help="with --storage s3: buckets NAME-vault and NAME-public, "
+                           "created if missing")
     demo.set_defaults(func=cmd_demo)
     return parser
 

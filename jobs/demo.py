@@ -112,13 +112,22 @@ def write_bundle(folder: Path) -> Path:
     return manifest
 
 
-def run_demo(settings: Settings, *, seconds: int = 10) -> int:
+def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = False) -> int:
 
     out = sys.stdout
     if not (settings.keys_dir / keyfile.PRIVATE_NAME).exists():
         keyfile.init_keys(settings.keys_dir)
         print(f"created a publisher key pair in {settings.keys_dir}", file=out)
-    services = build_services(settings)
+    if create_buckets:
+        from storage.s3 import ensure_bucket, make_client
+
+        client = make_client(settings)
+        for location in (settings.vault, settings.public):
+            if ensure_bucket(client, location.bucket):
+                print(f"created bucket {location.bucket}", file=out)
+        services = build_services(settings, s3_client=client)
+    else:
+        services = build_services(settings)
     service = ReleaseService(services, actor="demo")
     manifest = write_bundle(settings.data_dir / "demo-bundle")
     now = services.clock.now()

@@ -80,6 +80,29 @@ def make_client(settings: Settings) -> Any:
         raise ConfigError(f"cannot set up the S3 client: {exc}") from exc
 
 
+def ensure_bucket(client: Any, bucket: str) -> bool:
+    """Create ``bucket`` if it does not exist (for the demo and first set-up;
+    the service itself never creates buckets). Returns True if it created it."""
+    try:
+        client.head_bucket(Bucket=bucket)
+        return False
+    except ClientError as exc:
+        if _status(exc) != 404 and _code(exc) not in ("NoSuchBucket", "404", "NotFound"):
+            raise StorageError(f"cannot use bucket {bucket}: {_problem(exc, bucket)}") from None
+    except (BotoCoreError, *_NETWORK) as exc:
+        raise StorageError(f"cannot use bucket {bucket}: {_problem(exc, bucket)}") from None
+    region = client.meta.region_name
+    extra = ({"CreateBucketConfiguration": {"LocationConstraint": region}}
+             if region and region != "us-east-1" else {})
+    try:
+        client.create_bucket(Bucket=bucket, **extra)
+    except ClientError as exc:
+        if _code(exc) not in ("BucketAlreadyOwnedByYou",):
+            raise StorageError(f"cannot create bucket {bucket}: {_problem(exc, bucket)}") from None
+        return False
+    return True
+
+
 # -- errors --------------------------------------------------------------------------
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
