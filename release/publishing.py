@@ -177,7 +177,7 @@ class Publisher:
                 futures = [pool.submit(self._publish_one, keeper, release_id, slug, instant,
                                        dek, document) for document in pending]
                 for future in as_completed(futures):
-                    if future.exception() is not None:
+                    if not future.cancelled() and future.exception() is not None:
                         for other in futures:
                             other.cancel()
                 for future in futures:  # the first failure, in document order
