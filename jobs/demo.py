@@ -167,7 +167,9 @@ def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = Fa
         interrupted = stopper.event.is_set()
         scheduler.shutdown()
     if interrupted:
-        print("demo stopped before it finished", file=sys.stderr)
+        print(f"demo stopped before it finished; {release.id} stays queued, and the next "
+              "`embargo run` (or demo) publishes it, late, or `embargo cancel` withdraws it",
+              file=sys.stderr)
         return 130
     release = service.get(release.id)
     if release.state != PUBLISHED:

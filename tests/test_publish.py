@@ -1,18 +1,26 @@
 """The publication side: never early, on time, late rather than never,
 exactly once. The embargo instant is the seed's: 00:01 BST Thursday
-4 September 2014, i.e. 2014-09-03T23:01:00Z."""
+4 September 2014, i.e. 2014-09-03T23:01:00Z.
+
+Tests marked ``BOTH_BACKENDS`` run twice: with the vault and the public
+target in local folders, and in two buckets on the S3 test server (moto's
+server mode, see tests/s3server.py), publisher children included. What is
+public is always read back from the store itself."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from freezegun import freeze_time
@@ -24,15 +32,82 @@ from jobs.mail import FileMailTransport
 from jobs.relay import OutboxRelay
 from jobs.scheduler import EmbargoScheduler
 from release.clock import Clock
-from release.keys import load_private_key
+from release.keys import init_keys, load_private_key
 from release.manifest import load_manifest
 from release.publishing import Publisher
 from release.records import PUBLISHED, OutboxMessage, Release
 from release.service import ReleaseService, Services
 from tests.conftest import MARKER, SEED_INSTANT, FakeClock, write_bundle
+from tests.s3server import REGION, client_for
+
+if TYPE_CHECKING:
+    from tests.s3server import Buckets
 
 ROOT = Path(__file__).resolve().parent.parent
 JUST_BEFORE = SEED_INSTANT - timedelta(microseconds=1)
+CACHE_CONTROL = "public, max-age=300"  # the s3.cache_control default
+BOTH_BACKENDS = pytest.mark.parametrize("backend", ["folder", "s3"], indirect=True)
+
+
+# -- where the vault and the public target live ----------------------------------------
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """``folder`` (the embedded default), or ``s3`` for tests marked BOTH_BACKENDS."""
+    return str(getattr(request, "param", "folder"))
+
+
+@pytest.fixture
+def storage_overrides(backend: str, request: pytest.FixtureRequest,
+                      monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """The settings that put the vault and the public target on ``backend``.
+    For S3: two fresh buckets on the test server, and credentials only from
+    the environment, as in production (children inherit them)."""
+    if backend == "folder":
+        return {}
+    endpoint: str = request.getfixturevalue("s3_server")
+    buckets: Buckets = request.getfixturevalue("s3_buckets")
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return {"storage.vault": f"s3://{buckets.vault}/vault",
+            "storage.public": f"s3://{buckets.public}/releases",
+            "s3.endpoint_url": endpoint, "s3.addressing_style": "path", "s3.region": REGION}
+
+
+def make_settings(data_dir: Path, storage_overrides: dict[str, str], **overrides: str) -> Settings:
+    settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
+                                                    **storage_overrides, **overrides})
+    kind = "s3" if storage_overrides else "folder"
+    assert settings.vault.kind == settings.public.kind == kind
+    init_keys(settings.keys_dir)
+    return settings
+
+
+@pytest.fixture
+def settings(data_dir: Path, storage_overrides: dict[str, str]) -> Settings:
+    return make_settings(data_dir, storage_overrides)
+
+
+@functools.cache
+def _reader(endpoint: str) -> Any:
+    """A client of the test's own, apart from the one the services use."""
+    return client_for(endpoint)
+
+
+def bucket_objects(settings: Settings, bucket: str) -> dict[str, bytes]:
+    """Every object in ``bucket``, listed and fetched through boto3."""
+    client = _reader(settings["s3.endpoint_url"])
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", ()):
+            body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"]
+            objects[str(item["Key"])] = body.read()
+    return objects
 
 
 def queue_seed(services: Services, bundle: Path, **kw: str) -> Release:
@@ -42,12 +117,30 @@ def queue_seed(services: Services, bundle: Path, **kw: str) -> Release:
 
 
 def public_files(settings: Settings) -> dict[str, bytes]:
-    root = settings.public.path
+    """What the public can read, as {key under the public location: bytes},
+    read from the store: the folder, or the public bucket through boto3."""
+    location = settings.public
+    if location.kind == "s3":
+        assert not (settings.data_dir / "public").exists()  # no fallback to a folder
+        objects = bucket_objects(settings, location.bucket)
+        assert all(key.startswith(location.prefix) for key in objects), sorted(objects)
+        return {key.removeprefix(location.prefix): data for key, data in objects.items()}
+    root = location.path
     assert root is not None
     if not root.exists():
         return {}
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
             if p.is_file() and ".staging" not in p.parts}
+
+
+def public_url(settings: Settings, key: str) -> str:
+    """Where the public reads ``key``: a file: URL, or the object's
+    path-style URL on the S3 endpoint (no public_base_url is set)."""
+    location = settings.public
+    if location.kind == "s3":
+        return f"{settings['s3.endpoint_url']}/{location.bucket}/{location.prefix}{key}"
+    assert location.path is not None
+    return (location.path / key).resolve().as_uri()
 
 
 def outbox_rows(services: Services) -> list[OutboxMessage]:
@@ -65,13 +158,21 @@ def check_published(settings: Settings, services: Services, release_id: str) -> 
     assert release.state == PUBLISHED
     files = public_files(settings)
     for doc in release.documents:
-        data = files[f"{release.slug}/{doc.filename}"]
+        key = f"{release.slug}/{doc.filename}"
+        data = files[key]
         assert hashlib.sha256(data).hexdigest() == doc.sha256
-        assert doc.published_at is not None and doc.public_url
+        assert doc.published_at is not None
+        assert doc.public_url == public_url(settings, key)
+        if settings.public.kind == "s3":
+            head = _reader(settings["s3.endpoint_url"]).head_object(
+                Bucket=settings.public.bucket, Key=settings.public.prefix + key)
+            assert head["ContentType"] == doc.content_type
+            assert head["CacheControl"] == CACHE_CONTROL
     manifest = json.loads(files[f"{release.slug}/manifest.json"])
     assert manifest["embargo"]["utc"] == "2014-09-03T23:01:00Z" or release.instant != SEED_INSTANT
     assert [d["name"] for d in manifest["documents"]] == [d.filename for d in release.documents]
     assert [d["sha256"] for d in manifest["documents"]] == [d.sha256 for d in release.documents]
+    assert [d["url"] for d in manifest["documents"]] == [d.public_url for d in release.documents]
     assert len(files) == len(release.documents) + 1
     rows = [r for r in outbox_rows(services) if r.release_id == release_id]
     assert sorted(r.to_addr for r in rows) == sorted(
@@ -85,6 +186,7 @@ def publisher(settings: Settings, services: Services) -> Publisher:
 
 
 # -- never early, called directly ----------------------------------------------------
+@BOTH_BACKENDS
 def test_seed_instant_direct(settings: Settings, services: Services, publisher: Publisher,
                              bundle: Path) -> None:
     release = queue_seed(services, bundle)
@@ -124,6 +226,7 @@ def test_too_early_by_clock_is_refused_even_inside_the_wait(
 
 
 # -- never early, through a live scheduler -------------------------------------------
+@BOTH_BACKENDS
 def test_seed_instant_live_scheduler(settings: Settings, services: Services,
                                      publisher: Publisher, bundle: Path) -> None:
     release = queue_seed(services, bundle)
@@ -182,6 +285,7 @@ def test_real_time_publication_within_100ms(settings: Settings, services: Servic
 
 
 # -- late rather than never ---------------------------------------------------------------
+@BOTH_BACKENDS
 def test_restart_across_the_instant(settings: Settings, services: Services,
                                     publisher: Publisher, bundle: Path) -> None:
     release = queue_seed(services, bundle)
@@ -209,14 +313,22 @@ def test_restart_across_the_instant(settings: Settings, services: Services,
 
 
 # -- crash injection ----------------------------------------------------------------------
-def run_child(settings: Settings, release_id: str, name: str, *extra: str,
-              db_url: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tests.publisher_child", str(settings.data_dir),
-         db_url or settings.database_url, release_id, name, *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=60)
+def child_command(settings: Settings, release_id: str, name: str, *extra: str) -> list[str]:
+    """``python -m tests.publisher_child`` with the test's own settings: every
+    one the test gave on the command line goes to the child the same way."""
+    given = [f"--setting={key}={settings[key]}" for key, source in settings.sources.items()
+             if source == "command line" and key not in ("data_dir", "database.url")]
+    return [sys.executable, "-m", "tests.publisher_child", str(settings.data_dir),
+            settings.database_url, release_id, name, *given, *extra]
 
 
+def run_child(settings: Settings, release_id: str, name: str,
+              *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(child_command(settings, release_id, name, *extra),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+@BOTH_BACKENDS
 @pytest.mark.parametrize("kill_point", ["after", "before-checkpoint"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_crash_after_k_documents_then_resume(settings: Settings, services: Services,
@@ -237,8 +349,9 @@ def test_crash_after_k_documents_then_resume(settings: Settings, services: Servi
                         load_private_key(settings.keys_dir), claimant="survivor")
     assert resumed.publish(release.id).status == "published"
     check_published(settings, services, release.id)
+    final = public_files(settings)
     for name, data in partial.items():  # nothing rewritten
-        assert public_files(settings)[name] == data
+        assert final[name] == data
     relay = OutboxRelay(dataclasses.replace(services, clock=later),
                         FileMailTransport(settings.outbox_dir), sender="e@x.example",
                         worker="relay")
@@ -259,13 +372,19 @@ def test_resume_is_refused_while_the_lease_holds(settings: Settings, services: S
 
 
 # -- racing publishers ----------------------------------------------------------------------
-def race(settings: Settings, services: Services, bundle: Path, db_url: str) -> None:
+def race(settings: Settings, services: Services, bundle: Path) -> None:
     release = queue_seed(services, bundle)
-    start = time.time() + 1.5
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "tests.publisher_child", str(settings.data_dir), db_url,
-         release.id, f"racer-{i}", "--start-at", str(start)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen(child_command(settings, release.id, f"racer-{i}", "--gate"),
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:  # both are ready to publish (services built), then go together
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n", \
+            proc.communicate(timeout=60)
+    start = time.time() + 0.2
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start}\n")
+        proc.stdin.flush()
     results = [p.communicate(timeout=60) for p in procs]
     statuses = sorted(out.strip() for out, _ in results)
     assert statuses in (["not_ours", "published"], ["inactive", "published"]), results
@@ -274,26 +393,26 @@ def race(settings: Settings, services: Services, bundle: Path, db_url: str) -> N
     assert events.count("release_published") == 1
 
 
+@BOTH_BACKENDS
 def test_two_publishers_race_sqlite(settings: Settings, services: Services,
                                     bundle: Path) -> None:
-    race(settings, services, bundle, settings.database_url)
+    race(settings, services, bundle)
 
 
+@BOTH_BACKENDS
 @pytest.mark.postgres
-def test_two_publishers_race_postgres(data_dir: Path, bundle: Path, pg_url: str) -> None:
-    settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
-                                                    "database.url": pg_url})
-    from release.keys import init_keys
-
-    init_keys(settings.keys_dir)
+def test_two_publishers_race_postgres(data_dir: Path, bundle: Path, pg_url: str,
+                                      storage_overrides: dict[str, str]) -> None:
+    settings = make_settings(data_dir, storage_overrides, **{"database.url": pg_url})
     services = build_services(settings)
     try:
-        race(settings, services, bundle, pg_url)
+        race(settings, services, bundle)
     finally:
         services.engine.dispose()
 
 
 # -- no plaintext before, every byte after ------------------------------------------------
+@BOTH_BACKENDS
 def test_public_target_holds_no_plaintext_before(settings: Settings, services: Services,
                                                  publisher: Publisher, bundle: Path) -> None:
     release = queue_seed(services, bundle)
@@ -302,6 +421,12 @@ def test_public_target_holds_no_plaintext_before(settings: Settings, services: S
     for path in settings.data_dir.rglob("*"):
         if path.is_file():
             assert MARKER.encode() not in path.read_bytes(), path
+    if settings.vault.kind == "s3":
+        sealed = bucket_objects(settings, settings.vault.bucket)
+        assert len(sealed) == len(release.documents) + 1  # the documents and the sealed key
+        for bucket in (settings.vault.bucket, settings.public.bucket):
+            for key, data in bucket_objects(settings, bucket).items():
+                assert MARKER.encode() not in data, (bucket, key)
     with freeze_time(SEED_INSTANT):
         publisher.publish(release.id)
     assert any(MARKER.encode() in data for data in public_files(settings).values())
