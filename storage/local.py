@@ -55,6 +55,16 @@ def _staged(root: Path, target: Path, *, create_only: bool) -> Iterator[BinaryIO
         tmp.unlink(missing_ok=True)
 
 
+def _prune(folder: Path, root: Path) -> None:
+    """Remove ``folder`` and its parents up to ``root`` while they are empty."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): stop
+            return
+        folder = folder.parent
+
+
 @contextmanager
 def _open(path: Path, key: str) -> Iterator[BinaryIO]:
     try:
@@ -85,7 +95,9 @@ class LocalVault(Vault):
         return _open(_safe_path(self.root, key), key)
 
     def delete(self, key: str) -> None:
-        _safe_path(self.root, key).unlink(missing_ok=True)
+        path = _safe_path(self.root, key)
+        path.unlink(missing_ok=True)
+        _prune(path.parent, self.root)
 
     def exists(self, key: str) -> bool:
         return _safe_path(self.root, key).is_file()

@@ -63,6 +63,9 @@ def assert_nothing_left(services: Services, settings: Settings) -> None:
             assert conn.execute(text(f"select count(*) from {table}")).scalar_one() == 0, table
     assert list(services.vault.keys()) == []
     assert vault_files(settings) == []
+    assert settings.vault.path is not None
+    releases = settings.vault.path / "releases"
+    assert not releases.exists() or list(releases.iterdir()) == []  # no empty folders either
     assert ReleaseService(services, actor="x").verify_audit().ok
 
 
