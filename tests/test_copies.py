@@ -33,8 +33,7 @@ from release.manifest import load_manifest
 from release.marking import text_pdf
 from release.records import Copy, OutboxMessage
 from release.service import ReleaseService, Services
-from tests.conftest import SEED_INSTANT, FakeClock, write_bundle
-from tests.test_notify import Inbox, free_port
+from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 JUST_BEFORE = SEED_INSTANT - timedelta(microseconds=1)

@@ -31,8 +31,7 @@ from release.records import PUBLISHED, AuditEvent, Base, Release
 from release.service import ReleaseService, Services, dek_key, document_key
 from storage import migrate
 from storage.db import make_engine
-from tests.conftest import write_bundle
-from tests.test_notify import Inbox, free_port
+from tests.conftest import Inbox, free_port, wait_until, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,15 +112,6 @@ def queue_at(services: Services, folder: Path, instant: datetime, letters: int =
     manifest = write_bundle(folder, letters=letters)
     return ReleaseService(services, actor="comms").queue(
         load_manifest(manifest, publish_on=instant.isoformat()))
-
-
-def wait_until(predicate: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def states(services: Services) -> dict[str, str]:

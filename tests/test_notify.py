@@ -4,13 +4,9 @@ loopback port, first down, then up."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 from collections.abc import Iterator
 from datetime import timedelta
-from email import message_from_bytes
-from email.message import Message
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -23,24 +19,8 @@ from release.keys import load_private_key
 from release.publishing import Publisher
 from release.records import OutboxMessage
 from release.service import Services
-from tests.conftest import SEED_INSTANT, FakeClock
+from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port
 from tests.test_publish import queue_seed
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(message_from_bytes(envelope.content))
-        return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

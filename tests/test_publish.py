@@ -102,7 +102,7 @@ def _reader(endpoint: str) -> Any:
 def bucket_objects(settings: Settings, bucket: str) -> dict[str, bytes]:
     """Every object in ``bucket``, listed and fetched through boto3."""
     client = _reader(settings["s3.endpoint_url"])
-    objects = {}
+    objects: dict[str, bytes] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", ()):
             body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"]
@@ -121,7 +121,8 @@ def public_files(settings: Settings) -> dict[str, bytes]:
     read from the store: the folder, or the public bucket through boto3."""
     location = settings.public
     if location.kind == "s3":
-        assert not (settings.data_dir / "public").exists()  # no fallback to a folder
+        for fallback in ("vault", "public"):  # nothing went to the embedded default
+            assert not (settings.data_dir / fallback).exists()
         objects = bucket_objects(settings, location.bucket)
         assert all(key.startswith(location.prefix) for key in objects), sorted(objects)
         return {key.removeprefix(location.prefix): data for key, data in objects.items()}

@@ -18,7 +18,7 @@ from config.settings import Settings
 from release.manifest import load_manifest
 from release.records import CANCELLED, PUBLISHED
 from release.service import ReleaseService, Services
-from tests.conftest import write_bundle
+from tests.conftest import wait_until, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,15 +42,6 @@ def runner(settings: Settings) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
-def wait_for(predicate: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_cancel_and_reschedule_reach_a_running_scheduler(
         settings: Settings, services: Services, runner: subprocess.Popen[str],
         tmp_path: Path) -> None:
@@ -69,7 +60,7 @@ def test_cancel_and_reschedule_reach_a_running_scheduler(
     public = settings.public.path
     assert public is not None
     assert not any(public.rglob("*.txt"))
-    assert wait_for(lambda: service.get(moved.id).state == PUBLISHED, 10)
+    assert wait_until(lambda: service.get(moved.id).state == PUBLISHED, 10)
     done = service.get(moved.id)
     assert done.started_at is not None and done.started_at >= new_instant
     assert service.get(doomed.id).state == CANCELLED
