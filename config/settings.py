@@ -208,6 +208,9 @@ FIELDS: tuple[Field, ...] = (
     Field(key="testing.clock_offset_ms", default=0.0, check=_number(-86_400_000, 86_400_000),
           help="shift this node's clock (rehearsals of clock trouble only; the skew check "
                "stops such a node from publishing)"),
+    Field(key="copies.cutoff", default="60s", check=parse_duration,
+          help="a pre-embargo copy must start this long before the embargo at the latest, "
+               "so none is still on its way at the instant"),
     Field(key="copies.max_lead", default="", check=_optional_duration,
           help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
 )

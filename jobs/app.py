@@ -38,6 +38,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         zone=settings["zone"],
         default_at=settings["default_at"],
         copies_max_lead=settings["copies.max_lead"],
+        copies_cutoff=settings["copies.cutoff"],
     )
     if create_schema and migrate.current(services.engine) != migrate.head():
         migrate.upgrade(services.engine)

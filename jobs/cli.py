@@ -104,6 +104,9 @@ def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
     if release.recipients and release.copies_at is not None:
         print(f"pre-embargo copies go {describe_instant(release.copies_at, release.zone)}",
               file=sys.stderr)
+    elif release.recipients:
+        print("no pre-embargo copies: the embargo is too close for them to arrive before it "
+              "(copies.cutoff)", file=sys.stderr)
     return 0
 
 

@@ -49,6 +49,7 @@ class Services:
     zone: str = "Europe/London"
     default_at: str = "00:01"
     copies_max_lead: timedelta | None = None
+    copies_cutoff: timedelta = timedelta(seconds=60)
 
     @property
     def sessions(self) -> sessionmaker[Session]:

@@ -36,14 +36,21 @@ def copy_message_id(release_id: str, copy_id: str, purpose: str = "copy") -> str
 
 
 def resolve_copies_at(text: str | None, *, embargo: timerules.Embargo, now: datetime,
-                      max_lead: timedelta | None) -> datetime:
-    """When the copies go. ``None`` means as soon as allowed: now, or
-    ``max_lead`` before the embargo if that is later. A local time is read in
-    the release's zone, with the same gap and fold rules as the embargo.
-    Raises InputError for a time at or after the embargo, or earlier than
-    ``max_lead`` allows."""
+                      max_lead: timedelta | None,
+                      cutoff: timedelta = timedelta(0)) -> datetime | None:
+    """When the copies go. ``None`` (the text) means as soon as allowed: now,
+    or ``max_lead`` before the embargo if that is later. A local time is read
+    in the release's zone, with the same gap and fold rules as the embargo.
+
+    A copy must *start* more than ``cutoff`` before the embargo, so that none
+    can still be on its way at the instant. Returns None when the default
+    time is already too close (no copies go). Raises InputError for an
+    explicit time at or after that, or earlier than ``max_lead`` allows."""
+    deadline = embargo.instant - cutoff
     if text is None:
         at = now if max_lead is None else max(now, embargo.instant - max_lead)
+        if at >= deadline:
+            return None
     else:
         match = re.fullmatch(r"\s*(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}(?::\d{2})?)\s*", text)
         if match:
@@ -54,6 +61,11 @@ def resolve_copies_at(text: str | None, *, embargo: timerules.Embargo, now: date
     if at >= embargo.instant:
         raise InputError(f"copies at {describe_instant(at, embargo.zone)} would not be before "
                          f"the embargo ({embargo.describe()}); copies must go before it")
+    if at >= deadline:
+        raise InputError(f"copies at {describe_instant(at, embargo.zone)} would be too close to "
+                         f"the embargo ({embargo.describe()}): they must start more than "
+                         f"{timerules.format_delta(cutoff)} before it, so that none is still "
+                         "on its way at the instant (copies.cutoff)")
     if max_lead is not None and embargo.instant - at > max_lead:
         raise InputError(f"copies at {describe_instant(at, embargo.zone)} would be more than "
                          f"{timerules.format_delta(max_lead)} before the embargo "
@@ -78,10 +90,11 @@ def issue_copies(services: Services, release_id: str, *, actor: str) -> int:
         if (release is None or release.state != QUEUED or release.copies_at is None
                 or release.copies_issued_at is not None or now < release.copies_at):
             return 0
-        if now >= release.instant:
+        if now >= release.instant - services.copies_cutoff:
             audit.record(session, action="copies_skipped", actor=actor, at=now,
                          release_id=release_id,
-                         details={"reason": "the embargo passed before the copies could go"})
+                         details={"reason": "the embargo was too close when the copies were "
+                                            "due to go"})
             release.copies_issued_at = now
             return 0
         won = affected(session.execute(
@@ -100,7 +113,8 @@ def issue_copies(services: Services, release_id: str, *, actor: str) -> int:
             session.add(OutboxMessage(
                 message_id=mid, release_id=release_id, recipient_id=recipient.id,
                 purpose="copy", to_addr=recipient.email, created_at=now, not_before=now,
-                not_after=release.instant, attempts=0, next_attempt_at=now))
+                not_after=release.instant - services.copies_cutoff, attempts=0,
+                next_attempt_at=now))
             issued += 1
         audit.record(session, action="copies_issued", actor=actor, at=now,
                      release_id=release_id, details={"copies": issued})
@@ -109,7 +123,7 @@ def issue_copies(services: Services, release_id: str, *, actor: str) -> int:
 
 
 def notify_copy_holders(session: Session, release: Release, *, purpose: str,
-                        now: datetime) -> int:
+                        now: datetime, cutoff: timedelta) -> int:
     """After a reschedule or cancellation: one notice to every officer who
     had a copy (or has one on its way), under an id unique to this change.
     Copies not yet delivered are stopped or re-timed."""
@@ -122,7 +136,7 @@ def notify_copy_holders(session: Session, release: Release, *, purpose: str,
             row.given_up_at = now
             row.last_error = "the release was cancelled before this copy was delivered"
         else:
-            row.not_after = release.instant
+            row.not_after = release.instant - cutoff
     told = 0
     waiting = {row.recipient_id for row in pending}
     for copy in copies:

@@ -72,7 +72,8 @@ class ReleaseService:
         now = self.s.clock.now()
         embargo = self.resolve_embargo(spec.publish_on, spec.at, spec.zone, now)
         copies_at = copies.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
-                                             max_lead=self.s.copies_max_lead)
+                                             max_lead=self.s.copies_max_lead,
+                                             cutoff=self.s.copies_cutoff)
         public_key = load_public_key(self.s.keys_dir)
         release_id = new_id("rel")
         written: list[str] = []
@@ -111,7 +112,7 @@ class ReleaseService:
                              release_id=release_id, details={
                                  "title": spec.title, "embargo": embargo.describe(),
                                  "instant": embargo.instant.isoformat(),
-                                 "copies_at": copies_at.isoformat(),
+                                 "copies_at": copies_at.isoformat() if copies_at else None,
                                  "documents": [{"id": d.id, "name": d.filename,
                                                 "sha256": d.sha256} for d in documents],
                                  "recipients": [r.email for r in spec.recipients]})
@@ -213,7 +214,8 @@ class ReleaseService:
                                  "release can be cancelled")
             current = session.get(Release, release.id)
             assert current is not None
-            told = copies.notify_copy_holders(session, current, purpose="withdrawn", now=now)
+            told = copies.notify_copy_holders(session, current, purpose="withdrawn", now=now,
+                                              cutoff=self.s.copies_cutoff)
             audit.record(session, action="release_cancelled", actor=self.actor, at=now,
                          release_id=release.id, details={"reason": reason,
                                                          "officers_told": told})
@@ -227,7 +229,7 @@ class ReleaseService:
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
         old = embargo_of(release)
         if (release.copies_issued_at is None and release.copies_at is not None
-                and release.copies_at >= embargo.instant):
+                and release.copies_at >= embargo.instant - self.s.copies_cutoff):
             raise InputError(f"the pre-embargo copies are due after {embargo.describe()}; "
                              "choose a later embargo, or cancel and queue again with "
                              "--copies-at")
@@ -244,7 +246,8 @@ class ReleaseService:
                                  "only a queued release can be rescheduled")
             current = session.get(Release, release.id)
             assert current is not None
-            told = copies.notify_copy_holders(session, current, purpose="rescheduled", now=now)
+            told = copies.notify_copy_holders(session, current, purpose="rescheduled", now=now,
+                                              cutoff=self.s.copies_cutoff)
             audit.record(session, action="release_rescheduled", actor=self.actor, at=now,
                          release_id=release.id,
                          details={"from": old.describe(), "to": embargo.describe(),

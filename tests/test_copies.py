@@ -37,6 +37,7 @@ from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bund
 
 ROOT = Path(__file__).resolve().parent.parent
 JUST_BEFORE = SEED_INSTANT - timedelta(microseconds=1)
+CUTOFF = SEED_INSTANT - timedelta(seconds=60)  # copies.cutoff: the last moment a copy may start
 QUEUED_AT = datetime(2014, 9, 1, 9, 0, tzinfo=UTC)
 
 
@@ -80,9 +81,19 @@ def test_copies_at_or_after_the_embargo_are_refused(services: Services, bundle: 
         queue(services, bundle, copies_at=copies_at)
 
 
-def test_copies_one_second_before_are_accepted(services: Services, bundle: Path) -> None:
-    release = queue(services, bundle, copies_at="2014-09-04 00:00:59")
-    assert release.copies_at == SEED_INSTANT - timedelta(seconds=1)
+def test_copies_must_start_before_the_cutoff(services: Services, bundle: Path) -> None:
+    with pytest.raises(InputError, match="too close to the embargo"):
+        queue(services, bundle, copies_at="2014-09-04 00:00:00")  # exactly 60 s before
+    release = queue(services, bundle, copies_at="2014-09-03 23:59:59")
+    assert release.copies_at == CUTOFF - timedelta(seconds=1)
+
+
+def test_no_copies_by_default_when_the_embargo_is_too_close(services: Services,
+                                                            bundle: Path) -> None:
+    close = queue(services, bundle, now=CUTOFF)
+    assert close.copies_at is None
+    just_in_time = queue(services, bundle, now=CUTOFF - timedelta(microseconds=1))
+    assert just_in_time.copies_at == CUTOFF - timedelta(microseconds=1)
 
 
 def test_max_lead_is_enforced(services: Services, bundle: Path) -> None:
@@ -106,23 +117,25 @@ def test_copy_time_in_a_gap_is_refused(services: Services, bundle: Path,
 
 
 # -- never at or after the instant ----------
-def test_copies_issued_and_sent_one_microsecond_before(settings: Settings,
-                                                       services: Services) -> None:
+def test_copies_issued_and_sent_one_microsecond_before_the_cutoff(
+        settings: Settings, services: Services) -> None:
     release = queue(services, pdf_bundle(settings.data_dir.parent / "b"),
                     copies_at="2014-09-03 12:00")
-    with freeze_time(JUST_BEFORE):
+    with freeze_time(CUTOFF - timedelta(microseconds=1)):
         assert issue_copies(services, release.id, actor="t") == 3
         assert issue_copies(services, release.id, actor="t") == 0  # once
         assert relay_for(services, settings).run_once() == 3
     assert len(copies_in_outbox(settings)) == 3
 
 
-def test_no_copy_is_sent_at_the_instant(settings: Settings, services: Services) -> None:
+@pytest.mark.parametrize("when", [CUTOFF, JUST_BEFORE, SEED_INSTANT])
+def test_no_copy_is_started_at_or_after_the_cutoff(settings: Settings, services: Services,
+                                                   when: datetime) -> None:
     release = queue(services, pdf_bundle(settings.data_dir.parent / "b"),
                     copies_at="2014-09-03 12:00")
-    with freeze_time(JUST_BEFORE):
+    with freeze_time(CUTOFF - timedelta(microseconds=1)):
         assert issue_copies(services, release.id, actor="t") == 3
-    with freeze_time(SEED_INSTANT):
+    with freeze_time(when):
         assert relay_for(services, settings).run_once() == 0
     assert copies_in_outbox(settings) == []
     with services.sessions() as session:
@@ -131,12 +144,12 @@ def test_no_copy_is_sent_at_the_instant(settings: Settings, services: Services) 
                for r in rows)
 
 
-def test_copies_not_issued_at_the_instant(settings: Settings, services: Services,
+def test_copies_not_issued_at_the_cutoff(settings: Settings, services: Services,
                                           bundle: Path) -> None:
     release = queue(services, bundle, copies_at="2014-09-03 12:00")
-    with freeze_time(SEED_INSTANT):
+    with freeze_time(CUTOFF):
         assert issue_copies(services, release.id, actor="t") == 0
-    with freeze_time(SEED_INSTANT + timedelta(seconds=1)):
+    with freeze_time(SEED_INSTANT):
         assert issue_copies(services, release.id, actor="t") == 0
     assert access_list(services, release.id) == []
     events = [e.action for e in ReleaseService(services, actor="t").events(release.id)]

@@ -136,11 +136,12 @@ def test_three_nodes_twenty_releases_at_one_instant(cluster: tuple[Settings, Ser
     ids = {r.id for r in releases}
     assert wait_until(lambda: all(states(services)[i] == PUBLISHED for i in ids), 30)
     _port, inbox = smtp
-    # 20 × (one copy + one published notice + one owner summary)
-    assert wait_until(lambda: len(inbox.messages) >= 60, 20)
+    # 20 × (one published notice + one owner summary); the embargo was too
+    # close for pre-embargo copies (copies.cutoff)
+    assert wait_until(lambda: len(inbox.messages) >= 40, 20)
     time.sleep(1.0)  # anything duplicated would have arrived by now
     message_ids = [m["Message-ID"] for m in inbox.messages]
-    assert len(message_ids) == 60 and len(set(message_ids)) == 60
+    assert len(message_ids) == 40 and len(set(message_ids)) == 40
     claimants = set()
     for release in releases:
         done = ReleaseService(services, actor="t").get(release.id)
