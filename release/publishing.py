@@ -185,6 +185,7 @@ class Publisher:
                         future.result()
         keeper.check()
         self._write_manifest(release_id, slug, started, lateness_ms)
+        self.s.public.flush()
         keeper.close()
         return self._finish(release_id, lateness_ms)
 
@@ -211,9 +212,6 @@ class Publisher:
             raise StorageError(f"{public.url(key)} holds other content than {document.filename}"
                                f" (sha256 {stored.sha256[:12]}…, expected "
                                f"{document.sha256[:12]}…); refusing to overwrite it")
-        with transaction(self.sessions) as session:
-            session.execute(update(Document).where(Document.id == document.id)
-                            .values(published_at=self.s.clock.now(), public_url=public.url(key)))
         log.info("published %s", public.url(key))
 
     def _write_manifest(self, release_id: str, slug: str, started: datetime,
@@ -232,7 +230,8 @@ class Publisher:
                 "documents": [{"name": d.filename, "kind": d.kind,
                                "organisation": d.organisation, "size": d.size,
                                "sha256": d.sha256, "content_type": d.content_type,
-                               "url": d.public_url} for d in release.documents],
+                               "url": self.s.public.url(f"{slug}/{d.filename}")}
+                              for d in release.documents],
             }
         data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
         key = f"{slug}/manifest.json"
@@ -258,6 +257,13 @@ class Publisher:
             ))
             if not done:
                 raise StorageError(f"lost the claim on {release_id} before finishing")
+            # Every document was verified by reading it back; the store itself
+            # is the checkpoint a resumed publisher relies on.
+            for document in release.documents:
+                if document.published_at is None:
+                    document.published_at = now
+                    document.public_url = self.s.public.url(
+                        f"{release.slug}/{document.filename}")
             targets: list[tuple[str | None, str, str]] = [
                 (r.id, r.email, "published") for r in release.recipients]
             if release.owner:

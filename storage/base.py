@@ -114,6 +114,12 @@ class PublicTarget(ABC):
         """Verify access to the location without publishing anything.
         Raises StorageError saying what is wrong."""
 
+    def flush(self) -> None:
+        """Make every object written so far durable (a folder fsyncs its
+        directories once, not once per object). Stores whose writes are
+        durable when they return need not override it."""
+        return None
+
     def stat(self, key: str) -> StoredObject:
         """Size and SHA-256 of the stored object, read back from the store."""
         with self.reader(key) as src:

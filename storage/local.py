@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -29,9 +30,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def _staged(root: Path, target: Path, *, create_only: bool) -> Iterator[BinaryIO]:
+def _staged(root: Path, target: Path, *, create_only: bool,
+            sync_dir: bool = True) -> Iterator[BinaryIO]:
     """Write into a temporary file beside the root, fsync it, then move it to
-    ``target`` atomically (``link`` when it must not replace anything)."""
+    ``target`` atomically (``link`` when it must not replace anything). With
+    ``sync_dir`` false the caller fsyncs the folder later (see ``flush``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = root / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
@@ -50,7 +53,8 @@ def _staged(root: Path, target: Path, *, create_only: bool) -> Iterator[BinaryIO
                 raise ObjectExistsError(str(target)) from None
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        if sync_dir:
+            _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -118,9 +122,21 @@ class LocalPublicTarget(PublicTarget):
     def __init__(self, root: Path, *, base_url: str | None = None) -> None:
         self.root = root
         self.base_url = base_url
+        self._unsynced: set[Path] = set()
+        self._lock = threading.Lock()
 
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
-        return _staged(self.root, _safe_path(self.root, key), create_only=True)
+        path = _safe_path(self.root, key)
+        with self._lock:
+            self._unsynced.add(path.parent)
+        return _staged(self.root, path, create_only=True, sync_dir=False)
+
+    def flush(self) -> None:
+        with self._lock:
+            folders, self._unsynced = self._unsynced, set()
+        for folder in folders:
+            if folder.is_dir():
+                _fsync_dir(folder)
 
     def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
         return _open(_safe_path(self.root, key), key)
