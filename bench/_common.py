@@ -1,0 +1,445 @@
+"""Shared helpers for the bench scripts: statistics, tables, child processes,
+temporary folders, a seed-shaped bundle, an SMTP sink and a moto S3 server.
+
+Everything listens on and talks to 127.0.0.1 only. Every temporary folder and
+child process is registered with :class:`Cleanup` and removed or stopped on
+exit, also on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+# -- statistics and tables ---------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100): with fewer than 100 values, p99
+    is the maximum."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    p50: float
+    p99: float
+    max: float
+    min: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Summary:
+        vals = [v for v in values if not math.isnan(v)]
+        if not vals:
+            return cls(0, math.nan, math.nan, math.nan, math.nan)
+        return cls(len(vals), median(vals), percentile(vals, 99), max(vals), min(vals))
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], title: str = "") -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if title:
+        lines.insert(0, title)
+    return "\n".join(lines)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("MET" if ok else "NOT MET")
+
+
+# -- the machine ----------------------------------------------------------------
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram = f", {int(line.split()[1]) / 1024 / 1024:.1f} GiB RAM"
+                break
+    commit = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        if dirty.strip():
+            commit += f" + uncommitted changes to {len(dirty.splitlines())} files"
+    load = ""
+    with contextlib.suppress(OSError):
+        load = f", load {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    return (f"{os.cpu_count()} CPUs ({cpu}){ram}{load}; Python {platform.python_version()}; "
+            f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; commit {commit}")
+
+
+# -- clean-up ---------------------------------------------------------------------
+class Cleanup:
+    """Collects temporary folders and child processes and removes/stops them
+    on exit. Use as a context manager around the whole script; SIGTERM is
+    turned into KeyboardInterrupt so the ``finally`` runs."""
+
+    def __init__(self) -> None:
+        self.folders: list[Path] = []
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.callbacks: list[Callable[[], None]] = []
+
+    def __enter__(self) -> Cleanup:
+        def on_term(signum: int, _frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, on_term)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def tempdir(self, prefix: str, base: str | None = None) -> Path:
+        path = Path(tempfile.mkdtemp(prefix=f"embargo-bench-{prefix}-", dir=base))
+        self.folders.append(path)
+        return path
+
+    def spawn(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a child in its own process group (so Ctrl-C in the terminal
+        reaches only us, and we stop it in order)."""
+        proc = subprocess.Popen(list(argv), start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], timeout: float = 15.0) -> int | None:
+        """SIGTERM the child's group, wait, then SIGKILL if it will not stop."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        if proc in self.procs:
+            self.procs.remove(proc)
+        return proc.returncode
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self.callbacks.append(callback)
+
+    def close(self) -> None:
+        for proc in list(reversed(self.procs)):
+            with contextlib.suppress(Exception):
+                self.stop(proc, timeout=10)
+        for callback in reversed(self.callbacks):
+            with contextlib.suppress(Exception):
+                callback()
+        self.callbacks.clear()
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.folders.clear()
+
+
+# -- the embargo command ------------------------------------------------------------
+def embargo_argv(data_dir: Path, *args: str, verbose: bool = False) -> list[str]:
+    """``embargo`` run as ``python -m jobs.cli`` from this checkout, so a fresh
+    clone works whether or not the console script is on PATH."""
+    argv = [sys.executable, "-m", "jobs.cli", "--data-dir", str(data_dir)]
+    if verbose:
+        argv.append("-v")
+    return argv + list(args)
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for ``embargo`` children: ours without any EMBARGO_*
+    settings, plus ``extra``; the checkout first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBARGO_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_embargo(data_dir: Path, *args: str, env: dict[str, str] | None = None,
+                timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(embargo_argv(data_dir, *args), cwd=REPO, env=env or child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"embargo {' '.join(args)} failed ({done.returncode}): "
+                           f"{done.stderr.strip()[-2000:]}")
+    return done
+
+
+class EmbargoRun:
+    """``embargo -v run`` in a child process; its log lines are collected by
+    a reader thread with the (wall-clock) time each arrived."""
+
+    def __init__(self, cleanup: Cleanup, data_dir: Path, env: dict[str, str]) -> None:
+        self.cleanup = cleanup
+        self.lines: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self.started_at = time.time()
+        self.proc = cleanup.spawn(embargo_argv(data_dir, "run", verbose=True), cwd=REPO,
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, name="embargo-run-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append((time.time(), line.rstrip("\n")))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 60.0, since: int = 0) -> tuple[float,
+                                                                                      str]:
+        """Wait for a log line matching ``pattern``; return (arrival time, line)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for at, line in self.lines[since:]:
+                    if regex.search(line):
+                        return at, line
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise RuntimeError("embargo run exited early:\n" + self.tail())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {pattern!r} from embargo run:\n" + self.tail())
+                self._cond.wait(min(left, 0.2))
+
+    def tail(self, n: int = 30) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self.lines[-n:])
+
+    def errors(self) -> list[str]:
+        with self._cond:
+            return [line for _, line in self.lines
+                    if " ERROR " in line or "Traceback" in line or " WARNING " in line]
+
+    def stop(self) -> int | None:
+        code = self.cleanup.stop(self.proc)
+        self._reader.join(5)
+        return code
+
+
+# -- loopback services -----------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None
+              ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server on port {port} exited ({proc.returncode})")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@dataclass
+class SmtpSink:
+    """An aiosmtpd server on a free loopback port that records, for each
+    message, the wall-clock time it accepted it and its X-Embargo-Release."""
+
+    port: int = 0
+    # (time accepted, X-Embargo-Release, Message-ID, recipient)
+    accepted: list[tuple[float, str, str, str]] = field(default_factory=list)
+    _controller: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> SmtpSink:
+        from aiosmtpd.controller import Controller
+
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                at = time.time()
+                head = bytes(envelope.content).split(b"\r\n\r\n", 1)[0]
+                match = re.search(rb"^X-Embargo-Release:\s*(\S+)", head, re.M | re.I)
+                release = match.group(1).decode() if match else ""
+                match = re.search(rb"^Message-ID:\s*(\S+)", head, re.M | re.I)
+                message_id = match.group(1).decode() if match else ""
+                with sink._lock:
+                    for rcpt in envelope.rcpt_tos:
+                        sink.accepted.append((at, release, message_id, rcpt))
+                return "250 Message accepted for delivery"
+
+        self.port = free_port()
+        self._controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+        return self
+
+    def for_release(self, release_id: str) -> list[tuple[float, str]]:
+        """(time accepted, Message-ID) of each message about ``release_id``."""
+        with self._lock:
+            return [(at, mid) for at, rel, mid, _ in self.accepted if rel == release_id]
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def s3_backend_missing() -> str | None:
+    """Why the S3 rows cannot run, or None if they can."""
+    try:
+        import storage.s3  # noqa: F401
+    except Exception as exc:  # not written yet, or broken
+        return f"storage.s3 does not import ({type(exc).__name__}: {exc})"
+    try:
+        import moto.server  # noqa: F401
+    except Exception as exc:
+        return f"moto[server] is not installed ({type(exc).__name__}: {exc})"
+    return None
+
+
+class MotoServer:
+    """moto's S3 server in its own process on a free loopback port."""
+
+    def __init__(self, cleanup: Cleanup) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.update(AWS_ENV)
+        self.proc = cleanup.spawn(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test",
+                            config=Config(s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 2}))
+
+    def env(self) -> dict[str, str]:
+        return {**AWS_ENV, "EMBARGO_S3_ENDPOINT_URL": self.url, "EMBARGO_S3_REGION": "us-east-1",
+                "EMBARGO_S3_ADDRESSING_STYLE": "path"}
+
+
+# -- a seed-shaped bundle ---------------------------------------------------------
+def write_bundle(folder: Path, *, letters: int = 43, report_bytes: int = 5 * MiB,
+                 letter_bytes: int = 100 * KiB, title: str = "Bench: a thematic inspection",
+                 publish_on: str = "2030-01-01") -> tuple[Path, list[str]]:
+    """A report, ``letters`` letters (one per organisation) and one liaison
+    officer per organisation, with invented content. Returns the manifest and
+    the documents' file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "letters").mkdir(exist_ok=True)
+    report = folder / "national-report.txt"
+    if not report.exists() or report.stat().st_size != report_bytes:
+        line = b"Bench national report: findings, recommendations and annexes.\n"
+        report.write_bytes((line * (report_bytes // len(line) + 1))[:report_bytes])
+    names = [report.name]
+    docs = ['[[documents]]\npath = "national-report.txt"\nkind = "report"\n']
+    people = []
+    for i in range(1, letters + 1):
+        path = folder / "letters" / f"area-{i:02d}.txt"
+        if not path.exists() or path.stat().st_size != letter_bytes:
+            line = f"Letter to Area Service {i}: what we found and what comes next.\n".encode()
+            path.write_bytes((line * (letter_bytes // len(line) + 1))[:letter_bytes])
+        names.append(path.name)
+        docs.append(f'[[documents]]\npath = "letters/{path.name}"\nkind = "letter"\n'
+                    f'organisation = "Area Service {i}"\n')
+        people.append(f'[[recipients]]\nname = "Liaison Officer {i}"\n'
+                      f'email = "liaison{i}@area{i}.example"\n'
+                      f'organisation = "Area Service {i}"\n')
+    manifest = folder / "manifest.toml"
+    manifest.write_text(f'title = "{title}"\npublish_on = "{publish_on}"\n'
+                        'owner = "press@inspectorate.example"\n\n' + "\n".join(docs + people))
+    return manifest, names
+
+
+def iso_z(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def base_parser(description: str, trials: int, quick: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--trials", type=int, default=None,
+                        help=f"runs per measurement (default {trials}; --quick {quick})")
+    parser.add_argument("--quick", action="store_true", help=f"{quick} trials, for a smoke run")
+    parser.set_defaults(default_trials=trials, quick_trials=quick)
+    return parser
+
+
+def trials_of(args: argparse.Namespace) -> int:
+    if args.trials is not None:
+        return max(1, int(args.trials))
+    return int(args.quick_trials if args.quick else args.default_trials)
+
+
+@contextlib.contextmanager
+def stopwatch() -> Iterator[list[float]]:
+    box: list[float] = []
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box.append(time.perf_counter() - start)
