@@ -8,7 +8,7 @@ import logging
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 
 from config.errors import DeliveryError, SealError
 from jobs.mail import MailTransport
@@ -59,7 +59,9 @@ class OutboxRelay:
                 OutboxMessage.not_before <= now, OutboxMessage.next_attempt_at <= now,
                 or_(OutboxMessage.claim_expires_at.is_(None),
                     OutboxMessage.claim_expires_at < now),
-            ).order_by(OutboxMessage.id).limit(self.batch)
+            ).order_by(  # notices of publication before (slow, attachment-laden) copies
+                case((OutboxMessage.purpose == "copy", 1), else_=0), OutboxMessage.id,
+            ).limit(self.batch)
             ids = list(session.scalars(due))
             if not ids:
                 return 0
@@ -70,7 +72,8 @@ class OutboxRelay:
                 .values(claimed_by=token, claim_expires_at=now + CLAIM))
         with transaction(self.sessions) as session:
             rows = list(session.scalars(select(OutboxMessage).where(
-                OutboxMessage.claimed_by == token).order_by(OutboxMessage.id)))
+                OutboxMessage.claimed_by == token).order_by(
+                case((OutboxMessage.purpose == "copy", 1), else_=0), OutboxMessage.id)))
             releases = {r.id: r for r in session.scalars(select(Release).where(
                 Release.id.in_({row.release_id for row in rows})))}
             for release in releases.values():
@@ -101,6 +104,9 @@ class OutboxRelay:
                            copy_id=copy.id) for d in wanted]
 
     def _deliver(self, row: OutboxMessage, release: Release, recipient: Recipient | None) -> int:
+        if row.not_after is not None and self.s.clock.now() >= row.not_after:
+            self._give_up(row, TOO_LATE)  # before the costly part: opening, stamping
+            return 0
         try:
             message = compose(row, release, recipient, sender=self.sender,
                               attachments=self._attachments(row, release))

@@ -352,3 +352,30 @@ def test_one_copy_per_officer_across_a_scheduler_crash(settings: Settings, servi
     with services.sessions() as session:
         copies = list(session.scalars(select(Copy).where(Copy.release_id == release.id)))
     assert len(copies) == 3 and all(c.sent_at is not None for c in copies)
+
+
+def test_publication_notices_go_before_waiting_copies(settings: Settings, services: Services,
+                                                      tmp_path: Path) -> None:
+    """Copies carry attachments and are slow; a release that has just been
+    published must not wait behind another release's copies."""
+    from release.publishing import Publisher
+
+    later = queue(services, write_bundle(tmp_path / "later", letters=2, publish_on="2014-09-05"))
+    now_release = queue(services, write_bundle(tmp_path / "now", letters=2))
+    at = dataclasses.replace(services, clock=FakeClock(SEED_INSTANT))
+    with freeze_time(QUEUED_AT + timedelta(minutes=1)):
+        assert issue_copies(services, later.id, actor="t") == 2
+    assert Publisher(at, load_private_key(settings.keys_dir), claimant="p").publish(
+        now_release.id).status == "published"
+    order: list[str] = []
+
+    class Recording(FileMailTransport):
+        def send(self, message: EmailMessage) -> str:
+            order.append(str(message["Subject"]).split(":")[0])
+            return super().send(message)
+
+    relay = OutboxRelay(at, Recording(settings.outbox_dir), sender="e@x.example", worker="r",
+                        opener=DocumentOpener(at, load_private_key(settings.keys_dir)))
+    assert relay.run_once() == 5  # 2 published + 1 owner summary + 2 copies
+    assert order[:3] == ["Published", "Published", "Release published"]
+    assert all(o.startswith("EMBARGOED UNTIL") for o in order[3:])
