@@ -74,6 +74,8 @@ class ReleaseService:
         copies_at = copies.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
                                              max_lead=self.s.copies_max_lead,
                                              cutoff=self.s.copies_cutoff)
+        if not spec.recipients:
+            copies_at = None  # nobody to send copies to: no copies job either
         public_key = load_public_key(self.s.keys_dir)
         release_id = new_id("rel")
         written: list[str] = []

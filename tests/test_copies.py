@@ -379,3 +379,9 @@ def test_publication_notices_go_before_waiting_copies(settings: Settings, servic
     assert relay.run_once() == 5  # 2 published + 1 owner summary + 2 copies
     assert order[:3] == ["Published", "Published", "Release published"]
     assert all(o.startswith("EMBARGOED UNTIL") for o in order[3:])
+
+
+def test_a_release_without_recipients_has_no_copies_job(services: Services,
+                                                        tmp_path: Path) -> None:
+    manifest = write_bundle(tmp_path / "b", letters=0)
+    assert queue(services, manifest).copies_at is None
