@@ -442,7 +442,7 @@ print(json.dumps({
 def test_large_objects_keep_memory_flat(s3_server: str, s3_buckets: Buckets) -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("measuring peak RSS needs Linux's /proc/self/clear_refs")
-    size_mib = int(os.environ.get("EMBARGO_TEST_LARGE_MIB", "64"))
+    size_mib = int(os.environ.get("LARGE_OBJECT_MIB", "256"))
     done = subprocess.run(
         [sys.executable, "-c", CHILD, s3_server, s3_buckets.vault, s3_buckets.public,
          str(size_mib)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
