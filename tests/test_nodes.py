@@ -299,6 +299,10 @@ def test_a_release_queued_on_the_first_schema_survives_the_upgrade(pg_url: str,
         services.engine.dispose()
 
 
+def test_the_head_constant_matches_the_migration_scripts() -> None:
+    assert migrate.head() == migrate.scripts_head()
+
+
 def test_concurrent_upgrades_from_several_nodes(pg_url: str, tmp_path: Path) -> None:
     """Three nodes starting at once on an empty database: one migrates, the
     others wait for it and find the schema current."""
