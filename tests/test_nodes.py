@@ -162,10 +162,11 @@ def test_node_killed_mid_publish_is_taken_over(cluster: tuple[Settings, Services
     settings, services = cluster
     nodes.start()
     nodes.start()
-    instant = (datetime.now(UTC) + timedelta(seconds=4)).replace(microsecond=0)
+    instant = (datetime.now(UTC) + timedelta(seconds=7)).replace(microsecond=0)
     release = queue_at(services, tmp_path / "r", instant, letters=3)
-    # A third node claims first (it may wait up to 5 s for the instant) and
-    # dies after its first document.
+    # A third node claims first, 2 s before the instant (a publisher may wait
+    # up to 5 s for it; the nodes' jobs wake 0.5 s before), and dies after its
+    # first document. It has 5 s to start, even on a loaded machine.
     doomed = subprocess.Popen(
         [sys.executable, "-m", "tests.publisher_child", str(settings.data_dir),
          settings.database_url, release.id, "doomed-node", "--kill-after", "1",
@@ -194,9 +195,10 @@ def test_node_killed_mid_publish_is_taken_over(cluster: tuple[Settings, Services
 def test_all_nodes_down_across_the_instant(cluster: tuple[Settings, Services], nodes: Nodes,
                                            tmp_path: Path) -> None:
     _settings, services = cluster
-    instant = (datetime.now(UTC) + timedelta(seconds=2)).replace(microsecond=0)
+    instant = (datetime.now(UTC) + timedelta(seconds=8)).replace(microsecond=0)
     release = queue_at(services, tmp_path / "r", instant)
     first = nodes.start()
+    assert time.time() < instant.timestamp() - 2, "the node took too long to start"
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=15) == 0
     time.sleep(max(0.0, instant.timestamp() + 1.5 - time.time()))

@@ -46,7 +46,7 @@ def test_cancel_and_reschedule_reach_a_running_scheduler(
         settings: Settings, services: Services, runner: subprocess.Popen[str],
         tmp_path: Path) -> None:
     service = ReleaseService(services, actor="comms")
-    instant = (datetime.now(UTC) + timedelta(seconds=3)).replace(microsecond=0)
+    instant = (datetime.now(UTC) + timedelta(seconds=4)).replace(microsecond=0)
     doomed = service.queue(load_manifest(write_bundle(tmp_path / "a", letters=1),
                                          publish_on=instant.isoformat()))
     moved = service.queue(load_manifest(write_bundle(tmp_path / "b", letters=1),
