@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -51,6 +52,7 @@ class Services:
     copies_max_lead: timedelta | None = None
     copies_cutoff: timedelta = timedelta(seconds=60)
 
-    @property
+    @cached_property
     def sessions(self) -> sessionmaker[Session]:
+        """One session factory per Services (not one per use)."""
         return session_factory(self.engine)

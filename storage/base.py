@@ -29,6 +29,15 @@ class StoredObject:
     sha256: str
 
 
+def check_key(key: str) -> str:
+    """A storage key is ``/``-separated, relative, with no empty, ``.`` or
+    ``..`` part; every backend refuses anything else (ValueError)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"bad storage key {key!r}")
+    return key
+
+
 def hash_stream(src: BinaryIO) -> StoredObject:
     digest = hashlib.sha256()
     size = 0

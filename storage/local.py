@@ -11,14 +11,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from config.errors import NotFoundError, StorageError
-from storage.base import ObjectExistsError, PublicTarget, Vault
+from storage.base import ObjectExistsError, PublicTarget, Vault, check_key
 
 
 def _safe_path(root: Path, key: str) -> Path:
-    parts = key.split("/")
-    if not key or any(part in ("", ".", "..") for part in parts) or key.startswith("/"):
-        raise ValueError(f"bad storage key {key!r}")
-    return root.joinpath(*parts)
+    return root.joinpath(*check_key(key).split("/"))
 
 
 def _fsync_dir(path: Path) -> None:

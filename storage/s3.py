@@ -10,7 +10,6 @@ second writer gets ObjectExistsError instead of replacing what is public.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import logging
 import os
@@ -39,7 +38,7 @@ from botocore.exceptions import (
 
 from config.errors import ConfigError, NotFoundError, StorageError
 from config.settings import Settings
-from storage.base import CHUNK, ObjectExistsError, PublicTarget, Vault
+from storage.base import ObjectExistsError, PublicTarget, Vault, check_key, hash_stream
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +143,12 @@ def _problem(exc: Exception, bucket: str) -> str:
     return f"{code or _status(exc)} {message}".strip()
 
 
-def _check_key(key: str) -> None:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"bad storage key {key!r}")
-
-
 def _sha256_of(src: IO[bytes] | io.RawIOBase) -> bytes:
+    """The raw SHA-256 of a seekable body, left rewound for the upload."""
     src.seek(0)
-    digest = hashlib.sha256()
-    while chunk := src.read(CHUNK):
-        digest.update(chunk)
+    found = hash_stream(cast(BinaryIO, src))
     src.seek(0)
-    return digest.digest()
+    return bytes.fromhex(found.sha256)
 
 
 def _b64(digest: bytes) -> str:
@@ -216,7 +208,7 @@ class _S3Location:
         return f"{type(self).__name__}(s3://{self.bucket}/{self.prefix})"
 
     def _name(self, key: str) -> str:
-        _check_key(key)
+        check_key(key)
         return self.prefix + key
 
     def _error(self, exc: Exception, doing: str) -> StorageError:
