@@ -129,28 +129,36 @@ def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = Fa
         services = build_services(settings, s3_client=client)
     else:
         services = build_services(settings)
-    # The demo's embargo is seconds away, inside the usual copies.cutoff: let
-    # its copies start up to 3 s before the instant so the officers' marked
-    # copies can be seen going out first.
+    # The demo's embargo is seconds away, well inside the usual copies.cutoff:
+    # let its copies start up to 1 s before the instant so the officers'
+    # marked copies can be seen going out first.
     services = dataclasses.replace(services, copies_cutoff=min(services.copies_cutoff,
-                                                                timedelta(seconds=3)))
+                                                                timedelta(seconds=1)))
     service = ReleaseService(services, actor="demo")
     manifest = write_bundle(settings.data_dir / "demo-bundle")
-    now = services.clock.now()
-    instant = (now + timedelta(seconds=max(2, seconds) + 1)).replace(microsecond=0)
-    spec = load_manifest(manifest, publish_on=instant.isoformat(), zone=settings["zone"])
-    release = service.queue(spec)
-    print(f"queued {release.id}: \"{release.title}\"\n  {len(release.documents)} documents "
-          f"sealed into {settings.vault}, {len(release.recipients)} liaison officers", file=out)
-    print(f"  embargo {embargo_of(release).describe()}", file=out)
 
+    # The node starts first, and the countdown begins once it is ready: on a
+    # slow or loaded machine the start-up must not eat into the copies' time.
     stopper = Stopper()
     stopper.install()
     published = threading.Event()
+    release_id: list[str] = []
     scheduler = start_node(settings, services, stopper.event,
-                                on_outcome=lambda o: published.set()
-                                if o.release_id == release.id and o.status in
-                                ("published", "failed") else None)
+                           on_outcome=lambda o: published.set()
+                           if o.release_id in release_id and o.status in
+                           ("published", "failed") else None)
+    try:
+        now = services.clock.now()
+        instant = (now + timedelta(seconds=max(2, seconds) + 1)).replace(microsecond=0)
+        spec = load_manifest(manifest, publish_on=instant.isoformat(), zone=settings["zone"])
+        release = service.queue(spec)
+    except BaseException:
+        scheduler.shutdown()
+        raise
+    release_id.append(release.id)
+    print(f"queued {release.id}: \"{release.title}\"\n  {len(release.documents)} documents "
+          f"sealed into {settings.vault}, {len(release.recipients)} liaison officers", file=out)
+    print(f"  embargo {embargo_of(release).describe()}", file=out)
     live = out.isatty()
     if not live:
         print("  waiting for the instant…", file=out, flush=True)
