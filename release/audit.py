@@ -12,9 +12,9 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 from release.records import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
+_HEAD = cast(Table, AuditHead.__table__)
+_EVENTS = cast(Table, AuditEvent.__table__)
 
 
 def default_actor() -> str:
@@ -43,27 +45,36 @@ def _digest(seq: int, at: datetime, actor: str, action: str, release_id: str | N
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+# Built once: an append runs on the path of every notice after the instant.
+_BUMP = (update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1)
+         .returning(_HEAD.c.seq, _HEAD.c.hash))
+_APPEND = _EVENTS.insert()
+_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(hash=bindparam("new_hash"))
+
+
 def record(session: Session, *, action: str, actor: str, at: datetime,
-           release_id: str | None = None, details: Mapping[str, Any] | None = None) -> AuditEvent:
+           release_id: str | None = None, details: Mapping[str, Any] | None = None) -> int:
     """Append one event in the caller's transaction (so the event and the
-    change it describes commit together, or neither does)."""
-    bump = (update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)
-            .returning(AuditHead.seq, AuditHead.hash))
-    head = session.execute(bump).first()
+    change it describes commit together, or neither does); return its seq.
+
+    Plain SQL statements on the session's connection, not the ORM's unit of
+    work: the ORM's bookkeeping cost more than the statements themselves."""
+    connection = session.connection()
+    head = connection.execute(_BUMP).first()
     if head is None:  # the very first event: create the head, race-free
-        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        session.execute(insert(AuditHead).values(id=1, seq=0, hash=GENESIS)
-                        .on_conflict_do_nothing(index_elements=["id"]))
-        head = session.execute(bump).one()
+        insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
+        connection.execute(insert(_HEAD).values(id=1, seq=0, hash=GENESIS)
+                           .on_conflict_do_nothing(index_elements=["id"]))
+        head = connection.execute(_BUMP).one()
     seq, prev = head
     text = json.dumps(dict(details or {}), sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False, default=str)
     digest = _digest(seq, at, actor, action, release_id, text, prev)
-    event = AuditEvent(seq=seq, at=at, actor=actor, action=action, release_id=release_id,
-                       details=text, prev_hash=prev, hash=digest)
-    session.add(event)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=digest))
-    return event
+    connection.execute(_APPEND, {"seq": seq, "at": at, "actor": actor, "action": action,
+                                 "release_id": release_id, "details": text,
+                                 "prev_hash": prev, "hash": digest})
+    connection.execute(_MOVE_HEAD, {"new_hash": digest})
+    return int(seq)
 
 
 @dataclass(frozen=True, kw_only=True)
