@@ -187,6 +187,8 @@ FIELDS: tuple[Field, ...] = (
     Field(key="mail.smtp_username", default="", check=_optional_text, help="SMTP user name"),
     Field(key="mail.smtp_password", default="", check=_optional_text, secret=True,
           help="SMTP password (set EMBARGO_MAIL_SMTP_PASSWORD, not the file)"),
+    Field(key="mail.workers", default=4, check=_number(1, 32, int),
+          help="notices handed to the mail server at once (one connection each)"),
     Field(key="mail.max_attempts", default=20, check=_number(1, 1000, int),
           help="delivery attempts before a notice is given up and alerted"),
     Field(key="scheduler.poll_seconds", default=0.5, check=_number(0.05, 60),

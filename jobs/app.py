@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from config.settings import Settings
-from jobs.mail import make_transport
+from jobs.mail import transport_factory
 from jobs.nodes import NodeMonitor
 from jobs.relay import OutboxRelay
 from jobs.scheduler import EmbargoScheduler
@@ -71,9 +71,12 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     lease = timedelta(seconds=settings["scheduler.lease_seconds"])
     publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop,
                           workers=settings["scheduler.publish_workers"])
-    relay = OutboxRelay(services, make_transport(settings), sender=settings["mail.sender"],
+    transports = transport_factory(settings)
+    relay = OutboxRelay(services, transports(), sender=settings["mail.sender"],
                         worker=name, max_attempts=settings["mail.max_attempts"],
-                        opener=DocumentOpener(services, private_key))
+                        opener=DocumentOpener(services, private_key),
+                        workers=settings["mail.workers"],
+                        make_transport=transports)
     monitor = NodeMonitor(services, name,
                           max_skew=timedelta(milliseconds=settings["scheduler.max_skew_ms"]),
                           skew_every=settings["scheduler.skew_check_seconds"])

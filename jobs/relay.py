@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
+from collections import deque
+from collections.abc import Callable
 from datetime import timedelta
+from typing import cast
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import Table, case, or_, select, update
 
 from config.errors import DeliveryError, SealError
 from jobs.mail import MailTransport
@@ -22,6 +26,8 @@ from storage.db import transaction
 log = logging.getLogger(__name__)
 
 CLAIM = timedelta(seconds=60)
+_OUTBOX = cast(Table, OutboxMessage.__table__)
+_COPIES = cast(Table, Copy.__table__)
 TOO_LATE = "the embargo lifted before this copy could be delivered; it was not sent"
 
 
@@ -33,10 +39,21 @@ def backoff(attempts: int) -> timedelta:
 class OutboxRelay:
     def __init__(self, services: Services, transport: MailTransport, *, sender: str,
                  worker: str, max_attempts: int = 20, batch: int = 200,
-                 opener: DocumentOpener | None = None) -> None:
+                 opener: DocumentOpener | None = None, workers: int = 1,
+                 make_transport: Callable[[], MailTransport] | None = None) -> None:
+        """``transport`` serves the first worker; with ``workers`` > 1,
+        ``make_transport`` gives each further worker its own (a transport is
+        used by one thread at a time)."""
+        if workers > 1 and make_transport is None:
+            raise ValueError("several workers need make_transport: one transport each")
         self.opener = opener
         self.s = services
         self.transport = transport
+        self.workers = workers
+        self.make_transport = make_transport
+        # Deliveries are recorded one transaction each; the workers of this
+        # relay take turns here rather than in SQLite's sleeping busy handler.
+        self._record = threading.Lock()
         self.sender = sender
         self.worker = worker
         self.max_attempts = max_attempts
@@ -81,13 +98,47 @@ class OutboxRelay:
                 release.recipients  # noqa: B018
             recipients = {r.id: r for r in session.scalars(select(Recipient).where(
                 Recipient.id.in_({row.recipient_id for row in rows if row.recipient_id})))}
+        return self._deliver_all(rows, releases, recipients)
+
+    def _deliver_all(self, rows: list[OutboxMessage], releases: dict[str, Release],
+                     recipients: dict[str, Recipient]) -> int:
+        """Deliver ``rows`` in their order, over up to ``workers`` connections
+        at once: a mail server's round trips then overlap with composing the
+        next message."""
+        pending = deque(rows)
+        lock = threading.Lock()
         delivered = 0
-        try:
-            for row in rows:
-                delivered += self._deliver(row, releases[row.release_id],
-                                           recipients.get(row.recipient_id or ""))
-        finally:
-            self.transport.close()
+        errors: list[BaseException] = []
+
+        def work(transport: MailTransport) -> None:
+            nonlocal delivered
+            try:
+                while not errors:
+                    with lock:
+                        if not pending:
+                            return
+                        row = pending.popleft()
+                    done = self._deliver(row, releases[row.release_id],
+                                         recipients.get(row.recipient_id or ""), transport)
+                    with lock:
+                        delivered += done
+            except BaseException as exc:  # re-raised by run_once, after the join
+                errors.append(exc)
+            finally:
+                transport.close()
+
+        extra: list[MailTransport] = []
+        if self.make_transport is not None:
+            extra = [self.make_transport() for _ in range(min(self.workers, len(rows)) - 1)]
+        threads = [threading.Thread(target=work, args=(t,), name=f"embargo-relay-{i + 1}",
+                                    daemon=True) for i, t in enumerate(extra)]
+        for thread in threads:
+            thread.start()
+        work(self.transport)
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
         return delivered
 
     def _attachments(self, row: OutboxMessage, release: Release) -> list[Attachment]:
@@ -95,7 +146,7 @@ class OutboxRelay:
             return []
         if self.opener is None:
             raise DeliveryError("this relay cannot open documents (no private key)")
-        with transaction(self.sessions) as session:
+        with self._record, transaction(self.sessions) as session:
             copy = session.scalars(select(Copy).where(Copy.message_id == row.message_id)).one()
             wanted = json.loads(copy.document_ids)
         documents = {d.id: d for d in release.documents}
@@ -103,7 +154,8 @@ class OutboxRelay:
                                                                         documents[d]),
                            copy_id=copy.id) for d in wanted]
 
-    def _deliver(self, row: OutboxMessage, release: Release, recipient: Recipient | None) -> int:
+    def _deliver(self, row: OutboxMessage, release: Release, recipient: Recipient | None,
+                 transport: MailTransport) -> int:
         if row.not_after is not None and self.s.clock.now() >= row.not_after:
             self._give_up(row, TOO_LATE)  # before the costly part: opening, stamping
             return 0
@@ -113,7 +165,7 @@ class OutboxRelay:
             if row.not_after is not None and self.s.clock.now() >= row.not_after:
                 self._give_up(row, TOO_LATE)
                 return 0
-            where = self.transport.send(message)
+            where = transport.send(message)
         except SealError as exc:
             self._give_up(row, str(exc))
             return 0
@@ -121,7 +173,7 @@ class OutboxRelay:
             now = self.s.clock.now()
             attempts = row.attempts + 1
             give_up = attempts >= self.max_attempts
-            with transaction(self.sessions) as session:
+            with self._record, transaction(self.sessions) as session:
                 session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
                     attempts=attempts, last_error=str(exc), claimed_by=None,
                     claim_expires_at=None, next_attempt_at=now + backoff(attempts),
@@ -134,15 +186,18 @@ class OutboxRelay:
                             row.message_id, row.to_addr, attempts, backoff(attempts), exc)
             return 0
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
-            session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
+        with self._record, transaction(self.sessions) as session:
+            # Plain statements on the connection: this runs once per notice,
+            # right after the instant, and the ORM's bookkeeping is not free.
+            connection = session.connection()
+            connection.execute(update(_OUTBOX).where(_OUTBOX.c.id == row.id).values(
                 attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
                 last_error=None, claim_expires_at=None))
             details = {"to": row.to_addr, "purpose": row.purpose,
                        "message_id": row.message_id, "via": where}
             if row.purpose == "copy":
-                session.execute(update(Copy).where(Copy.message_id == row.message_id)
-                                .values(sent_at=now))
+                connection.execute(update(_COPIES).where(_COPIES.c.message_id == row.message_id)
+                                   .values(sent_at=now))
                 details["copy_id"] = str(message["X-Embargo-Copy-Id"])
             audit.record(session, action="copy_sent" if row.purpose == "copy" else "notice_sent",
                          actor=self.worker, at=now, release_id=row.release_id, details=details)
@@ -151,7 +206,7 @@ class OutboxRelay:
 
     def _give_up(self, row: OutboxMessage, reason: str) -> None:
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
+        with self._record, transaction(self.sessions) as session:
             session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
                 given_up_at=now, last_error=reason, claim_expires_at=None))
             audit.record(session, action="notice_failed", actor=self.worker, at=now,

@@ -1,5 +1,13 @@
 """The words of each notice: built from the records when the relay delivers
-it, so a retry sends the same message under the same Message-ID."""
+it, so a retry sends the same message under the same Message-ID.
+
+Messages are built with the standard library's ``email.mime`` classes (the
+compat32 policy) rather than ``EmailMessage``: the newer API parses and
+refolds every header it is given, which made composing and flattening a
+notice cost ~4.5 ms against ~1 ms, on the path of every notice after the
+instant. Display names, file names (RFC 2231) and bodies (quoted-printable
+UTF-8) outside ASCII are encoded here; the generator encodes any other header
+(RFC 2047)."""
 
 from __future__ import annotations
 
@@ -7,8 +15,13 @@ import html
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.utils import format_datetime
+from email import encoders
+from email.charset import QP, Charset
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.utils import format_datetime, formataddr, getaddresses
 
 from config.errors import InputError
 from release.context import embargo_of
@@ -34,20 +47,21 @@ class Attachment:
 
 
 def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
-            *, sender: str, attachments: Sequence[Attachment] = ()) -> EmailMessage:
+            *, sender: str, attachments: Sequence[Attachment] = ()) -> Message:
     """The message for one outbox row, with its stable Message-ID. A
     pre-embargo copy carries its documents, PDFs stamped with the copy id."""
     embargo = embargo_of(release)
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = row.to_addr
+    # The headers first; the MIME structure is built at the end, around the body.
+    message = Message()
+    message["From"] = _address(sender)
+    message["To"] = _address(row.to_addr)
     message["Message-ID"] = row.message_id
     message["Date"] = format_datetime(row.created_at)
     message["X-Embargo-Release"] = release.id
     if row.purpose == "published":
         assert recipient is not None
         reports, letter = _links(release, recipient.organisation)
-        message["Subject"] = f"Published: {release.title}"
+        subject = f"Published: {release.title}"
         text = [f"Dear {recipient.name},", "",
                 f"The embargo on \"{release.title}\" has lifted: it was published at "
                 f"{embargo.describe_long()}.", "", "The national report:", *reports]
@@ -57,7 +71,7 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
     elif row.purpose == "copy":
         assert recipient is not None
         copy_id = attachments[0].copy_id if attachments else _copy_id(row)
-        message["Subject"] = f"EMBARGOED UNTIL {embargo.headline()}: {release.title}"
+        subject = f"EMBARGOED UNTIL {embargo.headline()}: {release.title}"
         message["X-Embargo-Copy-Id"] = copy_id
         message["X-Embargo-Until"] = embargo.instant.isoformat().replace("+00:00", "Z")
         text = [f"Dear {recipient.name},", "",
@@ -73,14 +87,14 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
         copy_id = _copy_id(row)
         message["X-Embargo-Copy-Id"] = copy_id
         if row.purpose == "withdrawn":
-            message["Subject"] = f"WITHDRAWN: {release.title}"
+            subject = f"WITHDRAWN: {release.title}"
             text = [f"Dear {recipient.name},", "",
                     f"The release \"{release.title}\", which was embargoed until "
                     f"{embargo.describe_long()}, has been withdrawn and will not be "
                     "published.", "",
                     f"Please delete your pre-embargo copy ({copy_id}) and do not share it."]
         else:
-            message["Subject"] = (f"NEW EMBARGO: {release.title} is now embargoed until "
+            subject = (f"NEW EMBARGO: {release.title} is now embargoed until "
                                   f"{embargo.headline()}")
             text = [f"Dear {recipient.name},", "",
                     f"The embargo on \"{release.title}\" has changed. It is now "
@@ -88,24 +102,49 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                     f"Your pre-embargo copy ({copy_id}) must not be published or shared "
                     "before then."]
     elif row.purpose == "owner_summary":
-        message["Subject"] = f"Release published: {release.title}"
+        subject = f"Release published: {release.title}"
         text = [f"\"{release.title}\" was published for {embargo.describe_long()}.",
                 f"Publication started {release.lateness_ms or 0:.1f} ms after the instant.", "",
                 "Documents:", *[f"- {d.filename} ({d.size} bytes): {d.public_url}"
                                 for d in release.documents], "",
                 f"{len(release.recipients)} liaison officers are being notified."]
     else:
-        message["Subject"] = f"FAILED: {release.title} was not published"
+        subject = f"FAILED: {release.title} was not published"
         text = [f"Publication of \"{release.title}\" ({release.id}), due "
                 f"{embargo.describe_long()}, has failed and needs attention:", "",
                 f"  {release.reason}", "",
                 f"Run `embargo show {release.id}` for the details."]
+    message["Subject"] = subject  # the generator encodes non-ASCII (RFC 2047)
     body = "\n".join(text) + "\n"
-    message.set_content(body)
-    message.add_alternative(_html(body), subtype="html")
-    for attachment in attachments:
-        _attach(message, attachment, embargo.headline())
-    return message
+    alternative = MIMEMultipart("alternative", None, [_text(body, "plain"),
+                                                     _text(_html(body), "html")])
+    if attachments:
+        root = MIMEMultipart("mixed", None, [alternative, *(
+            _attachment(a, embargo.headline()) for a in attachments)])
+        del alternative["MIME-Version"]
+    else:
+        root = alternative
+    for name, value in message.items():
+        root[name] = value
+    return root
+
+
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
+
+
+def _text(body: str, subtype: str) -> MIMENonMultipart:
+    part = MIMENonMultipart("text", subtype)
+    part.set_payload(body, "us-ascii" if body.isascii() else _UTF8_QP)
+    del part["MIME-Version"]  # once, at the top of the message
+    return part
+
+
+def _address(value: str) -> str:
+    """An address header value with any non-ASCII display name encoded."""
+    if value.isascii():
+        return value
+    return ", ".join(formataddr(pair, charset="utf-8") for pair in getaddresses([value]))
 
 
 def _copy_id(row: OutboxMessage) -> str:
@@ -113,7 +152,7 @@ def _copy_id(row: OutboxMessage) -> str:
     return match.group(0) if match else "unknown"
 
 
-def _attach(message: EmailMessage, attachment: Attachment, headline: str) -> None:
+def _attachment(attachment: Attachment, headline: str) -> MIMEBase:
     document = attachment.document
     data = attachment.data
     if document.content_type == "application/pdf":
@@ -123,8 +162,14 @@ def _attach(message: EmailMessage, attachment: Attachment, headline: str) -> Non
         except InputError:
             log.warning("%s is not a readable PDF; attached unmarked", document.filename)
     maintype, _, subtype = document.content_type.partition("/")
-    message.add_attachment(data, maintype=maintype or "application",
-                           subtype=subtype or "octet-stream", filename=document.filename)
+    part = MIMEBase(maintype or "application", subtype or "octet-stream")
+    del part["MIME-Version"]  # once, at the top of the message
+    part.set_payload(data)
+    encoders.encode_base64(part)
+    filename: str | tuple[str, str, str] = (
+        document.filename if document.filename.isascii() else ("utf-8", "", document.filename))
+    part.add_header("Content-Disposition", "attachment", filename=filename)
+    return part
 
 
 def _html(text: str) -> str:

@@ -211,6 +211,41 @@ def test_non_pdf_documents_go_unchanged_with_the_id_in_headers(
 
 
 # -- trace and the access list ----------
+def test_welsh_and_accented_text_survives_the_mail_encoding(
+        settings: Settings, services: Services, tmp_path: Path) -> None:
+    """Titles, names, organisations and file names outside ASCII reach the
+    reader intact: RFC 2047 headers, RFC 2231 file names, UTF-8 bodies."""
+    manifest = write_bundle(tmp_path / "cy", letters=1)
+    letter = tmp_path / "cy" / "letters" / "llythyr-i'r-gŵr.txt"
+    (tmp_path / "cy" / "letters" / "force-1.txt").rename(letter)
+    manifest.write_text(manifest.read_text(encoding="utf-8")
+                        .replace("Core business: a test inspection",
+                                 "Adolygiad o wasanaethau llyfrgell — Gŵyl Dewi")
+                        .replace("force-1.txt", letter.name)
+                        .replace('"Force 1"', '"Cyngor Sir Ynys Môn"')
+                        .replace("Liaison 1", "Siân Ffrancon-Jones"), encoding="utf-8")
+    release = queue(services, manifest)
+    with freeze_time(QUEUED_AT + timedelta(minutes=1)):
+        issue_copies(services, release.id, actor="t")
+        OutboxRelay(services, FileMailTransport(settings.outbox_dir),
+                    sender="Swyddfa’r Wasg <press@inspectorate.example>", worker="relay",
+                    opener=DocumentOpener(services, load_private_key(settings.keys_dir))
+                    ).run_once()
+    raw = next(settings.outbox_dir.glob("*.copy.*.eml")).read_bytes()
+    assert raw.isascii()  # every non-ASCII character travels encoded
+    message = copies_in_outbox(settings)[0]
+    assert str(message["Subject"]).endswith(": Adolygiad o wasanaethau llyfrgell — Gŵyl Dewi")
+    assert message["From"].addresses[0].display_name == "Swyddfa’r Wasg"
+    body = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert body is not None and html is not None
+    assert "Dear Siân Ffrancon-Jones," in body.get_content()
+    assert "with the letter to Cyngor Sir Ynys Môn." in body.get_content()
+    assert "Gŵyl Dewi" in html.get_content()
+    attached = {a.get_filename(): a.get_content() for a in message.iter_attachments()}
+    assert attached[letter.name].encode() == letter.read_bytes()
+
+
 def test_trace_from_a_leaked_pdf_and_from_a_copy_id(settings: Settings,
                                                     services: Services) -> None:
     release = queue(services, pdf_bundle(settings.data_dir.parent / "b"))

@@ -4,22 +4,26 @@ loopback port, first down, then up."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from email.message import Message
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import select
 
 from config.settings import Settings
-from jobs.mail import SmtpMailTransport
-from jobs.relay import OutboxRelay
+from jobs.mail import FileMailTransport, SmtpMailTransport
+from jobs.relay import CLAIM, OutboxRelay
+from release import audit
 from release.keys import load_private_key
 from release.publishing import Publisher
-from release.records import OutboxMessage
+from release.records import AuditEvent, OutboxMessage
 from release.service import Services
-from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port
+from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bundle
 from tests.test_publish import queue_seed
 
 
@@ -129,8 +133,6 @@ def test_relay_gives_up_after_max_attempts(published: Services, smtp_port: int) 
 
 def test_two_relays_do_not_send_the_same_notice(published: Services, smtp_port: int,
                                                 inbox: Inbox) -> None:
-    import threading
-
     controller = start_server(smtp_port, inbox)
     try:
         relays = [OutboxRelay(published, SmtpMailTransport("127.0.0.1", smtp_port,
@@ -149,3 +151,88 @@ def test_two_relays_do_not_send_the_same_notice(published: Services, smtp_port: 
     assert len(inbox.messages) == 4
 
 
+
+
+@pytest.fixture
+def many(settings: Settings, services: Services, tmp_path: Path) -> Services:
+    """A release to 12 officers, published at its instant (13 notices with
+    the owner's summary); the clock stays there."""
+    at_instant = dataclasses.replace(services, clock=FakeClock(SEED_INSTANT))
+    release = queue_seed(services, write_bundle(tmp_path / "twelve", letters=12))
+    publisher = Publisher(at_instant, load_private_key(settings.keys_dir), claimant="n")
+    assert publisher.publish(release.id).status == "published"
+    return at_instant
+
+
+class Peers(Inbox):
+    """An inbox that also notes which connection each message came over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peers: list[object] = []
+
+    async def handle_DATA(self, server: object, session: Any, envelope: Any) -> str:
+        self.peers.append(session.peer)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_workers_send_each_notice_once_over_their_own_connections(
+        many: Services, smtp_port: int) -> None:
+    inbox = Peers()
+    controller = start_server(smtp_port, inbox)
+
+    def connect() -> SmtpMailTransport:
+        return SmtpMailTransport("127.0.0.1", smtp_port, security="none")
+
+    try:
+        relay = OutboxRelay(many, connect(), sender="e@x.example", worker="relay",
+                            workers=4, make_transport=connect)
+        assert relay.run_once() == 13
+        assert relay.run_once() == 0
+    finally:
+        controller.stop()
+    ids = [m["Message-ID"] for m in inbox.messages]
+    assert len(ids) == 13 and len(set(ids)) == 13
+    assert len(set(inbox.peers)) > 1  # the workers really did share the work
+    with many.sessions() as session:
+        rows = list(session.scalars(select(OutboxMessage)))
+        report = audit.verify(session)
+        sent = session.scalars(select(AuditEvent).where(
+            AuditEvent.action == "notice_sent")).all()
+    assert sorted(ids) == sorted(r.message_id for r in rows)
+    assert all(r.delivered_at is not None and r.attempts == 1 for r in rows)
+    assert report.ok and len(sent) == 13
+
+
+def test_a_worker_that_breaks_stops_the_run_and_its_rows_are_retried(
+        many: Services, settings: Settings) -> None:
+    """An unexpected error in one worker is raised from run_once once every
+    worker has stopped; what was not delivered goes when the claim lapses,
+    and nothing goes twice."""
+    sent: list[str] = []
+    lock = threading.Lock()
+
+    class Breaks(FileMailTransport):
+        def send(self, message: Message) -> str:
+            with lock:  # five go, then every send fails
+                if len(sent) >= 5:
+                    raise RuntimeError("a bug in the transport")
+                sent.append(str(message["Message-ID"]))
+            return super().send(message)
+
+    def breaks() -> Breaks:
+        return Breaks(settings.outbox_dir)
+
+    relay = OutboxRelay(many, breaks(), sender="e@x.example", worker="relay", workers=3,
+                        make_transport=breaks)
+    with pytest.raises(RuntimeError, match="a bug in the transport"):
+        relay.run_once()
+    assert len(sent) == 5
+    clock = many.clock
+    assert isinstance(clock, FakeClock)
+    assert relay.run_once() == 0  # the rest are still claimed by the broken run
+    clock.set(SEED_INSTANT + CLAIM + timedelta(seconds=1))
+    fine = OutboxRelay(many, FileMailTransport(settings.outbox_dir), sender="e@x.example",
+                       worker="relay2")
+    assert fine.run_once() == 8
+    assert len(list(settings.outbox_dir.glob("*.eml"))) == 13
