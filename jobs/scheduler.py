@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -55,6 +56,7 @@ class EmbargoScheduler:
         self._fingerprint: tuple[int, int] | None = None
         self._relay_wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> int:
@@ -151,6 +153,18 @@ class EmbargoScheduler:
                     pass
             self._fingerprint = fresh
             return len(self._known)
+
+    def _skipped(self, event: JobSubmissionEvent) -> None:
+        """APScheduler dropped a run because the job's previous run had not
+        returned yet: a sync re-added the job in the moment between a run
+        forgetting its release and returning. Forget it again, so the next
+        sync schedules it once more; never leave a release unscheduled."""
+        kind, _, release_id = event.job_id.partition(":")
+        log.info("%s job for %s overlapped its previous run; rescheduling it", kind,
+                 release_id)
+        with self._lock:
+            (self._known if kind == "publish" else self._copies).pop(release_id, None)
+            self._fingerprint = None
 
     # -- jobs ------------------------------------------------------------------
     def doing(self) -> str:

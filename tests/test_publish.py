@@ -20,9 +20,10 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 from freezegun import freeze_time
 from sqlalchemy import func, select
 
@@ -34,7 +35,7 @@ from jobs.scheduler import EmbargoScheduler
 from release.clock import Clock
 from release.keys import init_keys, load_private_key
 from release.manifest import load_manifest
-from release.publishing import Publisher
+from release.publishing import Outcome, Publisher
 from release.records import PUBLISHED, OutboxMessage, Release
 from release.service import ReleaseService, Services
 from tests.conftest import MARKER, SEED_INSTANT, FakeClock, write_bundle
@@ -435,3 +436,49 @@ def test_public_target_holds_no_plaintext_before(settings: Settings, services: S
 
 def test_clock_is_read_through_clock_object() -> None:
     assert abs((Clock().now() - datetime.now(UTC)).total_seconds()) < 1
+
+
+# -- a run that overlaps its previous run is not lost ----------------------------------------
+def test_a_publish_run_dropped_for_overlapping_its_previous_run_is_rescheduled(
+        settings: Settings, services: Services, publisher: Publisher, bundle: Path) -> None:
+    """A sync that re-adds a release's job between the previous run
+    forgetting the release and returning makes APScheduler drop the new run
+    ("maximum number of running instances reached"). The release must be
+    scheduled again, not left waiting until the next restart."""
+    release = queue_seed(services, bundle)
+    skipped = threading.Event()
+    again = threading.Event()  # Event.wait keeps real time under freeze_time
+    calls: list[str] = []
+    scheduler: EmbargoScheduler
+
+    class NotYetOnce:
+        """The real publisher, but its first run ends 'not_yet'; while
+        that run is still returning, a sync re-adds the job."""
+
+        stop = publisher.stop
+        claimant = publisher.claimant
+
+        def publish(self, release_id: str, **kw: Any) -> Outcome:
+            calls.append(release_id)
+            if len(calls) == 1:
+                return Outcome(status="not_yet", release_id=release_id)
+            again.set()
+            return publisher.publish(release_id, **kw)
+
+    def on_outcome(outcome: Outcome) -> None:
+        if outcome.status == "not_yet":  # still inside the first run
+            scheduler.sync(force=True)
+            assert skipped.wait(5), "APScheduler did not drop the overlapping run"
+
+    with freeze_time(SEED_INSTANT + timedelta(seconds=1)):
+        scheduler = EmbargoScheduler(services, cast(Publisher, NotYetOnce()), None,
+                                     poll_seconds=0.05, on_outcome=on_outcome)
+        scheduler.scheduler.add_listener(lambda event: skipped.set(), EVENT_JOB_MAX_INSTANCES)
+        scheduler.start()
+        try:
+            assert again.wait(10), "the release was not scheduled again"
+            # shutdown() waits for that run to finish publishing
+        finally:
+            scheduler.shutdown()
+    assert skipped.is_set()
+    check_published(settings, services, release.id)
