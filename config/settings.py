@@ -141,6 +141,14 @@ def _optional_duration(value: Any) -> timedelta | None:
     return parse_duration(_text(value))
 
 
+def _horizon(value: Any) -> timedelta:
+    horizon = parse_duration(_text(value))
+    if horizon < timedelta(minutes=1):
+        raise ValueError(f"{value!r} is shorter than a minute: a release would get its timer "
+                         "too late to be woken on time")
+    return horizon
+
+
 def _url_or_none(value: Any) -> str | None:
     text = _optional_text(value)
     if text is not None and not re.match(r"^https?://[^\s/]+", text):
@@ -205,6 +213,9 @@ FIELDS: tuple[Field, ...] = (
           help="threads that run jobs; releases due together do not wait for each other"),
     Field(key="scheduler.publish_workers", default=4, check=_number(1, 64, int),
           help="documents of one release written to the public location at once"),
+    Field(key="scheduler.horizon", default="1h", check=_horizon,
+          help="releases due within this get a timer; the rest are looked at again every "
+               "half horizon (so start-up grows with what is due soon, not all queued)"),
     Field(key="scheduler.lead_seconds", default=0.5, check=_number(0, 10),
           help="the job wakes this early, prepares, then waits for the exact instant"),
     Field(key="testing.clock_offset_ms", default=0.0, check=_number(-86_400_000, 86_400_000),

@@ -84,6 +84,7 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
         services, publisher, relay, poll_seconds=settings["scheduler.poll_seconds"],
         workers=settings["scheduler.workers"],
         lead=timedelta(seconds=settings["scheduler.lead_seconds"]), on_outcome=on_outcome,
+        horizon=settings["scheduler.horizon"],
         guard=lambda: monitor.clock_ok)
     monitor.doing = scheduler.doing
     monitor.start()

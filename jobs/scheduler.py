@@ -17,7 +17,7 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from jobs.relay import OutboxRelay
 from release.context import Services
@@ -34,8 +34,10 @@ class EmbargoScheduler:
                  poll_seconds: float = 0.5, workers: int = 16,
                  lead: timedelta = timedelta(seconds=0.5),
                  on_outcome: Callable[[Outcome], None] | None = None,
-                 guard: Callable[[], bool] = lambda: True) -> None:
+                 guard: Callable[[], bool] = lambda: True,
+                 horizon: timedelta = timedelta(hours=1)) -> None:
         self.guard = guard
+        self.horizon = horizon
         self.s = services
         self.publisher = publisher
         self.relay = relay
@@ -54,6 +56,8 @@ class EmbargoScheduler:
         self._copies: dict[str, datetime] = {}
         self._running: set[str] = set()
         self._fingerprint: tuple[int, int] | None = None
+        self._refresh_at = datetime.min.replace(tzinfo=UTC)  # when to look past the horizon
+        self._active = 0  # queued or publishing, due within the horizon or not
         self._relay_wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
@@ -96,23 +100,37 @@ class EmbargoScheduler:
                 log.exception("could not read the releases; will try again")
 
     def sync(self, *, force: bool = False) -> int:
-        """Bring the jobs in line with the database. Cheap when nothing has
-        changed: one aggregate query."""
+        """Bring the jobs in line with the database; return how many releases
+        are active (queued or publishing). Cheap when nothing has changed:
+        one aggregate query.
+
+        Only releases due within ``horizon`` get a timer; the rest are looked
+        at again every half horizon, so the work at start and at each change
+        grows with the releases due soon, not with everything queued."""
+        now = self.s.clock.now()
         with transaction(self.sessions) as session:
-            fingerprint = session.execute(
-                select(func.count(), func.coalesce(func.sum(Release.revision), 0))).one()
+            fingerprint = session.execute(select(
+                func.count(), func.coalesce(func.sum(Release.revision), 0),
+                func.count().filter(Release.state.in_((QUEUED, PUBLISHING))))).one()
             fp = (int(fingerprint[0]), int(fingerprint[1]))
-            if not force and fp == self._fingerprint:
-                return len(self._known)
+            if not force and fp == self._fingerprint and now < self._refresh_at:
+                with self._lock:
+                    return self._active
+            within = now + self.horizon
             rows = session.execute(
                 select(Release.id, Release.state, Release.instant, Release.revision,
                        Release.lease_expires_at, Release.copies_at, Release.copies_issued_at)
-                .where(Release.state.in_((QUEUED, PUBLISHING)))).all()
-        now = self.s.clock.now()
+                .where(or_(Release.state == PUBLISHING,
+                           (Release.state == QUEUED) & or_(
+                               Release.instant <= within + self.lead,
+                               Release.copies_at <= within)))).all()
+        self._refresh_at = now + self.horizon / 2
         fresh: tuple[int, int] | None = fp
+        active_count = int(fingerprint[2])
         if not self.guard():
             rows = []  # a node that may not publish schedules nothing,
             fresh = None  # and looks again at the next poll
+            active_count = 0
         with self._lock:
             active: set[str] = set()
             copies_due: set[str] = set()
@@ -130,6 +148,9 @@ class EmbargoScheduler:
                     continue
                 if state == QUEUED:
                     run_at = instant - self.lead
+                    if run_at > within:
+                        active.discard(release_id)  # here for its copies only
+                        continue
                 else:  # publishing: resume when the current claim lapses
                     run_at = max(lease or now, instant)
                 key = (revision, run_at)
@@ -152,7 +173,8 @@ class EmbargoScheduler:
                 except JobLookupError:
                     pass
             self._fingerprint = fresh
-            return len(self._known)
+            self._active = active_count
+            return active_count
 
     def _skipped(self, event: JobSubmissionEvent) -> None:
         """APScheduler dropped a run because the job's previous run had not
@@ -171,7 +193,7 @@ class EmbargoScheduler:
         """What this node is working on, for ``embargo nodes``."""
         with self._lock:
             running = sorted(self._running)
-            waiting = len(self._known)
+            waiting = self._active
         if running:
             return "publishing " + ", ".join(running)
         return f"waiting for {waiting} release{'s' if waiting != 1 else ''}"

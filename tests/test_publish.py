@@ -482,3 +482,41 @@ def test_a_publish_run_dropped_for_overlapping_its_previous_run_is_rescheduled(
             scheduler.shutdown()
     assert skipped.is_set()
     check_published(settings, services, release.id)
+
+
+# -- the horizon: timers only for what is due soon ------------------------------------------
+def eventually(predicate: Any, tries: int = 200) -> bool:
+    """Poll ``predicate`` every 50 ms of real time (freezegun freezes the
+    monotonic clocks, not sleep)."""
+    for _ in range(tries):
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_release_beyond_the_horizon_gets_its_timer_as_the_horizon_reaches_it(
+        settings: Settings, services: Services, publisher: Publisher, bundle: Path) -> None:
+    release = queue_seed(services, bundle)
+    job = f"publish:{release.id}"
+    outcomes: list[str] = []
+    with freeze_time(SEED_INSTANT - timedelta(hours=2)) as frozen:
+        scheduler = EmbargoScheduler(services, publisher, None, poll_seconds=0.05,
+                                     horizon=timedelta(hours=1),
+                                     on_outcome=lambda o: outcomes.append(o.status))
+        try:
+            assert scheduler.start() == 1  # known and counted ...
+            assert scheduler.doing() == "waiting for 1 release"
+            assert scheduler.scheduler.get_job(job) is None  # ... but no timer yet
+            frozen.move_to(SEED_INSTANT - timedelta(minutes=70))
+            time.sleep(0.3)  # several polls: nothing changed, nothing due within the hour
+            assert scheduler.scheduler.get_job(job) is None
+            frozen.move_to(SEED_INSTANT - timedelta(minutes=40))  # past the half-horizon look
+            assert eventually(lambda: scheduler.scheduler.get_job(job) is not None)
+            assert outcomes == []
+            frozen.move_to(SEED_INSTANT)
+            scheduler.scheduler.wakeup()  # its timer waits in real time: 40 min have "passed"
+            assert eventually(lambda: outcomes == ["published"])
+        finally:
+            scheduler.shutdown()
+    assert check_published(settings, services, release.id).lateness_ms == 0
