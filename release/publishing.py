@@ -218,10 +218,11 @@ class Publisher:
         except ObjectExistsError:
             pass  # an earlier attempt got this far; the verification below decides
         stored = public.stat(key)
-        if stored.sha256 != document.sha256:
+        if stored.sha256 != document.sha256 or stored.size != document.size:
             raise StorageError(f"{public.url(key)} holds other content than {document.filename}"
-                               f" (sha256 {stored.sha256[:12]}…, expected "
-                               f"{document.sha256[:12]}…); refusing to overwrite it")
+                               f" ({stored.size} bytes, sha256 {stored.sha256[:12]}…; expected "
+                               f"{document.size} bytes, {document.sha256[:12]}…); refusing to "
+                               "overwrite it")
         log.info("published %s", public.url(key))
 
     def _write_manifest(self, release: Release, documents: list[Document], started: datetime,

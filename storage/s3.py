@@ -5,11 +5,17 @@ Writes are spooled to a temporary file (memory stays flat) and sent when the
 block exits normally. The public target creates objects conditionally
 (``If-None-Match: *``, on PutObject and on CompleteMultipartUpload), so a
 second writer gets ObjectExistsError instead of replacing what is public.
-``stat`` is the base one: it reads the stored bytes back and hashes them."""
+Each object is put with its SHA-256 (``x-amz-checksum-sha256``), which S3
+checks against the bytes it receives and keeps; ``stat`` asks for it with a
+HEAD, and reads the bytes back and hashes them only when the store has no
+SHA-256 of the whole object (a multipart upload's, or a store that keeps no
+checksums)."""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import io
 import logging
 import os
@@ -38,7 +44,14 @@ from botocore.exceptions import (
 
 from config.errors import ConfigError, NotFoundError, StorageError
 from config.settings import Settings
-from storage.base import ObjectExistsError, PublicTarget, Vault, check_key, hash_stream
+from storage.base import (
+    ObjectExistsError,
+    PublicTarget,
+    StoredObject,
+    Vault,
+    check_key,
+    hash_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +166,46 @@ def _sha256_of(src: IO[bytes] | io.RawIOBase) -> bytes:
 
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
+
+
+def _whole_object_sha256(head: dict[str, Any]) -> bytes | None:
+    """The SHA-256 of the whole object that a HEAD with ``ChecksumMode``
+    reports, or None when it reports none. A multipart upload's is a checksum
+    of the parts' checksums, not of the object: S3 writes it ``…-N`` with
+    ChecksumType COMPOSITE; moto writes neither, but a multipart object's
+    ETag ends in ``-N`` on every store."""
+    value = head.get("ChecksumSHA256")
+    if not value or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    if "-" in value or "-" in str(head.get("ETag", "")):
+        return None
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        return None
+    return digest if len(digest) == 32 else None
+
+
+class _HashingWriter(io.BufferedIOBase):
+    """The write-only stream a public writer hands out: what is written goes
+    to the spool and through SHA-256, so the spool is not read again to hash
+    it. Not seekable: what was hashed is what the spool holds."""
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        super().__init__()
+        self.sink = sink
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.sink.write(view)
+        self.hasher.update(view)
+        self.size += len(view)
+        return len(view)
 
 
 class _FileSlice(io.RawIOBase):
@@ -335,14 +388,35 @@ class S3PublicTarget(_S3Location, PublicTarget):
             return f"{parts.scheme}://{self.bucket}.{parts.netloc}/{path}"
         return f"{endpoint}/{quote(self.bucket)}/{path}"
 
+    def stat(self, key: str) -> StoredObject:
+        """Size and SHA-256 of the stored object: the SHA-256 that S3 checked
+        the bytes against when they were put, from a HEAD; or, when the store
+        has none for the whole object, the stored bytes read back and hashed.
+        A missing checksum is never taken for a match."""
+        name = self._name(key)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=name, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if _code(exc) in _MISSING_KEY:
+                raise NotFoundError(f"no stored object {key}") from None
+            raise self._error(exc, f"look up {name}") from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, f"look up {name}") from exc
+        digest = _whole_object_sha256(head)
+        if digest is None:
+            log.debug("s3://%s/%s has no whole-object SHA-256; reading it back", self.bucket,
+                      name)
+            return super().stat(key)
+        return StoredObject(key=key, size=int(head["ContentLength"]), sha256=digest.hex())
+
     # -- the conditional create ----------------------------------------------------------
     @contextmanager
     def _create(self, key: str, content_type: str) -> Iterator[BinaryIO]:
         name = self._name(key)
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX) as spool:
-            yield cast(BinaryIO, spool)
-            size = spool.seek(0, 2)
-            digest = _sha256_of(spool)
+            out = _HashingWriter(spool)
+            yield cast(BinaryIO, out)
+            size, digest = out.size, out.hasher.digest()
             extra: dict[str, Any] = {"ContentType": content_type,
                                      "Metadata": {"sha256": digest.hex()}}
             if self.cache_control:
@@ -358,8 +432,10 @@ class S3PublicTarget(_S3Location, PublicTarget):
     def _put(self, name: str, spool: IO[bytes], checksum: str, extra: dict[str, Any]) -> None:
         def put() -> None:
             spool.seek(0)
+            # ChecksumAlgorithm as well: without it moto keeps no checksum
             self.client.put_object(Bucket=self.bucket, Key=name, Body=spool, IfNoneMatch="*",
-                                   ChecksumSHA256=checksum, **extra)
+                                   ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
+                                   **extra)
 
         self._conditional(name, put)
 

@@ -236,8 +236,8 @@ def test_a_503_on_a_vault_put_is_retried(proxy: FaultProxy, proxied: Any, s3_cli
 def test_a_lost_response_after_a_successful_put_is_not_a_second_write(
         proxy: FaultProxy, proxied: Any, s3_client: Any, s3_buckets: Buckets) -> None:
     """The server stored the object but the client saw a 503: botocore retries
-    the conditional put, the server answers 412, and the caller's read-back
-    finds its own bytes (what the publisher counts as success)."""
+    the conditional put, the server answers 412, and the caller's check
+    (stat) finds its own bytes (what the publisher counts as success)."""
     proxy.inject(Fault("PUT", path_contains="/site/slug/a.txt", after_forwarding=True))
     target = target_on(proxied, s3_buckets.public)
     with pytest.raises(ObjectExistsError), \
@@ -331,6 +331,32 @@ def test_a_412_with_a_mismatching_object_keeps_the_old_one(
     assert len(puts) == 1  # a 412 is an answer, not something to retry
     assert stored(s3_client, s3_buckets.public, "site/slug/r.txt") == b"old content"
     assert target.stat("slug/r.txt").sha256 != hashlib.sha256(b"new content").hexdigest()
+
+
+# -- verification by HEAD --------------------------------------------------------------------
+def test_stat_is_one_head_and_a_503_on_it_is_retried(
+        proxy: FaultProxy, proxied: Any, s3_buckets: Buckets) -> None:
+    target = target_on(proxied, s3_buckets.public)
+    with target.writer("slug/v.txt", content_type="text/plain") as out:
+        out.write(b"verified by its checksum")
+    proxy.inject(Fault("HEAD", path_contains="/site/slug/v.txt", status=503, code="SlowDown"))
+    found = target.stat("slug/v.txt")
+    assert found.sha256 == hashlib.sha256(b"verified by its checksum").hexdigest()
+    assert found.size == len(b"verified by its checksum")
+    assert [h.faulted for h in proxy.requests("HEAD", "/site/slug/v.txt")] == [503, None]
+    assert proxy.requests("GET", "/site/slug/v.txt") == []  # the body was not read back
+
+
+def test_a_refused_head_is_an_error_not_a_read_back(
+        proxy: FaultProxy, proxied: Any, s3_buckets: Buckets) -> None:
+    target = target_on(proxied, s3_buckets.public)
+    with target.writer("slug/d.txt", content_type="text/plain") as out:
+        out.write(b"x")
+    proxy.inject(Fault("HEAD", path_contains="/site/slug/d.txt", status=403, code="AccessDenied"))
+    with pytest.raises(StorageError,
+                       match=r"cannot look up site/slug/d\.txt .*access to bucket .* denied"):
+        target.stat("slug/d.txt")
+    assert proxy.requests("GET", "/site/slug/d.txt") == []
 
 
 # -- access errors at start ----------------------------------------------------------------
