@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
+import types
 from collections.abc import Callable
 from typing import BinaryIO, cast
 
@@ -467,3 +469,276 @@ def test_only_authenticated_segments_are_written(
     with pytest.raises(SealError):
         open_stream(dek, "letter-01", io.BytesIO(tamper(blob)), dst)
     assert dst.getvalue() == written
+
+
+# --- the threaded hash and batched I/O ---------------------------------------
+#
+# Past its first sealing._PARALLEL_AFTER bytes a document goes in batches of
+# several segments, hashed on a second thread. None of that may show: the same
+# bytes out, the same digest, no thread left behind whatever fails.
+
+HASH_THREAD = "embargo-sha256"
+
+
+def reference_seal_stream(
+    dek: bytes, document_id: str, data: bytes, segment_size: int, salt: bytes, prefix: bytes
+) -> bytes:
+    """The object the one-segment-at-a-time sealer wrote for ``data`` with this
+    salt and nonce prefix (straight from DESIGN.md)."""
+    header = b"EMB1" + segment_size.to_bytes(4, "big") + salt + prefix
+    aead = reference_key(dek, salt, document_id)
+    count = max(1, -(-len(data) // segment_size))
+    body = b"".join(
+        aead.encrypt(
+            prefix + i.to_bytes(4, "big") + (b"\x01" if i == count - 1 else b"\x00"),
+            data[i * segment_size : (i + 1) * segment_size],
+            header,
+        )
+        for i in range(count)
+    )
+    return header + body
+
+
+def hash_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == HASH_THREAD]
+
+
+@pytest.mark.parametrize(
+    ("size", "segment_size"),
+    [
+        pytest.param(5 * MiB + 123, DEFAULT_SEGMENT_SIZE, id="5MiB+123"),
+        pytest.param(4 * MiB, DEFAULT_SEGMENT_SIZE, id="4MiB-batch-boundary"),
+        pytest.param(4 * MiB + 1, DEFAULT_SEGMENT_SIZE, id="4MiB+1"),
+        pytest.param(sealing._PARALLEL_AFTER, DEFAULT_SEGMENT_SIZE, id="at-the-switch"),
+        pytest.param(sealing._PARALLEL_AFTER + 1, DEFAULT_SEGMENT_SIZE, id="past-the-switch"),
+        pytest.param(3 * MiB + 7, SEG, id="1KiB-segments"),
+        pytest.param(2 * MAX_SEGMENT_SIZE + 5, MAX_SEGMENT_SIZE, id="16MiB-segments"),
+    ],
+)
+def test_output_identical_to_one_segment_at_a_time(
+    dek: bytes, size: int, segment_size: int
+) -> None:
+    data = os.urandom(size)
+    blob = seal_bytes(dek, "report", data, segment_size=segment_size)
+    salt, prefix = blob[8:24], blob[24:HEADER_SIZE]
+    assert blob == reference_seal_stream(dek, "report", data, segment_size, salt, prefix)
+
+
+def test_recorded_sha256_is_hashlibs(dek: bytes) -> None:
+    data = os.urandom(9 * MiB + 4321)  # several batches on the hash thread
+    expected = hashlib.sha256(data).hexdigest()
+    sealed = io.BytesIO()
+    assert seal_stream(dek, "d", io.BytesIO(data), sealed).sha256 == expected
+    opened = io.BytesIO()
+    assert open_stream(dek, "d", io.BytesIO(sealed.getvalue()), opened).sha256 == expected
+    assert opened.getvalue() == data
+
+
+def test_large_document_is_hashed_on_a_thread(dek: bytes) -> None:
+    """So that the tests of failures below do fail with the thread running."""
+    seen: list[int] = []
+
+    class Watching(io.BytesIO):
+        def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+            seen.append(len(hash_threads()))
+            return super().readinto(buf)
+
+    seal_stream(dek, "d", cast(BinaryIO, Watching(os.urandom(3 * MiB))), io.BytesIO())
+    assert seen[0] == 0 and max(seen) == 1  # a small start costs no thread
+    assert hash_threads() == []
+
+
+def test_progress_in_batches_reports_each_segment(dek: bytes) -> None:
+    data = os.urandom(3 * MiB + 10)
+    steps: list[int] = []
+    sealed = io.BytesIO()
+    seal_stream(dek, "d", io.BytesIO(data), sealed, on_progress=steps.append)
+    assert steps == [DEFAULT_SEGMENT_SIZE] * 48 + [10]
+    opened: list[int] = []
+    open_stream(dek, "d", io.BytesIO(sealed.getvalue()), io.BytesIO(), on_progress=opened.append)
+    assert opened == steps
+
+
+@pytest.mark.parametrize("step", [7, 10007])
+def test_short_reads_and_writes_in_batches(
+    dek: bytes, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    monkeypatch.setattr(sealing, "_PARALLEL_AFTER", 2 * DEFAULT_SEGMENT_SIZE)
+    size = 600 * 1024 if step == 7 else 3 * MiB + 5
+    data = os.urandom(size)
+    dst = Trickle(step=step)
+    seal_stream(dek, "d", cast(BinaryIO, Trickle(data, step)), cast(BinaryIO, dst))
+    blob = bytes(dst.written)
+    assert blob == reference_seal_stream(
+        dek, "d", data, DEFAULT_SEGMENT_SIZE, blob[8:24], blob[24:HEADER_SIZE])
+    out = Trickle(step=step)
+    result = open_stream(dek, "d", cast(BinaryIO, Trickle(blob, step)), cast(BinaryIO, out))
+    assert bytes(out.written) == data
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+
+
+class Failing(io.BytesIO):
+    """Reads (or takes writes) normally until ``after`` bytes, then raises."""
+
+    def __init__(self, data: bytes, after: int, error: BaseException) -> None:
+        super().__init__(data)
+        self.after = after
+        self.error = error
+        self.done = 0
+        self.threads_at_failure = -1
+
+    def _step(self, n: int) -> None:
+        self.done += n
+        if self.done > self.after:
+            self.threads_at_failure = len(hash_threads())
+            raise self.error
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        self._step(len(buf))
+        return super().readinto(buf)
+
+    def write(self, buf: memoryview) -> int:  # type: ignore[override]
+        self._step(len(buf))
+        return super().write(buf)
+
+
+@pytest.mark.parametrize("error", [OSError("disk gone"), KeyboardInterrupt()],
+                         ids=["OSError", "KeyboardInterrupt"])
+def test_failing_reader_or_writer_leaves_no_thread(dek: bytes, error: BaseException) -> None:
+    data = os.urandom(6 * MiB)
+    blob = seal_bytes(dek, "d", data)
+    before = threading.active_count()
+    for run in ("seal-read", "seal-write", "open-read", "open-write"):
+        source = blob if run.startswith("open") else data
+        failing = Failing(source if run.endswith("read") else b"", 4 * MiB, error)
+        src = failing if run.endswith("read") else io.BytesIO(source)
+        dst = failing if run.endswith("write") else io.BytesIO()
+        with pytest.raises(type(error)):
+            if run.startswith("seal"):
+                seal_stream(dek, "d", src, dst)
+            else:
+                open_stream(dek, "d", src, dst)
+        assert failing.threads_at_failure == 1, run  # it failed mid-stream, threaded
+        assert threading.active_count() == before, run
+        assert hash_threads() == [], run
+
+
+def test_tampering_mid_stream_leaves_no_thread(dek: bytes) -> None:
+    data = os.urandom(5 * MiB)
+    blob = bytearray(seal_bytes(dek, "d", data))
+    blob[3 * MiB] ^= 1
+    before = threading.active_count()
+    dst = io.BytesIO()
+    with pytest.raises(SealError) as excinfo:
+        open_stream(dek, "d", io.BytesIO(bytes(blob)), dst)
+    assert_opaque(excinfo)
+    assert threading.active_count() == before
+    # Every segment before the damaged one was written, none after.
+    damaged = (3 * MiB - HEADER_SIZE) // (DEFAULT_SEGMENT_SIZE + TAG)
+    assert dst.getvalue() == data[: damaged * DEFAULT_SEGMENT_SIZE]
+
+
+class BrokenSha:
+    """A SHA-256 whose ``update`` raises from its ``fail_at``-th call on."""
+
+    def __init__(self, fail_at: int, calls: list[str]) -> None:
+        self._real = hashlib.sha256()
+        self._fail_at = fail_at
+        self._calls = calls
+
+    def update(self, data: memoryview) -> None:
+        self._calls.append(threading.current_thread().name)
+        if len(self._calls) >= self._fail_at:
+            raise MemoryError("hash broke")
+        self._real.update(data)
+
+    def hexdigest(self) -> str:
+        return self._real.hexdigest()
+
+
+@pytest.mark.parametrize("batches", [2, 10], ids=["early", "late"])
+def test_hash_thread_failure_propagates(
+    dek: bytes, monkeypatch: pytest.MonkeyPatch, batches: int
+) -> None:
+    fail_at = sealing._PARALLEL_AFTER // DEFAULT_SEGMENT_SIZE + batches  # updates inline, then
+    calls: list[str] = []
+    fake = types.SimpleNamespace(sha256=lambda: BrokenSha(fail_at, calls))
+    monkeypatch.setattr(sealing, "hashlib", fake)
+    data = os.urandom(12 * MiB)
+    before = threading.active_count()
+    with pytest.raises(MemoryError, match="hash broke"):
+        seal_stream(dek, "d", io.BytesIO(data), io.BytesIO())
+    assert calls[-1] == HASH_THREAD  # it did fail on the thread
+    assert threading.active_count() == before
+
+    monkeypatch.setattr(sealing, "hashlib", hashlib)
+    blob = seal_bytes(dek, "d", data)
+    monkeypatch.setattr(sealing, "hashlib", fake)
+    calls.clear()
+    with pytest.raises(MemoryError, match="hash broke"):
+        open_stream(dek, "d", io.BytesIO(blob), io.BytesIO())
+    assert calls[-1] == HASH_THREAD
+    assert threading.active_count() == before
+
+
+@pytest.fixture
+def batched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threaded from the first byte, in batches of two 1 KiB segments: the
+    tampering tests again, with failures on every side of a batch."""
+    monkeypatch.setattr(sealing, "_PARALLEL_AFTER", 0)
+    monkeypatch.setattr(sealing, "_BATCH_BYTES", 2 * SEG)
+    monkeypatch.setattr(sealing, "_POOL_BYTES", 4 * SEG)
+
+
+@pytest.mark.usefixtures("batched")
+@pytest.mark.parametrize("size", [0, 1, SEG, 2 * SEG, 2 * SEG + 1, 5 * SEG, 7 * SEG + 3])
+def test_batched_round_trip(dek: bytes, size: int) -> None:
+    data = pattern(size)
+    blob = seal_bytes(dek, "d", data, segment_size=SEG)
+    assert blob == reference_seal_stream(dek, "d", data, SEG, blob[8:24], blob[24:HEADER_SIZE])
+    out = io.BytesIO()
+    result = open_stream(dek, "d", io.BytesIO(blob), out)
+    assert out.getvalue() == data
+    assert result == StreamResult(size=size, sha256=hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.usefixtures("batched")
+@pytest.mark.parametrize("tamper", TAMPERS.values(), ids=TAMPERS.keys())
+def test_batched_tampered_object_fails(dek: bytes, blob: bytes, tamper: Tamper) -> None:
+    with pytest.raises(SealError) as excinfo:
+        open_bytes(dek, "letter-01", tamper(blob))
+    assert_opaque(excinfo)
+    assert hash_threads() == []
+
+
+@pytest.mark.usefixtures("batched")
+def test_batched_every_truncation_and_segment_flip_fails(dek: bytes) -> None:
+    data = pattern(5 * SEG + 300)
+    small = seal_bytes(dek, "d", data, segment_size=SEG)
+    for length in range(len(small)):
+        with pytest.raises(SealError):
+            open_bytes(dek, "d", small[:length])
+    for segment in range(6):
+        damaged = bytearray(small)
+        damaged[HEADER_SIZE + segment * CHUNK + 5] ^= 1
+        dst = io.BytesIO()
+        with pytest.raises(SealError):
+            open_stream(dek, "d", io.BytesIO(bytes(damaged)), dst)
+        assert dst.getvalue() == data[: segment * SEG]  # what authenticated, in order
+    assert hash_threads() == []
+
+
+@pytest.mark.usefixtures("batched")
+def test_batched_counter_limit(dek: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 3)
+    exactly = pattern(3 * SEG)
+    blob = seal_bytes(dek, "d", exactly, segment_size=SEG)
+    assert open_bytes(dek, "d", blob) == exactly
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        seal_bytes(dek, "d", exactly + b"!", segment_size=SEG)
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 4)
+    longer = seal_bytes(dek, "d", exactly + b"!", segment_size=SEG)
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 3)
+    with pytest.raises(SealError):
+        open_bytes(dek, "d", longer)
+    assert hash_threads() == []
