@@ -51,9 +51,6 @@ class OutboxRelay:
         self.transport = transport
         self.workers = workers
         self.make_transport = make_transport
-        # Deliveries are recorded one transaction each; the workers of this
-        # relay take turns here rather than in SQLite's sleeping busy handler.
-        self._record = threading.Lock()
         self.sender = sender
         self.worker = worker
         self.max_attempts = max_attempts
@@ -146,7 +143,7 @@ class OutboxRelay:
             return []
         if self.opener is None:
             raise DeliveryError("this relay cannot open documents (no private key)")
-        with self._record, transaction(self.sessions) as session:
+        with transaction(self.sessions) as session:
             copy = session.scalars(select(Copy).where(Copy.message_id == row.message_id)).one()
             wanted = json.loads(copy.document_ids)
         documents = {d.id: d for d in release.documents}
@@ -173,7 +170,7 @@ class OutboxRelay:
             now = self.s.clock.now()
             attempts = row.attempts + 1
             give_up = attempts >= self.max_attempts
-            with self._record, transaction(self.sessions) as session:
+            with transaction(self.sessions) as session:
                 session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
                     attempts=attempts, last_error=str(exc), claimed_by=None,
                     claim_expires_at=None, next_attempt_at=now + backoff(attempts),
@@ -186,7 +183,7 @@ class OutboxRelay:
                             row.message_id, row.to_addr, attempts, backoff(attempts), exc)
             return 0
         now = self.s.clock.now()
-        with self._record, transaction(self.sessions) as session:
+        with transaction(self.sessions) as session:
             # Plain statements on the connection: this runs once per notice,
             # right after the instant, and the ORM's bookkeeping is not free.
             connection = session.connection()
@@ -206,7 +203,7 @@ class OutboxRelay:
 
     def _give_up(self, row: OutboxMessage, reason: str) -> None:
         now = self.s.clock.now()
-        with self._record, transaction(self.sessions) as session:
+        with transaction(self.sessions) as session:
             session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
                 given_up_at=now, last_error=reason, claim_expires_at=None))
             audit.record(session, action="notice_failed", actor=self.worker, at=now,

@@ -3,10 +3,12 @@ passed in; nothing here is global."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import CursorResult, Result, make_url
@@ -14,6 +16,13 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.errors import ConfigError, StorageError
+
+# SQLite has one writer at a time, and a connection that finds the database
+# locked sleeps in growing steps (1, 2, 5, 10 … 100 ms) before it tries again.
+# Threads of one process therefore take turns on this lock instead: the next
+# transaction starts the moment the previous one commits. (Other processes
+# still meet the busy handler.)
+_WRITERS: WeakKeyDictionary[Engine, threading.RLock] = WeakKeyDictionary()
 
 
 def make_engine(url: str) -> Engine:
@@ -46,6 +55,7 @@ def make_engine(url: str) -> Engine:
         def _on_begin(connection: Any) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
+        _WRITERS[engine] = threading.RLock()
         return engine
     try:
         return create_engine(parsed, pool_pre_ping=True)
@@ -67,9 +77,11 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: committed when the block ends, rolled back when it
     raises. Database outages become StorageError."""
+    bind = factory.kw.get("bind")
+    writer = _WRITERS.get(bind) if isinstance(bind, Engine) else None
     session = factory()
     try:
-        with session.begin():
+        with writer if writer is not None else nullcontext(), session.begin():
             yield session
     except DBAPIError as exc:
         raise StorageError(f"database error: {exc.orig}") from exc

@@ -1,0 +1,84 @@
+"""The database layer: a transaction per unit of work, and threads of one
+process taking turns on SQLite's single writer."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+
+from config.errors import StorageError
+from storage.db import make_engine, session_factory, transaction
+
+
+def test_threads_wait_their_turn_before_sqlite_not_inside_it(tmp_path: Path) -> None:
+    """A second thread's transaction does not even begin while the first
+    holds the writer: it waits on the process's lock (woken the moment the
+    first commits), not in SQLite's busy handler (which sleeps in steps of up
+    to 100 ms before it tries again)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    begun: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("BEGIN"):  # about to ask SQLite for the writer
+            begun.append(threading.current_thread().name)
+
+    sessions = session_factory(engine)
+    with transaction(sessions) as session:
+        session.execute(text("CREATE TABLE t (n INTEGER)"))
+    with engine.connect(), engine.connect():
+        pass  # two pooled connections, set up (PRAGMAs run) while nothing is locked
+    begun.clear()
+    holding = threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with transaction(sessions) as session:
+            session.execute(text("INSERT INTO t VALUES (1)"))
+            holding.set()
+            release.wait(10)
+
+    def second() -> None:
+        with transaction(sessions) as session:
+            session.execute(text("INSERT INTO t VALUES (2)"))
+
+    one = threading.Thread(target=first, name="first")
+    two = threading.Thread(target=second, name="second")
+    one.start()
+    assert holding.wait(10)
+    two.start()
+    two.join(0.3)
+    assert two.is_alive() and begun == ["first"]
+    release.set()
+    one.join(10)
+    two.join(10)
+    assert begun == ["first", "second"]
+    with transaction(sessions) as session:
+        assert session.execute(text("SELECT n FROM t ORDER BY n")).scalars().all() == [1, 2]
+    engine.dispose()
+
+
+def test_an_error_rolls_back_and_releases_the_writer(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    sessions = session_factory(engine)
+    with transaction(sessions) as session:
+        session.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+    with pytest.raises(StorageError, match="UNIQUE"), transaction(sessions) as session:
+        session.execute(text("INSERT INTO t VALUES (1)"))
+        session.execute(text("INSERT INTO t VALUES (1)"))
+    done = threading.Event()
+
+    def other() -> None:
+        with transaction(sessions) as session:
+            session.execute(text("INSERT INTO t VALUES (2)"))
+        done.set()
+
+    threading.Thread(target=other).start()
+    assert done.wait(10)  # the failed transaction let go of the writer
+    with transaction(sessions) as session:
+        assert session.execute(text("SELECT n FROM t")).scalars().all() == [2]
+    engine.dispose()
