@@ -268,17 +268,23 @@ class _S3Location:
         return StorageError(f"S3 {self.role}: cannot {doing} in s3://{self.bucket}: "
                             f"{_problem(exc, self.bucket)}")
 
-    @contextmanager
-    def _read(self, key: str) -> Iterator[BinaryIO]:
+    def _object_call(self, key: str, doing: str, method: Callable[..., Any],
+                     **params: Any) -> Any:
+        """One request about one object: a missing object is NotFoundError,
+        any other failure a StorageError that says what was being done."""
         name = self._name(key)
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=name)
+            return method(Bucket=self.bucket, Key=name, **params)
         except ClientError as exc:
             if _code(exc) in _MISSING_KEY:
                 raise NotFoundError(f"no stored object {key}") from None
-            raise self._error(exc, f"read {name}") from exc
+            raise self._error(exc, f"{doing} {name}") from exc
         except BotoCoreError as exc:
-            raise self._error(exc, f"read {name}") from exc
+            raise self._error(exc, f"{doing} {name}") from exc
+
+    @contextmanager
+    def _read(self, key: str) -> Iterator[BinaryIO]:
+        response = self._object_call(key, "read", self.client.get_object)
         body = response["Body"]
         try:
             yield cast(BinaryIO, body)
@@ -289,15 +295,10 @@ class _S3Location:
         return self._read(key)
 
     def exists(self, key: str) -> bool:
-        name = self._name(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=name)
-        except ClientError as exc:
-            if _code(exc) in _MISSING_KEY:
-                return False
-            raise self._error(exc, f"look up {name}") from exc
-        except BotoCoreError as exc:
-            raise self._error(exc, f"look up {name}") from exc
+            self._object_call(key, "look up", self.client.head_object)
+        except NotFoundError:
+            return False
         return True
 
     def delete(self, key: str) -> None:
@@ -393,19 +394,12 @@ class S3PublicTarget(_S3Location, PublicTarget):
         the bytes against when they were put, from a HEAD; or, when the store
         has none for the whole object, the stored bytes read back and hashed.
         A missing checksum is never taken for a match."""
-        name = self._name(key)
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=name, ChecksumMode="ENABLED")
-        except ClientError as exc:
-            if _code(exc) in _MISSING_KEY:
-                raise NotFoundError(f"no stored object {key}") from None
-            raise self._error(exc, f"look up {name}") from exc
-        except BotoCoreError as exc:
-            raise self._error(exc, f"look up {name}") from exc
+        head = self._object_call(key, "look up", self.client.head_object,
+                                 ChecksumMode="ENABLED")
         digest = _whole_object_sha256(head)
         if digest is None:
             log.debug("s3://%s/%s has no whole-object SHA-256; reading it back", self.bucket,
-                      name)
+                      self._name(key))
             return super().stat(key)
         return StoredObject(key=key, size=int(head["ContentLength"]), sha256=digest.hex())
 
