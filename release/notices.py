@@ -95,7 +95,7 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                     f"Please delete your pre-embargo copy ({copy_id}) and do not share it."]
         else:
             subject = (f"NEW EMBARGO: {release.title} is now embargoed until "
-                                  f"{embargo.headline()}")
+                       f"{embargo.headline()}")
             text = [f"Dear {recipient.name},", "",
                     f"The embargo on \"{release.title}\" has changed. It is now "
                     f"embargoed until {embargo.describe_long()}.", "",
