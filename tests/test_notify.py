@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from email.message import Message
@@ -181,8 +182,16 @@ def test_workers_send_each_notice_once_over_their_own_connections(
     inbox = Peers()
     controller = start_server(smtp_port, inbox)
 
+    class Unhurried(SmtpMailTransport):
+        """20 ms a message: the batch (260 ms for one worker alone) outlasts
+        the other workers' start-up even on a loaded machine."""
+
+        def send(self, message: Message) -> str:
+            time.sleep(0.02)
+            return super().send(message)
+
     def connect() -> SmtpMailTransport:
-        return SmtpMailTransport("127.0.0.1", smtp_port, security="none")
+        return Unhurried("127.0.0.1", smtp_port, security="none")
 
     try:
         relay = OutboxRelay(many, connect(), sender="e@x.example", worker="relay",

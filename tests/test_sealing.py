@@ -619,7 +619,7 @@ def test_failing_reader_or_writer_leaves_no_thread(dek: bytes, error: BaseExcept
             else:
                 open_stream(dek, "d", src, dst)
         assert failing.threads_at_failure == 1, run  # it failed mid-stream, threaded
-        assert threading.active_count() == before, run
+        assert threading.active_count() <= before, run  # others' threads may end meanwhile
         assert hash_threads() == [], run
 
 
@@ -632,7 +632,7 @@ def test_tampering_mid_stream_leaves_no_thread(dek: bytes) -> None:
     with pytest.raises(SealError) as excinfo:
         open_stream(dek, "d", io.BytesIO(bytes(blob)), dst)
     assert_opaque(excinfo)
-    assert threading.active_count() == before
+    assert threading.active_count() <= before and hash_threads() == []
     # Every segment before the damaged one was written, none after.
     damaged = (3 * MiB - HEADER_SIZE) // (DEFAULT_SEGMENT_SIZE + TAG)
     assert dst.getvalue() == data[: damaged * DEFAULT_SEGMENT_SIZE]
@@ -669,7 +669,7 @@ def test_hash_thread_failure_propagates(
     with pytest.raises(MemoryError, match="hash broke"):
         seal_stream(dek, "d", io.BytesIO(data), io.BytesIO())
     assert calls[-1] == HASH_THREAD  # it did fail on the thread
-    assert threading.active_count() == before
+    assert threading.active_count() <= before and hash_threads() == []
 
     monkeypatch.setattr(sealing, "hashlib", hashlib)
     blob = seal_bytes(dek, "d", data)
@@ -678,7 +678,7 @@ def test_hash_thread_failure_propagates(
     with pytest.raises(MemoryError, match="hash broke"):
         open_stream(dek, "d", io.BytesIO(blob), io.BytesIO())
     assert calls[-1] == HASH_THREAD
-    assert threading.active_count() == before
+    assert threading.active_count() <= before and hash_threads() == []
 
 
 @pytest.fixture
