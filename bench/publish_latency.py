@@ -14,9 +14,8 @@ location every ~1 ms until every document is there, and an aiosmtpd server
 is "readable" at the end of the first listing that shows it (an upper bound:
 true appearance is at most one poll period earlier); it is "early" if a listing
 that finished before the instant showed it. Local folders are listed every
-~1 ms; the S3 bucket every
-10 ms plus the call (~20 ms), because each listing costs the moto server ~20 ms
-of CPU on this 2-core machine (see S3_POLL_S).
+~1 ms; the S3 bucket every 10 ms plus the call (~20 ms), because each listing
+costs the moto server ~20 ms of CPU on this 2-core machine (see S3_POLL_S).
 
 The limit, measured in the same run: (a) the wake-up lag of a bare APScheduler
 3 BackgroundScheduler date job that does nothing; (b) the raw time to decrypt
