@@ -10,9 +10,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
-from typing import cast
 
-from sqlalchemy import Table, case, or_, select, update
+from sqlalchemy import case, or_, select, update
 
 from config.errors import DeliveryError, SealError
 from jobs.mail import MailTransport
@@ -20,14 +19,14 @@ from release import audit
 from release.context import Services
 from release.copies import DocumentOpener
 from release.notices import Attachment, compose
-from release.records import Copy, OutboxMessage, Recipient, Release
+from release.records import Copy, OutboxMessage, Recipient, Release, table_of
 from storage.db import transaction
 
 log = logging.getLogger(__name__)
 
 CLAIM = timedelta(seconds=60)
-_OUTBOX = cast(Table, OutboxMessage.__table__)
-_COPIES = cast(Table, Copy.__table__)
+_OUTBOX = table_of(OutboxMessage)
+_COPIES = table_of(Copy)
 TOO_LATE = "the embargo lifted before this copy could be delivered; it was not sent"
 
 

@@ -12,18 +12,18 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from release.records import AuditEvent, AuditHead
+from release.records import AuditEvent, AuditHead, table_of
 
 GENESIS = "0" * 64
-_HEAD = cast(Table, AuditHead.__table__)
-_EVENTS = cast(Table, AuditEvent.__table__)
+_HEAD = table_of(AuditHead)
+_EVENTS = table_of(AuditEvent)
 
 
 def default_actor() -> str:

@@ -13,10 +13,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.errors import EmbargoError, SealError, StorageError
@@ -31,6 +30,7 @@ from release.records import (
     OutboxMessage,
     Recipient,
     Release,
+    table_of,
 )
 from storage.base import ObjectExistsError
 from storage.db import affected, transaction
@@ -39,10 +39,10 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10
 
-_RELEASES = cast(Table, Release.__table__)
-_RECIPIENTS = cast(Table, Recipient.__table__)
-_OUTBOX = cast(Table, OutboxMessage.__table__)
-_DOCUMENTS = cast(Table, Document.__table__)
+_RELEASES = table_of(Release)
+_RECIPIENTS = table_of(Recipient)
+_OUTBOX = table_of(OutboxMessage)
+_DOCUMENTS = table_of(Document)
 _DOCUMENT_PUBLISHED = (update(_DOCUMENTS).where(_DOCUMENTS.c.id == bindparam("document"))
                        .values(published_at=bindparam("at"), public_url=bindparam("url")))
 

@@ -4,7 +4,7 @@ outbox of notices, and the audit chain."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     DateTime,
@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -43,6 +44,13 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     pass
+
+
+def table_of(model: type[Base]) -> Table:
+    """A model's table, for plain SQL statements on the hot paths (the
+    publish finish, the relay's delivery record, the audit append), where
+    the ORM's bookkeeping costs more than the statements."""
+    return cast(Table, model.__table__)
 
 
 # Release states.
