@@ -271,22 +271,6 @@ def test_hand_built_malformed_object_fails(
     assert_opaque(excinfo)
 
 
-def test_counter_limit(dek: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 2)
-    exactly = pattern(2 * SEG)
-    blob = seal_bytes(dek, "d", exactly, segment_size=SEG)
-    assert open_bytes(dek, "d", blob) == exactly
-    with pytest.raises(ValueError, match="2\\*\\*32"):
-        seal_bytes(dek, "d", exactly + b"!", segment_size=SEG)
-
-    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 3)
-    longer = seal_bytes(dek, "d", exactly + b"!", segment_size=SEG)
-    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 2)
-    with pytest.raises(SealError) as excinfo:
-        open_bytes(dek, "d", longer)
-    assert_opaque(excinfo)
-
-
 # --- the data key ------------------------------------------------------------
 
 
@@ -728,17 +712,23 @@ def test_batched_every_truncation_and_segment_flip_fails(dek: bytes) -> None:
     assert hash_threads() == []
 
 
-@pytest.mark.usefixtures("batched")
-def test_batched_counter_limit(dek: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 3)
-    exactly = pattern(3 * SEG)
+@pytest.mark.parametrize(("batches", "limit"), [(False, 2), (True, 3)],
+                         ids=["one-segment-at-a-time", "batched"])
+def test_counter_limit(dek: bytes, monkeypatch: pytest.MonkeyPatch,
+                       request: pytest.FixtureRequest, batches: bool, limit: int) -> None:
+    if batches:
+        request.getfixturevalue("batched")
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", limit)
+    exactly = pattern(limit * SEG)
     blob = seal_bytes(dek, "d", exactly, segment_size=SEG)
     assert open_bytes(dek, "d", blob) == exactly
     with pytest.raises(ValueError, match="2\\*\\*32"):
         seal_bytes(dek, "d", exactly + b"!", segment_size=SEG)
-    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 4)
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", limit + 1)
     longer = seal_bytes(dek, "d", exactly + b"!", segment_size=SEG)
-    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", 3)
-    with pytest.raises(SealError):
+    monkeypatch.setattr(sealing, "_MAX_SEGMENTS", limit)
+    with pytest.raises(SealError) as excinfo:
         open_bytes(dek, "d", longer)
+    if not batches:
+        assert_opaque(excinfo)
     assert hash_threads() == []
