@@ -135,6 +135,26 @@ def _number(low: float, high: float, kind: type = float) -> Callable[[Any], Any]
     return check
 
 
+def _flag(value: Any) -> bool:
+    """A yes/no setting: a TOML boolean, or true/false text (the environment)."""
+    if isinstance(value, bool):
+        return value
+    text = _text(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _bind(value: Any) -> str:
+    text = _text(value)
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
+    return text
+
+
 def _optional_duration(value: Any) -> timedelta | None:
     if value is None or value == "":
         return None
@@ -250,6 +270,20 @@ FIELDS: tuple[Field, ...] = (
                "addresses, comma-separated in the environment"),
     Field(key="alerts.repeat", default="15m", check=parse_duration,
           help="an alert about a fault that lasts is sent again this often"),
+    Field(key="approval.required", default=False, check=_flag,
+          help="a release waits in awaiting_approval until a second person with the "
+               "approver role approves it (from the console or `embargo approve`)"),
+    Field(key="web.bind", default="127.0.0.1:8080", check=_bind,
+          help="where `embargo web` listens (HOST:PORT); put a TLS reverse proxy in front"),
+    Field(key="web.base_url", default="http://localhost:8080", check=_url_or_none,
+          help="the address people open the console at: its origin is checked on every "
+               "form, and cookies are Secure unless it is plain http://localhost"),
+    Field(key="web.session_idle", default="30m", check=parse_duration,
+          help="a console session ends after this long without a request"),
+    Field(key="web.session_max", default="12h", check=parse_duration,
+          help="a console session ends this long after sign-in, however busy"),
+    Field(key="web.min_lead", default="15m", check=parse_duration,
+          help="the console refuses to submit a release due sooner than this"),
     Field(key="copies.max_lead", default="", check=_optional_duration,
           help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
 )

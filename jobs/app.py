@@ -41,6 +41,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         copies_cutoff=settings["copies.cutoff"],
         alerts_to=settings["alerts.to"],
         alerts_repeat=settings["alerts.repeat"],
+        approval_required=settings["approval.required"],
     )
     if create_schema and migrate.current(services.engine) != migrate.head():
         migrate.upgrade(services.engine)

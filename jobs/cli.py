@@ -18,6 +18,7 @@ from jobs.app import build_services, start_node
 from jobs.console import Stopper, table
 from jobs.demo import run_demo
 from jobs.nodes import list_nodes
+from release import accounts, approval
 from release import keys as keyfile
 from release.audit import default_actor
 from release.copies import access_list, trace
@@ -249,6 +250,76 @@ def cmd_reschedule(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_approve(settings: Settings, args: argparse.Namespace) -> int:
+    if args.reason and not args.force:
+        raise InputError("--reason goes with --force (approving your own submission)")
+    services, _ = _service(settings)
+    release = approval.approve(services, args.id, actor=default_actor(),
+                               force_reason=args.reason if args.force else None)
+    flag = " (force-approved: flagged until someone else reviews it)" if args.force else ""
+    print(f"approved {release.id}{flag}: publishes {embargo_of(release).describe()}")
+    return 0
+
+
+def cmd_send_back(settings: Settings, args: argparse.Namespace) -> int:
+    services, _ = _service(settings)
+    release = approval.send_back(services, args.id, actor=default_actor(), comment=args.comment)
+    print(f"sent {release.id} back to its editor as a draft")
+    return 0
+
+
+def cmd_users_add(settings: Settings, args: argparse.Namespace) -> int:
+    services, _ = _service(settings)
+    user, password = accounts.add_user(services, name=args.name, email=args.email,
+                                       role=args.role, actor=default_actor())
+    print(f"added {user.name} ({user.role}); one-time password, to be changed at the first "
+          f"sign-in:\n{password}")
+    return 0
+
+
+def cmd_users_list(settings: Settings, args: argparse.Namespace) -> int:
+    services, _ = _service(settings)
+    users = accounts.list_users(services)
+    if args.json:
+        _json([{"name": u.name, "email": u.email, "role": u.role, "disabled": u.disabled,
+                "must_change": u.must_change, "locked_until": u.locked_until} for u in users])
+    elif not users:
+        print("no users; add the first admin with `embargo users add NAME EMAIL --role admin`")
+    else:
+        print(table([(u.name, u.email, u.role, "disabled" if u.disabled else
+                      "must change password" if u.must_change else "active")
+                     for u in users], ["name", "email", "role", "state"]))
+    return 0
+
+
+def cmd_users_disable(settings: Settings, args: argparse.Namespace) -> int:
+    services, _ = _service(settings)
+    user = accounts.disable_user(services, args.name, actor=default_actor())
+    print(f"disabled {user.name}; their sessions are ended")
+    return 0
+
+
+def cmd_users_reset(settings: Settings, args: argparse.Namespace) -> int:
+    services, _ = _service(settings)
+    user, password = accounts.reset_user(services, args.name, actor=default_actor())
+    print(f"reset {user.name}: unlocked, sessions ended; one-time password:\n{password}")
+    return 0
+
+
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from web.app import create_app  # the console imports no jobs module; only this does
+
+    app = create_app(settings)
+    host, _, port = settings["web.bind"].rpartition(":")
+    print(f"embargo console on http://{settings['web.bind']}/ (Ctrl-C stops it)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning",
+                proxy_headers=True, forwarded_allow_ips="127.0.0.1")
+    return 0
+
+
 def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     _, service = _service(settings)
     report = service.verify_audit()
@@ -397,6 +468,37 @@ def build_parser() -> argparse.ArgumentParser:
     trc = sub.add_parser("trace", help="whose copy a leaked file (or copy id) is")
     trc.add_argument("what", metavar="FILE|COPY-ID")
     trc.set_defaults(func=cmd_trace)
+
+    appr = sub.add_parser("approve", help="approve a release awaiting approval (a second person)")
+    appr.add_argument("id")
+    appr.add_argument("--force", action="store_true",
+                      help="approve your own submission (needs --reason; audited and flagged)")
+    appr.add_argument("--reason", help="why you approve your own submission")
+    appr.set_defaults(func=cmd_approve)
+
+    back = sub.add_parser("send-back", help="return a release awaiting approval to its editor")
+    back.add_argument("id")
+    back.add_argument("--comment", required=True)
+    back.set_defaults(func=cmd_send_back)
+
+    users = sub.add_parser("users", help="console accounts")
+    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    add = users_sub.add_parser("add", help="add an account; prints a one-time password")
+    add.add_argument("name")
+    add.add_argument("email")
+    add.add_argument("--role", required=True, choices=[r.value for r in accounts.Role])
+    add.set_defaults(func=cmd_users_add)
+    ulist = users_sub.add_parser("list", help="every account")
+    ulist.add_argument("--json", action="store_true")
+    ulist.set_defaults(func=cmd_users_list)
+    for name, func, text in (("disable", cmd_users_disable, "disable an account"),
+                             ("reset", cmd_users_reset, "new one-time password, unlock")):
+        action = users_sub.add_parser(name, help=text)
+        action.add_argument("name")
+        action.set_defaults(func=func)
+
+    sub.add_parser("web", help="serve the console for comms staff on web.bind"
+                   ).set_defaults(func=cmd_web)
 
     aud = sub.add_parser("audit", help="the audit chain")
     aud_sub = aud.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

@@ -53,6 +53,7 @@ class Services:
     copies_cutoff: timedelta = timedelta(seconds=60)
     alerts_to: tuple[str, ...] = ()
     alerts_repeat: timedelta = timedelta(minutes=15)
+    approval_required: bool = False
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

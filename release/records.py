@@ -54,6 +54,8 @@ def table_of(model: type[Base]) -> Table:
 
 
 # Release states.
+DRAFT = "draft"  # being built in the console: not yet submitted
+AWAITING_APPROVAL = "awaiting_approval"  # submitted: no timer, no copies until approved
 QUEUED = "queued"
 PUBLISHING = "publishing"
 PUBLISHED = "published"
@@ -68,7 +70,7 @@ class Release(Base):
     slug: Mapped[str] = mapped_column(String(120), unique=True)
     title: Mapped[str] = mapped_column(Text)
     owner: Mapped[str | None] = mapped_column(String(320))
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(32), index=True)
     instant: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     zone: Mapped[str] = mapped_column(String(64))
     wall: Mapped[str] = mapped_column(String(32))
@@ -88,6 +90,13 @@ class Release(Base):
     # they were issued to the outbox (once).
     copies_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     copies_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The second pair of eyes: who submitted it, who approved it, the last
+    # send-back comment, and the reason the submitter gave when they approved
+    # it themselves (shown as a flag until someone else has reviewed it).
+    submitted_by: Mapped[str | None] = mapped_column(String(200))
+    approved_by: Mapped[str | None] = mapped_column(String(200))
+    review_comment: Mapped[str | None] = mapped_column(Text)
+    forced_reason: Mapped[str | None] = mapped_column(Text)
 
     documents: Mapped[list[Document]] = relationship(
         back_populates="release", order_by="Document.position", cascade="all, delete-orphan"

@@ -21,7 +21,9 @@ from release.context import Services, dek_key, describe_instant, document_key, e
 from release.keys import load_public_key
 from release.manifest import ReleaseSpec
 from release.records import (
+    AWAITING_APPROVAL,
     CANCELLED,
+    DRAFT,
     FAILED,
     PUBLISHED,
     PUBLISHING,
@@ -99,7 +101,9 @@ class ReleaseService:
             with transaction(self.sessions) as session:
                 release = Release(
                     id=release_id, slug=self._free_slug(session, embargo, spec.title),
-                    title=spec.title, owner=spec.owner, state=QUEUED,
+                    title=spec.title, owner=spec.owner,
+                    state=AWAITING_APPROVAL if self.s.approval_required else QUEUED,
+                    submitted_by=self.actor,
                     instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
                     copies_at=copies_at,
                     created_at=now, created_by=self.actor, revision=1, attempts=0,
@@ -112,6 +116,7 @@ class ReleaseService:
                 session.flush()
                 audit.record(session, action="release_queued", actor=self.actor, at=now,
                              release_id=release_id, details={
+                                 "awaiting_approval": self.s.approval_required,
                                  "title": spec.title, "embargo": embargo.describe(),
                                  "instant": embargo.instant.isoformat(),
                                  "copies_at": copies_at.isoformat() if copies_at else None,
@@ -201,7 +206,8 @@ class ReleaseService:
         with transaction(self.sessions) as session:
             changed = affected(session.execute(
                 update(Release).where(Release.id == release.id,
-                                      Release.state.in_((QUEUED, FAILED)))
+                                      Release.state.in_((QUEUED, FAILED, AWAITING_APPROVAL,
+                                                         DRAFT)))
                 .values(state=CANCELLED, reason=reason, revision=Release.revision + 1)
             ))
             if not changed:
@@ -212,8 +218,8 @@ class ReleaseService:
                     self.s.vault.delete(dek_key(release.id))
                     raise StateError(f"release {release.id} was already cancelled; its data "
                                      "key, left behind then, is now destroyed")
-                raise StateError(f"release {release.id} is {state}; only a queued or failed "
-                                 "release can be cancelled")
+                raise StateError(f"release {release.id} is {state}; only a draft, awaiting, "
+                                 "queued or failed release can be cancelled")
             current = session.get(Release, release.id)
             assert current is not None
             told = copies.notify_copy_holders(session, current, purpose="withdrawn", now=now,
@@ -237,7 +243,8 @@ class ReleaseService:
                              "--copies-at")
         with transaction(self.sessions) as session:
             changed = affected(session.execute(
-                update(Release).where(Release.id == release.id, Release.state == QUEUED)
+                update(Release).where(Release.id == release.id,
+                                      Release.state.in_((QUEUED, AWAITING_APPROVAL)))
                 .values(instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
                         revision=Release.revision + 1)
             ))
@@ -245,7 +252,7 @@ class ReleaseService:
                 current = session.get(Release, release.id)
                 raise StateError(f"release {release.id} is "
                                  f"{current.state if current else 'gone'}; "
-                                 "only a queued release can be rescheduled")
+                                 "only a queued (or awaiting) release can be rescheduled")
             current = session.get(Release, release.id)
             assert current is not None
             told = copies.notify_copy_holders(session, current, purpose="rescheduled", now=now,
