@@ -231,7 +231,7 @@ class ReleaseService:
         return self.get(release.id)
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
-                   zone: str | None) -> Release:
+                   zone: str | None, reason: str | None = None) -> Release:
         release = self.get(release_id)
         now = self.s.clock.now()
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
@@ -261,7 +261,8 @@ class ReleaseService:
                          release_id=release.id,
                          details={"from": old.describe(), "to": embargo.describe(),
                                   "instant": embargo.instant.isoformat(),
-                                  "officers_told": told})
+                                  "officers_told": told,
+                                  **({"reason": reason} if reason else {})})
         return self.get(release.id)
 
     def verify_audit(self) -> audit.ChainReport:

@@ -1,0 +1,24 @@
+// Live countdowns: every <time class="countdown" datetime="...Z"> shows the
+// time left until its instant, by this browser's clock, once a second. The
+// server's figure stays in place when JavaScript is off.
+(function () {
+  "use strict";
+  function pad(n) { return n < 10 ? "0" + n : String(n); }
+  function left(ms) {
+    if (ms <= 0) { return "due now"; }
+    var s = Math.floor(ms / 1000);
+    var d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600),
+        m = Math.floor(s % 3600 / 60), sec = s % 60;
+    return (d ? d + "d " : "") + pad(h) + ":" + pad(m) + ":" + pad(sec);
+  }
+  function tick() {
+    var now = Date.now();
+    document.querySelectorAll("time.countdown").forEach(function (el) {
+      el.textContent = left(Date.parse(el.getAttribute("datetime")) - now);
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    tick();
+    setInterval(tick, 1000);
+  });
+})();
