@@ -141,7 +141,8 @@ class Console:
              **context: Any) -> Response:
         return self.templates.TemplateResponse(request, template, {
             "who": who, "csrf": who.csrf if who else "", "now": self.s.clock.now(),
-            "approval_required": self.s.approval_required, **context}, status_code=status)
+            "approval_required": self.s.approval_required, "zone": self.s.zone, **context},
+            status_code=status)
 
     def service(self, who: SignedIn) -> ReleaseService:
         return ReleaseService(self.s, actor=who.account.name)
