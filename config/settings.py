@@ -273,6 +273,9 @@ FIELDS: tuple[Field, ...] = (
     Field(key="approval.required", default=False, check=_flag,
           help="a release waits in awaiting_approval until a second person with the "
                "approver role approves it (from the console or `embargo approve`)"),
+    Field(key="approval.warn_before", default="2h", check=parse_duration,
+          help="owner and approvers are told this long before the instant of a release "
+               "still awaiting approval, and again at the instant"),
     Field(key="web.bind", default="127.0.0.1:8080", check=_bind,
           help="where `embargo web` listens (HOST:PORT); put a TLS reverse proxy in front"),
     Field(key="web.base_url", default="http://localhost:8080", check=_url_or_none,

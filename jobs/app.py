@@ -15,6 +15,7 @@ from jobs.mail import transport_factory
 from jobs.nodes import NodeMonitor
 from jobs.relay import OutboxRelay
 from jobs.scheduler import EmbargoScheduler
+from release import approval
 from release.clock import Clock
 from release.context import Services
 from release.copies import DocumentOpener
@@ -92,4 +93,13 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     monitor.doing = scheduler.doing
     monitor.start()
     scheduler.start()
+
+    def warn_unapproved() -> None:
+        approval.warn_unapproved(services, now=services.clock.now(), actor=name,
+                                 warn_before=settings["approval.warn_before"])
+
+    # Releases still awaiting approval: told at approval.warn_before and at the instant.
+    scheduler.scheduler.add_job(warn_unapproved, "interval", id="warn-unapproved",
+                                seconds=max(5.0, settings["scheduler.poll_seconds"]),
+                                next_run_time=services.clock.now(), name="warn unapproved")
     return RunningNode(name=name, monitor=monitor, scheduler=scheduler)

@@ -7,12 +7,16 @@ that is audited as ``release_force_approved`` and flagged on the release
 
 from __future__ import annotations
 
-from sqlalchemy import update
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from config.errors import InputError, StateError
 from release import audit
-from release.context import Services
+from release.accounts import Role, User
+from release.alerts import Alert, raise_alert
+from release.context import Services, embargo_of
 from release.records import AWAITING_APPROVAL, DRAFT, QUEUED, Release
 from storage.db import affected, transaction
 
@@ -102,6 +106,42 @@ def review_forced(services: Services, release_id: str, *, actor: str) -> Release
         audit.record(session, action="force_approval_reviewed", actor=actor, at=now,
                      release_id=release.id, details={"reason": release.forced_reason})
     return _current(services, release.id)
+
+
+def warn_unapproved(services: Services, *, now: datetime, warn_before: timedelta,
+                    actor: str) -> int:
+    """Tell the owner, every approver and ``alerts.to`` about each release
+    still awaiting approval ``warn_before`` ahead of its instant, and again
+    once its instant has come (it will not be published). Each is told once
+    per release and occasion, however often this runs and on however many
+    nodes. Returns how many messages were added."""
+    added = 0
+    with transaction(services.sessions) as session:
+        waiting = list(session.scalars(select(Release).where(
+            Release.state == AWAITING_APPROVAL, Release.instant <= now + warn_before)))
+        if not waiting:
+            return 0
+        approvers = list(session.scalars(select(User.email).where(
+            User.role == Role.APPROVER.value, User.disabled_at.is_(None)).order_by(User.name)))
+        for release in waiting:
+            when = embargo_of(release).describe_long()
+            if release.instant <= now:
+                alert = Alert(kind="not_approved", key="instant",
+                              subject=f"NOT PUBLISHED: {release.title} was not approved",
+                              lines=[f"{release.title} ({release.id}) was due {when}.",
+                                     "It was still awaiting approval, so it has not been "
+                                     "published. Approve it after rescheduling it, or cancel "
+                                     "it."])
+            else:
+                alert = Alert(kind="not_approved", key="warn",
+                              subject=f"Awaiting approval: {release.title}",
+                              lines=[f"{release.title} ({release.id}) is due {when}.",
+                                     "It is still awaiting approval: unless an approver "
+                                     "approves it before then, it will not be published."])
+            added += raise_alert(session, alert, release_id=release.id, owner=release.owner,
+                                 alerts_to=[*approvers, *services.alerts_to], now=now,
+                                 actor=actor)
+    return added
 
 
 def _state(session: Session, release_id: str) -> str:

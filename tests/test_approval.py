@@ -161,3 +161,40 @@ def test_cli_approve_and_send_back(settings: Settings, bundle: Path,
     service = ReleaseService(services, actor="t")
     assert service.get(first.id).state == "queued"
     assert service.get(second.id).state == "draft"
+
+
+def test_owner_and_approvers_are_told_at_warn_before_and_at_the_instant(
+        services: Services, bundle: Path) -> None:
+    from release import accounts
+
+    accounts.add_user(services, name="amir", email="amir@press.example", role="approver",
+                      actor="t")
+    accounts.add_user(services, name="vic", email="vic@press.example", role="viewer",
+                      actor="t")
+    told = dataclasses.replace(services, alerts_to=("desk@press.example",))
+    release = queue(services, bundle)
+    warn = timedelta(hours=2)
+
+    def run(now: datetime) -> int:
+        return approval.warn_unapproved(told, now=now, warn_before=warn, actor="node")
+
+    assert run(SEED_INSTANT - warn - timedelta(microseconds=1)) == 0
+    assert run(SEED_INSTANT - warn) == 3  # owner, the approver, alerts.to; not the viewer
+    assert run(SEED_INSTANT - timedelta(minutes=1)) == 0  # once
+    assert run(SEED_INSTANT - timedelta(microseconds=1)) == 0
+    assert run(SEED_INSTANT) == 3  # and at the instant: not published
+    assert run(SEED_INSTANT + timedelta(minutes=5)) == 0
+    with services.sessions() as session:
+        rows = list(session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
+    assert sorted({r.to_addr for r in rows}) == ["amir@press.example", "desk@press.example",
+                                                 "press@inspectorate.example"]
+    assert all(r.purpose == "alert" and r.release_id == release.id for r in rows)
+    assert "NOT PUBLISHED" in (rows[-1].details or "")
+
+
+def test_an_approved_release_raises_no_approval_alert(services: Services,
+                                                      bundle: Path) -> None:
+    release = queue(services, bundle)
+    approval.approve(at(services, SEPT_1), release.id, actor="boss")
+    assert approval.warn_unapproved(services, now=SEED_INSTANT, warn_before=timedelta(hours=2),
+                                    actor="node") == 0
