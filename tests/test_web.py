@@ -344,8 +344,8 @@ async def test_an_upload_without_the_right_csrf_seals_nothing(
 
 
 # -- roles ------------------------------------------------------------------------------------
-PAGES = ["/releases", "/releases?state=queued", "/releases/{id}", "/releases/{id}/review",
-         "/releases/{id}/access", "/audit", "/nodes"]
+PAGES = ["/releases", "/releases?state=queued", "/instant?publish_on=2014-09-04",
+         "/releases/{id}", "/releases/{id}/review", "/releases/{id}/access", "/audit", "/nodes"]
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -448,6 +448,19 @@ async def test_the_form_shows_the_instant_both_ways(app: Any, users: dict[str, s
         response.text
     page = await client.get("/releases/new")
     assert 'value="00:01"' in page.text and "one minute past midnight" in page.text
+
+
+async def test_the_instant_endpoint_answers_both_ways_or_with_the_refusal(
+        app: Any, users: dict[str, str]) -> None:
+    client = await signed_in(app, "viewer")
+    ok = (await client.get("/instant?publish_on=2014-09-04&at=00:01&zone=Europe/London")).json()
+    assert ok == {"text": "00:01 BST Thursday 4 September 2014 "
+                          "(23:01 UTC Wednesday 3 September)"}
+    gap = (await client.get("/instant?publish_on=2015-03-29&at=01:30")).json()
+    with pytest.raises(InputError) as refused:
+        timerules.resolve("2015-03-29", at="01:30", zone="Europe/London", now=NOW)
+    assert gap == {"error": str(refused.value)}
+    assert (await Client(app).get("/instant?publish_on=2014-09-04")).status_code == 303
 
 
 @pytest.mark.parametrize("at", ["01:30", "01:00"])

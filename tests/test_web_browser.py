@@ -106,7 +106,7 @@ def browser(chromium: Path) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium))
+        browser = p.chromium.launch(executable_path=str(chromium), args=["--lang=en-GB"])
         try:
             yield browser
         finally:
@@ -167,9 +167,12 @@ def test_the_whole_story_in_a_browser(stack: Stack, browser: Any, tmp_path: Path
     editor.fill("#at", local.strftime("%H:%M"))
     editor.fill("#officers", "\n".join(
         f"Liaison {i},liaison{i}@force{i}.police.example,Force {i}" for i in (1, 2, 3)))
-    editor.click("button[value=check]")
     both = timerules.resolve(local.strftime("%Y-%m-%d"), at=local.strftime("%H:%M"),
                              zone="Europe/London", now=datetime.now(UTC)).describe_long()
+    # shown as the user types (the script), and after a submit (without it)
+    editor.wait_for_function("t => document.getElementById('instant').textContent === t",
+                             arg=f"Publishes {both}")
+    editor.click("button[value=check]")
     assert editor.inner_text("#instant") == f"Publishes {both}"
     shot(editor, shots, "new")
     editor.click("button[value=create]")

@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -280,6 +280,19 @@ def routes(c: Console) -> list[Route | Mount]:
                       organisations=sorted({r.organisation or "" for r in release.recipients}),
                       error=error)
 
+    async def instant(request: Request) -> Response:
+        """The instant a day, time and zone name, both ways (for the form's
+        live display; the form shows the same after a submit)."""
+        who = c.need(request)
+        q = request.query_params
+        try:
+            embargo = c.service(who).resolve_embargo(
+                q.get("publish_on", ""), q.get("at") or None, q.get("zone") or None,
+                c.s.clock.now())
+        except InputError as exc:
+            return JSONResponse({"error": str(exc)})
+        return JSONResponse({"text": embargo.describe_long()})
+
     async def one(request: Request) -> Response:
         return release_page(request, c.need(request))
 
@@ -458,6 +471,7 @@ def routes(c: Console) -> list[Route | Mount]:
         Route("/releases", releases, methods=["GET"]),
         Route("/releases/new", new_page, methods=["GET"]),
         Route("/releases/new", new, methods=["POST"]),
+        Route("/instant", instant, methods=["GET"]),
         Route("/releases/{id}", one, methods=["GET"]),
         Route("/releases/{id}/documents", documents, methods=["POST"]),
         Route("/releases/{id}/officers", officers, methods=["POST"]),

@@ -17,8 +17,29 @@
       el.textContent = left(Date.parse(el.getAttribute("datetime")) - now);
     });
   }
+  // The new-release form: show the instant both ways as the user types.
+  function watchInstant() {
+    var out = document.getElementById("instant");
+    var day = document.getElementById("publish_on");
+    if (!out || !day) { return; }
+    var at = document.getElementById("at"), zone = document.getElementById("zone");
+    function update() {
+      if (!day.value) { return; }
+      var q = new URLSearchParams({publish_on: day.value, at: at.value, zone: zone.value});
+      fetch("/instant?" + q.toString(), {credentials: "same-origin"})
+        .then(function (r) { return r.json(); })
+        .then(function (data) {
+          out.textContent = data.text ? "Publishes " + data.text : data.error;
+          out.className = data.text ? "instant" : "instant check-error";
+        })
+        .catch(function () {});
+    }
+    [day, at, zone].forEach(function (el) { el.addEventListener("input", update); });
+    update();
+  }
   document.addEventListener("DOMContentLoaded", function () {
     tick();
     setInterval(tick, 1000);
+    watchInstant();
   });
 })();
