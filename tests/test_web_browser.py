@@ -106,7 +106,7 @@ def browser(chromium: Path) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=["--lang=en-GB"])
+        browser = p.chromium.launch(executable_path=str(chromium))
         try:
             yield browser
         finally:
