@@ -246,6 +246,20 @@ async def test_the_sixth_attempt_is_refused_even_with_the_right_password(
     assert (await client.sign_in("editor", PASSWORD)).status_code == 303
 
 
+async def test_after_sign_in_it_goes_on_to_the_page_asked_for_on_this_console_only(
+        app: Any, users: dict[str, str]) -> None:
+    client = Client(app)
+    asked = await client.get("/audit")
+    assert asked.headers["location"] == "/sign-in?next=/audit"
+    page = await client.get(asked.headers["location"])
+    assert 'name="next" value="/audit"' in page.text
+    for wanted, going in (("/audit", "/audit"), ("//evil.example/x", "/releases"),
+                          ("https://evil.example/", "/releases")):
+        response = await client.http.post("/sign-in", data={
+            "name": "viewer", "password": PASSWORD, "next": wanted})
+        assert response.headers["location"] == going
+
+
 async def test_four_failures_then_success_does_not_lock(app: Any, users: dict[str, str]) -> None:
     client = Client(app)
     for _ in range(4):

@@ -152,6 +152,14 @@ def _see(path: str) -> RedirectResponse:
     return RedirectResponse(path, status_code=303)
 
 
+def _local(path: str | None) -> str:
+    """A path on this console to go on to after signing in; anything else
+    (another host, a scheme-relative URL) is the releases list."""
+    if path and path.startswith("/") and not path.startswith(("//", "/\\")):
+        return path
+    return "/releases"
+
+
 def _facts(release: Release, now: datetime) -> dict[str, Any]:
     embargo = embargo_of(release)
     return {"release": release, "embargo": embargo.describe_long(),
@@ -165,7 +173,7 @@ def routes(c: Console) -> list[Route | Mount]:
     async def sign_in_page(request: Request) -> Response:
         if c.signed_in(request) is not None:
             return _see("/releases")
-        return c.page(request, "sign_in.html", None)
+        return c.page(request, "sign_in.html", None, next=_local(request.query_params.get("next")))
 
     async def sign_in(request: Request) -> Response:
         form = await request.form(max_files=0)
@@ -176,8 +184,9 @@ def routes(c: Console) -> list[Route | Mount]:
                 now=c.s.clock.now()))
         except accounts.SignInRefused as exc:
             return c.page(request, "sign_in.html", None, 401, error=str(exc),
-                          name=str(form.get("name", "")))
-        response = _see("/password" if who.account.must_change else "/releases")
+                          name=str(form.get("name", "")), next=_local(str(form.get("next"))))
+        response = _see("/password" if who.account.must_change
+                        else _local(str(form.get("next", ""))))
         response.set_cookie(c.cookie, who.session_id, httponly=True, samesite="strict",
                             secure=c.secure, path="/", max_age=int(c.absolute.total_seconds()))
         return response
