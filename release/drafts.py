@@ -96,6 +96,43 @@ def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
     return service.get(release_id)
 
 
+def edit_draft(services: Services, release_id: str, *, actor: str, title: str,
+               publish_on: str, at: str | None, zone: str | None,
+               copies_at: str | None) -> Release:
+    """Change a draft's title, embargo or copies time (its documents and
+    officers stay).
+
+    :raises InputError: as :func:`create_draft`
+    :raises StateError: it is not a draft
+    """
+    release = _draft(services, release_id)
+    title = title.strip()
+    if not title:
+        raise InputError("a release needs a title")
+    service = ReleaseService(services, actor=actor)
+    now = services.clock.now()
+    embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
+    copies_time = (copies.resolve_copies_at(copies_at, embargo=embargo, now=now,
+                                            max_lead=services.copies_max_lead,
+                                            cutoff=services.copies_cutoff)
+                   if copies_at else None)
+    with transaction(services.sessions) as session:
+        slug = release.slug
+        if (embargo.wall[:10], title) != (release.wall[:10], release.title):
+            slug = service._free_slug(session, embargo, title)
+        changed = affected(session.execute(
+            update(Release).where(Release.id == release.id, Release.state == DRAFT)
+            .values(title=title, slug=slug, instant=embargo.instant, zone=embargo.zone,
+                    wall=embargo.wall, copies_at=copies_time,
+                    revision=Release.revision + 1)))
+        if not changed:
+            raise StateError(f"release {release.id} is no longer a draft")
+        audit.record(session, action="draft_changed", actor=actor, at=now,
+                     release_id=release.id, details={"title": title,
+                                                     "embargo": embargo.describe()})
+    return service.get(release.id)
+
+
 def _no_twice(new: list[RecipientSpec], existing: list[str]) -> None:
     seen = {e.lower() for e in existing}
     for officer in new:

@@ -382,6 +382,7 @@ async def test_every_role_reads_every_release_page(app: Any, users: dict[str, st
 
 
 WRITES = ["/releases/new", "/releases/{id}/documents", "/releases/{id}/officers",
+          "/releases/{id}/edit",
           "/releases/{id}/submit", "/releases/{id}/approve", "/releases/{id}/send-back",
           "/releases/{id}/review-forced", "/releases/{id}/cancel", "/releases/{id}/reschedule",
           "/releases/{id}/officers/rcp_x/remove"]
@@ -564,6 +565,33 @@ async def test_min_lead_refuses_a_release_due_too_soon(
     assert refused.status_code == 422 and "less than 00:15:00 away" in refused.text
     clock.set(instant - timedelta(minutes=15))
     assert (await client.post(f"/releases/{release_id}/submit")).status_code == 303
+
+
+async def test_a_sent_back_draft_is_edited_and_submitted_again(
+        app: Any, users: dict[str, str], services: Services) -> None:
+    editor = await signed_in(app, "editor")
+    release_id = await submitted(editor)
+    approver = await signed_in(app, "approver")
+    await approver.get(f"/releases/{release_id}")
+    back = await approver.post(f"/releases/{release_id}/send-back",
+                               {"comment": "it is due a week later"})
+    assert back.status_code == 303
+    page = await editor.get(f"/releases/{release_id}")
+    assert "it is due a week later" in page.text and "Change the title or the time" in page.text
+    gap = await editor.post(f"/releases/{release_id}/edit", {
+        "title": "Core business", "publish_on": "2015-03-29", "at": "01:30", "zone": ""})
+    assert gap.status_code == 422 and "does not exist" in gap.text
+    moved = await editor.post(f"/releases/{release_id}/edit", {
+        "title": "Core business, revised", "publish_on": "2014-09-11", "at": "", "zone": "",
+        "copies_at": "2014-09-10 09:00"})
+    assert moved.status_code == 303
+    release = ReleaseService(services, actor="t").get(release_id)
+    assert (release.title, release.wall) == ("Core business, revised", "2014-09-11T00:01")
+    assert release.copies_at == datetime(2014, 9, 10, 8, 0, tzinfo=UTC)
+    assert len(release.documents) == 4  # the sealed documents stay
+    await editor.get(f"/releases/{release_id}/review")
+    assert (await editor.post(f"/releases/{release_id}/submit")).status_code == 303
+    assert ReleaseService(services, actor="t").get(release_id).state == "awaiting_approval"
 
 
 async def test_officers_one_by_one_and_removed(app: Any, users: dict[str, str],

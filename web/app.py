@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import anyio
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -102,7 +103,7 @@ class Console:
         env = Environment(loader=PackageLoader("web", "templates"),
                           autoescape=select_autoescape(default=True, default_for_string=True))
         env.filters["both"] = lambda when, zone: describe_instant(when, zone) if when else ""
-        env.filters["pretty"] = lambda data: json.dumps(data, ensure_ascii=False)
+        env.globals["tz"] = ZoneInfo
         self.templates = Jinja2Templates(env=env)
 
     # -- who is asking ------------------------------------------------------------
@@ -338,6 +339,20 @@ def routes(c: Console) -> list[Route | Mount]:
         """The release page again, with the refusal on it (422)."""
         return release_page(request, c.need(request), 422, error=str(exc))
 
+    async def edit(request: Request) -> Response:
+        who, form = await c.posted(request, EDITORS)
+        release_id = request.path_params["id"]
+        values = {k: str(form.get(k, "")).strip() for k in
+                  ("title", "publish_on", "at", "zone", "copies_at")}
+        try:
+            drafts.edit_draft(c.s, release_id, actor=who.account.name, title=values["title"],
+                              publish_on=values["publish_on"], at=values["at"] or None,
+                              zone=values["zone"] or None,
+                              copies_at=values["copies_at"] or None)
+        except InputError as exc:
+            return await _one_with_error(request, exc)
+        return _see(f"/releases/{release_id}")
+
     async def officers(request: Request) -> Response:
         who, form = await c.posted(request, EDITORS)
         release_id = request.path_params["id"]
@@ -483,6 +498,7 @@ def routes(c: Console) -> list[Route | Mount]:
         Route("/instant", instant, methods=["GET"]),
         Route("/releases/{id}", one, methods=["GET"]),
         Route("/releases/{id}/documents", documents, methods=["POST"]),
+        Route("/releases/{id}/edit", edit, methods=["POST"]),
         Route("/releases/{id}/officers", officers, methods=["POST"]),
         Route("/releases/{id}/officers/{rid}/remove", remove_officer, methods=["POST"]),
         Route("/releases/{id}/review", review, methods=["GET"]),
