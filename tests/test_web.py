@@ -533,6 +533,28 @@ async def test_uploads_are_sealed_and_checks_block_then_pass(
     assert len(second) == 4 and not first & second
 
 
+async def test_the_console_works_with_the_public_key_alone(
+        settings: Settings, services: Services, users: dict[str, str]) -> None:
+    (settings.keys_dir / "publisher.key").unlink()
+    app = create_app(settings, services=services)
+    client = await signed_in(app, "editor")
+    release_id = await submitted(client)
+    assert ReleaseService(services, actor="t").get(release_id).state == "awaiting_approval"
+
+
+async def test_a_malformed_upload_is_refused_and_leaves_nothing(
+        app: Any, users: dict[str, str], settings: Settings) -> None:
+    client = await signed_in(app, "editor")
+    release_id = await new_draft(client)
+    body, content_type = multipart(client.csrf, bundle_parts())
+    broken = body.replace(b"Content-Disposition: form-data; name=\"letter_2\"",
+                          b"\x00\x01garbage", 1)
+    response = await client.http.post(f"/releases/{release_id}/documents", content=broken,
+                                      headers={"content-type": content_type})
+    assert response.status_code == 422
+    assert not list((settings.data_dir / "vault").rglob("*.emb"))
+
+
 async def test_checks_refuse_a_letter_without_officer_and_a_duplicate_name(
         app: Any, users: dict[str, str], services: Services) -> None:
     client = await signed_in(app, "editor")

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 import anyio
 from jinja2 import Environment, PackageLoader, select_autoescape
+from python_multipart.exceptions import ParseError
 from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -326,8 +327,10 @@ def routes(c: Console) -> list[Route | Mount]:
             await anyio.to_thread.run_sync(upload.abort)
             raise Forbidden("this form has expired or was not sent from the console; "
                             "reload the page and try again") from None
-        except InputError as exc:
+        except (InputError, ParseError) as exc:
             await anyio.to_thread.run_sync(upload.abort)
+            if isinstance(exc, ParseError):
+                exc = InputError(f"the upload could not be read: {exc}")
             return await _one_with_error(request, exc)
         except (ClientDisconnect, BaseException):
             with anyio.CancelScope(shield=True):
