@@ -134,9 +134,11 @@ def test_relay_gives_up_after_give_up_after(published: Services, smtp_port: int)
     relay.run_once()
     clock.set(clock.now() + timedelta(minutes=10) - timedelta(microseconds=1))
     relay.run_once()  # one microsecond short: tried again, not given up
-    with published.sessions() as session:
+    with published.sessions() as session, session.begin():
         rows = list(session.scalars(select(OutboxMessage).where(
             OutboxMessage.purpose == "published")))
+        for row in rows:  # the next attempt exactly at the limit
+            row.next_attempt_at = SEED_INSTANT + timedelta(minutes=10)
     assert len(rows) == 3
     assert all(r.given_up_at is None and r.attempts == 2 for r in rows)
     clock.set(SEED_INSTANT + timedelta(minutes=10))
