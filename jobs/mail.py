@@ -13,8 +13,14 @@ from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
 
+from sqlalchemy import select
+
 from config.errors import DeliveryError, DeliveryRefused
 from config.settings import Settings
+from release import audit
+from release.context import Services
+from release.records import OutboxMessage
+from storage.db import transaction
 
 
 class MailTransport(ABC):
@@ -126,6 +132,34 @@ class SmtpMailTransport(MailTransport):
             except (OSError, smtplib.SMTPException):
                 pass
             self._smtp = None
+
+
+def remove_copy_files(services: Services, release_id: str, folder: Path, *,
+                      actor: str) -> tuple[int, int]:
+    """After a cancellation: delete the release's pre-embargo copies left as
+    files in the file outbox (plaintext documents, base64), delivered or
+    not. Returns (files removed, copies delivered by mail, which remain in
+    the officers' mailboxes). Audited when a file was removed."""
+    with transaction(services.sessions) as session:
+        rows = session.execute(select(OutboxMessage.message_id, OutboxMessage.delivered_to)
+                               .where(OutboxMessage.release_id == release_id,
+                                      OutboxMessage.purpose == "copy")).all()
+    files = FileMailTransport(folder)
+    removed: list[str] = []
+    mailed = 0
+    for message_id, delivered_to in rows:
+        path = files.path_of(message_id)
+        if path.exists():
+            path.unlink()
+            removed.append(path.name)
+        elif delivered_to and delivered_to.startswith("smtp://"):
+            mailed += 1
+    if removed:
+        with transaction(services.sessions) as session:
+            audit.record(session, action="copy_files_removed", actor=actor,
+                         at=services.clock.now(), release_id=release_id,
+                         details={"folder": str(folder), "files": removed})
+    return len(removed), mailed
 
 
 def _answered(where: str, what: str, code: int, words: bytes | str) -> DeliveryError:

@@ -317,7 +317,7 @@ class OutboxRelay:
             row.last_error = reason
             self._alert(session, row, release, Alert(
                 kind="notice_failed", key=row.message_id,
-                subject=f"A {row.purpose} notice to {row.to_addr} failed",
+                subject=f"Notice to {row.to_addr} failed ({row.purpose})",
                 lines=[f"The {row.purpose} notice to {row.to_addr} could not be delivered "
                        "and will not be retried:", "", f"  {reason}", "",
                        f"Fix the cause, then `embargo resend {row.id}` (or `embargo resend "
@@ -345,7 +345,7 @@ class OutboxRelay:
                                       "reason": reason})
                 self._alert(session, row, release, Alert(
                     kind="notice_given_up", key=row.message_id,
-                    subject=f"A {row.purpose} notice to {row.to_addr} was given up",
+                    subject=f"Notice to {row.to_addr} given up ({row.purpose})",
                     lines=[f"The {row.purpose} notice to {row.to_addr} was tried {attempts} "
                            f"times since {row.not_before.isoformat()} and is given up:", "",
                            f"  {reason}", "",
