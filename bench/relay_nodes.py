@@ -38,11 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._common import (  # noqa: E402
+from _common import (
     Cleanup,
     EmbargoRun,
     base_parser,
@@ -54,6 +50,7 @@ from bench._common import (  # noqa: E402
     table,
     write_bundle,
 )
+from sqlalchemy import create_engine, text
 
 PG_ADMIN = os.environ.get("PG_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

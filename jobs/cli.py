@@ -305,6 +305,10 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
           f"{counts.get('publishing', 0)} publishing; {clock}, skew "
           f"{node.monitor.skew_ms} ms); Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)
+    if settings["mail.transport"] == "file":
+        print(f"notices are .eml files in {settings.outbox_dir} (mail.transport = \"file\", "
+              "for trying Embargo out): a pre-embargo copy there is plaintext on this disk",
+              file=sys.stderr, flush=True)
     try:
         stopper.event.wait()
     finally:

@@ -23,6 +23,7 @@ cannot be delivered would never end)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -297,6 +298,7 @@ class OutboxRelay:
             log.error("alert %s to %s not delivered: %s", row.message_id, row.to_addr,
                       row.last_error)
             return
+        alert = dataclasses.replace(alert, subject=" ".join(alert.subject.split()))
         raise_alert(session, alert, release_id=row.release_id,
                     owner=release.owner if release is not None else None,
                     alerts_to=self.s.alerts_to, now=now, actor=self.worker)
