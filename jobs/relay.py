@@ -109,11 +109,12 @@ class OutboxRelay:
 
     def _dead_nodes(self) -> list[str]:
         """Nodes (other than this one) whose heartbeat is older than the
-        lease by the database server's clock, or that have stopped."""
+        lease by the database server's clock, or that have stopped; within
+        the last hour (an older one's claims have lapsed by themselves)."""
         with transaction(self.sessions) as session:
             now = server_time(session.connection())
             return [name for name in session.scalars(select(Node.name).where(
-                Node.name != self.worker,
+                Node.name != self.worker, Node.heartbeat_at >= now - timedelta(hours=1),
                 or_(Node.stopped_at.is_not(None), Node.heartbeat_at < now - self.lease)))]
 
     def _claim(self, token: str, dead: list[str], skip: set[int]) -> OutboxMessage | None:
