@@ -6,7 +6,7 @@ PostgreSQL (a fresh database on 127.0.0.1:5432, dropped afterwards), two
 `embargo -v run` children sharing it (mail.workers = 4 each, SMTP to an
 aiosmtpd server in this process that takes ``--delay`` seconds over each
 message before it answers 250). Each run queues a release of 43 letters and
-43 liaison officers plus the owner (44 notices), due 3 s later; the nodes
+43 liaison officers plus the owner (44 notices), due 10 s later; the nodes
 publish it and deliver the notices. A run counts what the server received
 per recipient and the `notice_sent` audit events, and waits two delays more
 than the last notice for anything sent twice.
@@ -149,7 +149,7 @@ def main() -> int:
                 node.wait_for("running", timeout=60)
             budget = 44 * args.delay / 4 + 60  # even if one node did everything
             for i in range(runs):
-                release = queue(data_dir, bundle, env, time.time() + 3)
+                release = queue(data_dir, bundle, env, time.time() + 10)
                 wait_delivered(sink, release, 44, budget)
                 time.sleep(2 * args.delay + 1)  # anything sent twice arrives by now
                 got = sink.of(release)
@@ -163,7 +163,7 @@ def main() -> int:
                              "yes" if len(got) == 44 and sent == 44 else "NO"])
                 print(f"run {i + 1}: {len(got)} messages for 44 notices", file=sys.stderr)
             for k in range(args.kills):
-                release = queue(data_dir, bundle, env, time.time() + 3)
+                release = queue(data_dir, bundle, env, time.time() + 10)
                 victim = nodes[0]
                 victim_name = f"{os.uname().nodename}:{victim.proc.pid}"
                 held: list[int] = []
