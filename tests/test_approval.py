@@ -198,3 +198,15 @@ def test_an_approved_release_raises_no_approval_alert(services: Services,
     approval.approve(at(services, SEPT_1), release.id, actor="boss")
     assert approval.warn_unapproved(services, now=SEED_INSTANT, warn_before=timedelta(hours=2),
                                     actor="node") == 0
+
+
+def test_a_release_that_missed_its_instant_unapproved_is_rescheduled_then_approved(
+        services: Services, bundle: Path) -> None:
+    release = queue(services, bundle)
+    late = at(services, SEED_INSTANT + timedelta(hours=1))
+    with pytest.raises(StateError, match="reschedule it first"):
+        approval.approve(late, release.id, actor="boss")
+    moved = ReleaseService(late, actor="comms").reschedule(release.id, publish_on="2014-09-05",
+                                                           at=None, zone=None)
+    assert moved.state == "awaiting_approval" and moved.wall == "2014-09-05T00:01"
+    assert approval.approve(late, release.id, actor="boss").state == "queued"
