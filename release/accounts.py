@@ -9,6 +9,7 @@ session ends after ``idle`` without use or ``absolute`` after sign-in."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -33,7 +34,13 @@ MIN_PASSWORD = 12
 SIGN_IN_REFUSED = ("Sign-in refused: the name or password is wrong, or the account is "
                    "locked for 15 minutes after five failed attempts.")
 _HASHER = PasswordHasher()  # argon2id, the library's RFC 9106 low-memory profile
-_DUMMY = _HASHER.hash(secrets.token_urlsafe(16))  # the same work for unknown names
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash to verify against for unknown names (the same work as a real
+    one); made at the first need, not at import (each hash costs 64 MiB)."""
+    return _HASHER.hash(secrets.token_urlsafe(16))
 
 
 class Role(StrEnum):
@@ -203,7 +210,7 @@ def sign_in(services: Services, name: str, password: str, *, now: datetime) -> S
         user = session.scalar(select(User).where(User.name == name.strip()).with_for_update())
         if user is None:
             try:
-                _HASHER.verify(_DUMMY, password)
+                _HASHER.verify(_dummy_hash(), password)
             except VerificationError:
                 pass
             raise SignInRefused()
