@@ -697,6 +697,18 @@ async def test_cancel_and_reschedule_need_a_confirmed_reason(
     assert '"reason":"minister"' in details[0]
 
 
+async def test_a_queued_release_page_asks_the_script_to_watch_it(
+        app: Any, users: dict[str, str]) -> None:
+    editor = await signed_in(app, "editor")
+    release_id = await submitted(editor)
+    assert 'id="watch"' not in (await editor.get(f"/releases/{release_id}")).text
+    approver = await signed_in(app, "approver")
+    await approver.get(f"/releases/{release_id}")
+    await approver.post(f"/releases/{release_id}/approve")
+    page = (await approver.get(f"/releases/{release_id}")).text
+    assert '<span hidden id="watch" data-instant="2014-09-03T23:01:00Z">' in page
+
+
 async def test_an_editor_discards_only_their_own_draft(app: Any, users: dict[str, str],
                                                        services: Services) -> None:
     approver = await signed_in(app, "approver")

@@ -37,9 +37,18 @@
     [day, at, zone].forEach(function (el) { el.addEventListener("input", update); });
     update();
   }
+  // A release page that is about to change (queued, publishing, notices
+  // pending) reloads itself just after the instant, then every 5 seconds.
+  function watchRelease() {
+    var el = document.getElementById("watch");
+    if (!el) { return; }
+    var due = Date.parse(el.getAttribute("data-instant")) + 1000 - Date.now();
+    setTimeout(function () { location.reload(); }, Math.min(Math.max(due, 5000), 60000));
+  }
   document.addEventListener("DOMContentLoaded", function () {
     tick();
     setInterval(tick, 1000);
     watchInstant();
+    watchRelease();
   });
 })();
