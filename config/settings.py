@@ -226,6 +226,9 @@ FIELDS: tuple[Field, ...] = (
                "so none is still on its way at the instant"),
     Field(key="copies.max_lead", default="", check=_optional_duration,
           help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
+    Field(key="copies.unstampable", default="refuse", check=_choice("refuse", "send-unmarked"),
+          help="a PDF that cannot be stamped with the embargo and copy id: refuse it at "
+               "queue, or send-unmarked (the copy id then travels in the message only)"),
 )
 
 

@@ -39,6 +39,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         default_at=settings["default_at"],
         copies_max_lead=settings["copies.max_lead"],
         copies_cutoff=settings["copies.cutoff"],
+        copies_unstampable=settings["copies.unstampable"],
     )
     if create_schema and migrate.current(services.engine) != migrate.head():
         migrate.upgrade(services.engine)

@@ -354,6 +354,9 @@ class S3Vault(_S3Location, Vault):
     def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
         return self._write(key)
 
+    def size(self, key: str) -> int:
+        return int(self._object_call(key, "look up", self.client.head_object)["ContentLength"])
+
 
 class S3PublicTarget(_S3Location, PublicTarget):
     role = "public"
