@@ -23,7 +23,6 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import format_datetime, formataddr, getaddresses
 
-from config.errors import InputError
 from release.context import embargo_of
 from release.marking import COPY_ID, stamp_line, stamp_pdf
 from release.records import Document, OutboxMessage, Recipient, Release
@@ -159,8 +158,9 @@ def _attachment(attachment: Attachment, headline: str) -> MIMEBase:
         try:
             data = stamp_pdf(data, line=stamp_line(headline, attachment.copy_id),
                              copy_id=attachment.copy_id)
-        except InputError:
-            log.warning("%s is not a readable PDF; attached unmarked", document.filename)
+        except Exception:  # pypdf raises many classes on a malformed PDF (issue 12)
+            log.warning("%s cannot be stamped; attached unmarked (copy id in the message "
+                        "only)", document.filename)
     maintype, _, subtype = document.content_type.partition("/")
     part = MIMEBase(maintype or "application", subtype or "octet-stream")
     del part["MIME-Version"]  # once, at the top of the message
