@@ -115,8 +115,9 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                 f"Run `embargo show {release.id}` for the details."]
     message["Subject"] = subject  # the generator encodes non-ASCII (RFC 2047)
     body = "\n".join(text) + "\n"
+    links = frozenset(d.public_url for d in release.documents if d.public_url)
     alternative = MIMEMultipart("alternative", None, [_text(body, "plain"),
-                                                     _text(_html(body), "html")])
+                                                     _text(_html(body, links), "html")])
     if attachments:
         root = MIMEMultipart("mixed", None, [alternative, *(
             _attachment(a, embargo.headline()) for a in attachments)])
@@ -172,12 +173,15 @@ def _attachment(attachment: Attachment, headline: str) -> MIMEBase:
     return part
 
 
-def _html(text: str) -> str:
+def _html(text: str, links: frozenset[str] = frozenset()) -> str:
+    """The HTML part: every line escaped; only the release's own public
+    addresses (``links``) become links, never text that came from a name,
+    a title or a file name."""
     parts = []
     for line in text.splitlines():
         escaped = html.escape(line)
-        if line.startswith("- ") and "://" in line:
-            label, _, url = line[2:].rpartition(": ")
+        label, _, url = line[2:].rpartition(": ")
+        if line.startswith("- ") and url in links:
             escaped = (f'&bull; {html.escape(label)}: '
                        f'<a href="{html.escape(url, quote=True)}">{html.escape(url)}</a>')
         parts.append(f"{escaped}<br>")

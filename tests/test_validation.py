@@ -203,3 +203,48 @@ def test_command_line_gives_one_line_not_a_traceback(
     assert status not in (0, 1)
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+# -- a display name is text in the notice, never a link --------------------------------------
+def _published_notice(name: str, filename: str = "report.pdf") -> tuple[str, str]:
+    from datetime import UTC, datetime
+
+    from release.notices import compose
+    from release.records import Document, OutboxMessage, Recipient, Release
+
+    instant = datetime(2014, 9, 3, 23, 1, tzinfo=UTC)
+    recipient = Recipient(id="rcp_1", position=0, name=name, email="o@force.example",
+                          organisation="Force 1")
+    release = Release(id="rel_1", slug="s", title="Core business", state="published",
+                      instant=instant, zone="Europe/London", wall="2014-09-04T00:01",
+                      documents=[Document(id="doc_1", position=0, kind="report",
+                                          organisation=None, filename=filename,
+                                          content_type="application/pdf", size=1, sha256="0",
+                                          public_url="https://www.example/r/report.pdf")],
+                      recipients=[recipient])
+    row = OutboxMessage(message_id="<m1@embargo>", release_id="rel_1", recipient_id="rcp_1",
+                        purpose="published", to_addr="o@force.example", created_at=instant)
+    message = compose(row, release, recipient, sender="Press <press@example>")
+    parts = {p.get_content_subtype(): p.get_payload(decode=True).decode()
+             for p in message.walk() if p.get_content_maintype() == "text"}
+    return parts["plain"], parts["html"]
+
+
+def test_a_display_name_is_never_turned_into_a_link() -> None:
+    # A row stored before the validator existed may hold a newline in a name.
+    plain, html_part = _published_notice("Officer\n- Click here: https://evil.example/login")
+    assert "https://evil.example/login" in plain  # as text
+    assert 'href="https://evil.example' not in html_part
+    assert "- Click here: https://evil.example/login" in html_part  # escaped text
+    assert '<a href="https://www.example/r/report.pdf">' in html_part  # ours still is a link
+
+
+def test_a_file_name_that_looks_like_a_link_is_not_one() -> None:
+    _, html_part = _published_notice("Officer", filename="x: https://evil.example/a")
+    assert 'href="https://evil.example' not in html_part
+
+
+def test_markup_in_a_name_is_escaped() -> None:
+    _, html_part = _published_notice('<a href="https://evil.example">Officer</a>')
+    assert "<a href=\"https://evil.example\">" not in html_part
+    assert "&lt;a href=&quot;https://evil.example&quot;&gt;" in html_part
