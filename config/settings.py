@@ -292,8 +292,18 @@ class Settings:
         return shown
 
 
-def _mask_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+_SECRET_PARAMS = r"(?:password|passwd|pwd|pass|secret|token|sslpassword|access_key|secret_key)"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: in the user part
+    (``user:pw@host``) and in query parameters (``?password=pw``)."""
+    url = re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", url)
+    return re.sub(rf"((?:^|[?&;\s]){_SECRET_PARAMS}\s*=\s*)[^&;#\s]*", r"\1***", url,
+                  flags=re.IGNORECASE)
+
+
+_mask_url = mask_url
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -550,11 +550,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UTCFormatter(logging.Formatter):
+    """Log timestamps in UTC, marked ``Z``, whatever the machine's TZ."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def configure_logging(level: int) -> None:
+    """A handler on standard error with UTC timestamps (unless logging is
+    already set up, as ``basicConfig`` does), and Python warnings
+    (``warnings.warn`` in libraries) routed through logging as WARNING
+    records of the ``py.warnings`` logger rather than printed raw."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     try:
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -342,6 +343,22 @@ def _same_as_checked(doc: DocumentSpec, result: sealing.StreamResult,
                          "was queued: queue it again once the file is final")
 
 
+def time_left(release: Release, now: datetime) -> str | None:
+    """What `list` and `show` say about the time to the instant: the time
+    left, or once it has passed "retrying since HH:MM (n attempts)" (local
+    time of the first attempt) or "due since HH:MM"; None when inactive."""
+    if release.state not in (QUEUED, PUBLISHING):
+        return None
+    if now <= release.instant:
+        return timerules.format_delta(release.instant - now)
+    zone = ZoneInfo(release.zone)
+    if release.attempts:
+        since = (release.started_at or release.instant).astimezone(zone)
+        return (f"retrying since {since:%H:%M} ({release.attempts} attempt"
+                f"{'s' if release.attempts != 1 else ''})")
+    return f"due since {release.instant.astimezone(zone):%H:%M}"
+
+
 def release_facts(release: Release, now: datetime) -> dict[str, Any]:
     """The facts about a release that `list` and `show` print, as plain data."""
     embargo = embargo_of(release)
@@ -354,8 +371,7 @@ def release_facts(release: Release, now: datetime) -> dict[str, Any]:
         "instant_utc": release.instant.isoformat().replace("+00:00", "Z"),
         "zone": release.zone,
         "local": embargo.local.isoformat(),
-        "time_left": timerules.format_delta(release.instant - now)
-        if release.state in (QUEUED, PUBLISHING) else None,
+        "time_left": time_left(release, now),
         "owner": release.owner,
         "published_at": release.published_at.isoformat() if release.published_at else None,
         "lateness_ms": release.lateness_ms,
