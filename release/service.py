@@ -20,6 +20,7 @@ from sqlalchemy.orm import selectinload
 
 from config.errors import InputError, NotFoundError, StateError, StorageError
 from release import audit, copies, custody, sealing, timerules
+from release import text as texts
 from release.context import Services, dek_key, describe_instant, document_key, embargo_of
 from release.keys import load_public_key
 from release.manifest import DocumentSpec, ReleaseSpec
@@ -260,8 +261,9 @@ class ReleaseService:
     # -- change ------------------------------------------------------------
     def cancel(self, release_id: str, *, reason: str) -> Release:
         """Cancel a queued (or failed) release and shred its data key."""
-        if not reason.strip():
+        if not isinstance(reason, str) or not reason.strip():
             raise InputError("a cancellation needs a --reason")
+        reason = texts.clean_text(reason, field="--reason", max_len=texts.REASON_MAX)
         release = self.get(release_id)
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
@@ -292,6 +294,9 @@ class ReleaseService:
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
                    zone: str | None) -> Release:
+        publish_on = texts.clean_text(publish_on, field="--publish-on", max_len=texts.FLAG_MAX)
+        at = texts.optional_text(at, field="--at", max_len=texts.FLAG_MAX)
+        zone = texts.optional_text(zone, field="--zone", max_len=texts.FLAG_MAX)
         release = self.get(release_id)
         now = self.s.clock.now()
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)

@@ -248,3 +248,16 @@ def test_markup_in_a_name_is_escaped() -> None:
     _, html_part = _published_notice('<a href="https://evil.example">Officer</a>')
     assert "<a href=\"https://evil.example\">" not in html_part
     assert "&lt;a href=&quot;https://evil.example&quot;&gt;" in html_part
+
+
+def test_cancel_reason_and_reschedule_flags_are_validated(services: object, bundle: Path) -> None:
+    from release.service import ReleaseService, Services
+
+    assert isinstance(services, Services)
+    service = ReleaseService(services, actor="t")
+    release = service.queue(load_manifest(bundle, publish_on="2099-01-01"))
+    with pytest.raises(InputError, match="--zone contains a control character"):
+        service.reschedule(release.id, publish_on="2099-01-02", at=None, zone="UTC\x00")
+    with pytest.raises(InputError, match="--reason contains a control character"):
+        service.cancel(release.id, reason="withdrawn\r\nBcc: x@evil.example")
+    assert service.get(release.id).state == "queued"
