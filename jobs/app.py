@@ -40,6 +40,8 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         copies_max_lead=settings["copies.max_lead"],
         copies_cutoff=settings["copies.cutoff"],
         copies_unstampable=settings["copies.unstampable"],
+        alerts_to=settings["alerts.to"],
+        alerts_repeat=settings["alerts.repeat"],
     )
     if create_schema and migrate.current(services.engine) != migrate.head():
         migrate.upgrade(services.engine)

@@ -52,6 +52,8 @@ class Services:
     copies_max_lead: timedelta | None = None
     copies_cutoff: timedelta = timedelta(seconds=60)
     copies_unstampable: str = "refuse"  # or "send-unmarked"
+    alerts_to: tuple[str, ...] = ()
+    alerts_repeat: timedelta = timedelta(minutes=15)
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

@@ -23,6 +23,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import format_datetime, formataddr, getaddresses
 
+from release.alerts import ALERT, alert_text
 from release.context import embargo_of
 from release.marking import COPY_ID, stamp_line, stamp_pdf
 from release.records import Document, OutboxMessage, Recipient, Release
@@ -107,6 +108,11 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                 "Documents:", *[f"- {d.filename} ({d.size} bytes): {d.public_url}"
                                 for d in release.documents], "",
                 f"{len(release.recipients)} liaison officers are being notified."]
+    elif row.purpose == ALERT:
+        subject, text = alert_text(row.details)
+        text = [*text, "", f"Release {release.id}: \"{release.title}\", due "
+                f"{embargo.describe_long()}.", "",
+                "This alert was sent automatically by Embargo."]
     else:
         subject = f"FAILED: {release.title} was not published"
         text = [f"Publication of \"{release.title}\" ({release.id}), due "

@@ -156,6 +156,9 @@ class OutboxMessage(Base):
     delivered_to: Mapped[str | None] = mapped_column(Text)
     given_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # The message's own facts, as JSON, where it is not rebuilt from the
+    # release's records (an alert: {"subject": ..., "lines": [...]}).
+    details: Mapped[str | None] = mapped_column(Text)
 
 
 class Copy(Base):
