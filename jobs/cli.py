@@ -375,7 +375,10 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     services = build_services(settings)
-    custody.sweep_orphans(services, now=services.clock.now(), actor="scheduler")
+    try:  # leftovers of killed queues; never a reason not to start
+        custody.sweep_orphans(services, now=services.clock.now(), actor="scheduler")
+    except EmbargoError as exc:
+        log.warning("could not sweep what killed queues left: %s", exc)
     stopper = Stopper()
     stopper.install()
     node = start_node(settings, services, stopper.event)

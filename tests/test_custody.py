@@ -380,3 +380,33 @@ def test_six_concurrent_same_title_queues_on_postgresql(pg_url: str, data_dir: P
         assert slugs == sorted([base] + [f"{base}-{n}" for n in range(2, 7)])
     finally:
         services.engine.dispose()
+
+
+def test_embargo_run_sweeps_old_orphans_at_start(settings: Settings, services: Services) -> None:
+    """What a queue killed two hours ago left is gone once `embargo run` has
+    started; what a queue started a minute ago left is not."""
+    now = datetime.now(UTC)
+    for release_id, started in (("rel_old", now - timedelta(hours=2)),
+                                ("rel_young", now - timedelta(minutes=1))):
+        services.vault.put_bytes(f"releases/{release_id}/doc_1.emb", b"x" * 1000)
+        services.vault.put_bytes(custody.pending_key(release_id), json.dumps(
+            {"release_id": release_id, "started_at": started.isoformat()}).encode())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBARGO_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--data-dir",
+                             str(settings.data_dir), "run"], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "scheduler running" in line, line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    left = sorted(services.vault.keys(""))
+    assert left == ["pending/rel_young.json", "releases/rel_young/doc_1.emb"]
+    with services.sessions() as session:
+        event = session.scalars(select(AuditEvent).where(
+            AuditEvent.action == "orphans_removed")).one()
+    assert json.loads(event.details)["releases"] == ["rel_old"]
+    assert json.loads(event.details)["bytes"] == 1000
