@@ -398,8 +398,10 @@ def test_embargo_run_sweeps_old_orphans_at_start(settings: Settings, services: S
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "scheduler running" in line, line
+        first, second = proc.stderr.readline(), proc.stderr.readline()
+        assert "Z WARNING release.custody: removed 1 orphaned sealed objects (1000 bytes)" \
+            in first, first
+        assert "scheduler running" in second, second
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
