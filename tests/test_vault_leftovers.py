@@ -62,3 +62,27 @@ def test_partial_writes_are_swept_only_once_old_enough(vault: Vault) -> None:
     else:
         assert isinstance(vault, LocalVault)
         assert list((vault.root / ".staging").iterdir()) == []
+
+
+def test_probes_write_and_leave_nothing_behind(vault: Vault, request: pytest.FixtureRequest,
+                                               tmp_path: Path) -> None:
+    from release import custody
+    from storage.base import PublicTarget
+    from storage.local import LocalPublicTarget
+    from storage.s3 import S3PublicTarget
+
+    public: PublicTarget
+    if isinstance(vault, LocalVault):
+        public = LocalPublicTarget(tmp_path / "public")
+    else:
+        buckets: Buckets = request.getfixturevalue("s3_buckets")
+        public = S3PublicTarget(request.getfixturevalue("s3_client"), bucket=buckets.public,
+                                prefix="site/", base_url=None, acl="public-read",
+                                cache_control="public, max-age=300")
+    custody.probe_vault(vault)
+    custody.probe_public(public)
+    assert list(vault.keys("")) == []
+    if isinstance(public, LocalPublicTarget):
+        assert [p for p in public.root.rglob("*") if p.is_file()] == []
+    else:
+        assert "Contents" not in public.client.list_objects_v2(Bucket=public.bucket)
