@@ -76,7 +76,8 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
                           workers=settings["scheduler.publish_workers"])
     transports = transport_factory(settings)
     relay = OutboxRelay(services, transports(), sender=settings["mail.sender"],
-                        worker=name, max_attempts=settings["mail.max_attempts"],
+                        worker=name, give_up_after=settings["mail.give_up_after"],
+                        lease=lease,
                         opener=DocumentOpener(services, private_key),
                         workers=settings["mail.workers"],
                         make_transport=transports)

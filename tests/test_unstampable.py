@@ -56,8 +56,8 @@ def test_send_unmarked_queues_it_and_the_relay_sends_it_unmarked(
     lenient = dataclasses.replace(services, copies_unstampable="send-unmarked")
     release = _queue(lenient, manifest)
     with freeze_time(QUEUED_AT + timedelta(minutes=1)):
-        assert issue_copies(services, release.id, actor="t") == 3  # type: ignore[attr-defined]
-        relay_for(services, settings).run_once()
+        assert issue_copies(lenient, release.id, actor="t") == 3  # type: ignore[attr-defined]
+        relay_for(lenient, settings).run_once()
     messages = copies_in_outbox(settings)
     assert len(messages) == 3
     for message in messages:
