@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from config.errors import InputError, StateError
 from release import audit
+from release import text as texts
 from release.accounts import Role, User
 from release.alerts import Alert, raise_alert
 from release.context import Services, embargo_of
@@ -37,7 +38,8 @@ def approve(services: Services, release_id: str, *, actor: str,
     """
     release = _current(services, release_id)
     now = services.clock.now()
-    reason = (force_reason or "").strip()
+    reason = texts.clean_text(force_reason or "", field="force-approval reason",
+                              max_len=texts.REASON_MAX, required=False)
     forced = release.submitted_by == actor
     if forced and not reason:
         raise InputError(f"you submitted release {release.id}: another approver must approve "
@@ -68,7 +70,9 @@ def send_back(services: Services, release_id: str, *, actor: str, comment: str) 
     :raises InputError: no comment
     :raises StateError: the release is not awaiting approval
     """
-    if not comment.strip():
+    comment = texts.clean_text(comment, field="send-back comment", max_len=texts.REASON_MAX,
+                               required=False)
+    if not comment:
         raise InputError("sending a release back needs a comment for its editor")
     release = _current(services, release_id)
     now = services.clock.now()

@@ -20,6 +20,7 @@ from sqlalchemy import delete, select, update
 
 from config.errors import InputError, StateError
 from release import audit, copies, sealing, timerules
+from release import text as texts
 from release.context import Services, dek_key, describe_instant, document_key, embargo_of
 from release.keys import load_public_key
 from release.manifest import RecipientSpec, check_email, safe_filename
@@ -53,9 +54,12 @@ def parse_officers(text: str) -> list[RecipientSpec]:
             continue
         if len(cells) != 3 or not cells[0] or not cells[2]:
             raise InputError(f"officers line {number}: expected name,email,organisation")
-        officers.append(RecipientSpec(name=cells[0],
-                                      email=check_email(cells[1], f"officers line {number}"),
-                                      organisation=cells[2]))
+        where = f"officers line {number}"
+        officers.append(RecipientSpec(
+            name=texts.clean_text(cells[0], field=f"{where}: name", max_len=texts.NAME_MAX),
+            email=check_email(cells[1], where),
+            organisation=texts.clean_text(cells[2], field=f"{where}: organisation",
+                                          max_len=texts.ORGANISATION_MAX)))
     return officers
 
 
@@ -68,9 +72,7 @@ def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
         instant (gap and fold refused with both candidates), bad copies time,
         an officer listed twice
     """
-    title = title.strip()
-    if not title:
-        raise InputError("a release needs a title")
+    title = texts.clean_text(title, field="title", max_len=texts.TITLE_MAX)
     service = ReleaseService(services, actor=actor)
     now = services.clock.now()
     embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
@@ -80,9 +82,10 @@ def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
                    if copies_at else None)
     _no_twice(officers, [])
     release_id = new_id("rel")
+    slug = service._free_slug(embargo, title, set())
     with transaction(services.sessions) as session:
         release = Release(
-            id=release_id, slug=service._free_slug(session, embargo, title), title=title,
+            id=release_id, slug=slug, title=title,
             owner=owner, state=DRAFT, instant=embargo.instant, zone=embargo.zone,
             wall=embargo.wall, copies_at=copies_time, created_at=now, created_by=actor,
             revision=1, attempts=0, documents=[],
@@ -106,9 +109,7 @@ def edit_draft(services: Services, release_id: str, *, actor: str, title: str,
     :raises StateError: it is not a draft
     """
     release = _draft(services, release_id)
-    title = title.strip()
-    if not title:
-        raise InputError("a release needs a title")
+    title = texts.clean_text(title, field="title", max_len=texts.TITLE_MAX)
     service = ReleaseService(services, actor=actor)
     now = services.clock.now()
     embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
@@ -116,10 +117,10 @@ def edit_draft(services: Services, release_id: str, *, actor: str, title: str,
                                             max_lead=services.copies_max_lead,
                                             cutoff=services.copies_cutoff)
                    if copies_at else None)
+    slug = release.slug
+    if (embargo.wall[:10], title) != (release.wall[:10], release.title):
+        slug = service._free_slug(embargo, title, {release.slug})
     with transaction(services.sessions) as session:
-        slug = release.slug
-        if (embargo.wall[:10], title) != (release.wall[:10], release.title):
-            slug = service._free_slug(session, embargo, title)
         changed = affected(session.execute(
             update(Release).where(Release.id == release.id, Release.state == DRAFT)
             .values(title=title, slug=slug, instant=embargo.instant, zone=embargo.zone,
@@ -200,10 +201,12 @@ class DocumentSet:
         :raises InputError: a bad or duplicate file name, a letter without an organisation
         """
         name = safe_filename(filename)
-        if any(d.filename.lower() == name.lower() for d in self.documents):
+        if any(texts.fold(d.filename) == texts.fold(name) for d in self.documents):
             raise InputError(f"two documents are named {name!r}")
         if kind == "letter" and not (organisation or "").strip():
             raise InputError(f"letter {name} needs an organisation")
+        organisation = texts.optional_text(organisation, field=f"letter {name}: organisation",
+                                           max_len=texts.ORGANISATION_MAX)
         document_id = new_id("doc")
         key = document_key(self.release.id, document_id)
         self.written.append(key)

@@ -210,3 +210,15 @@ def test_a_release_that_missed_its_instant_unapproved_is_rescheduled_then_approv
                                                            at=None, zone=None)
     assert moved.state == "awaiting_approval" and moved.wall == "2014-09-05T00:01"
     assert approval.approve(late, release.id, actor="boss").state == "queued"
+
+
+def test_key_rotation_reseals_a_release_awaiting_approval(settings: Settings,
+                                                          services: Services,
+                                                          bundle: Path) -> None:
+    from release import custody, sealing
+
+    release = queue(services, bundle)
+    custody.rotate(services, settings.keys_dir, actor="ops")
+    new_key = load_private_key(settings.keys_dir)
+    sealed = services.vault.get_bytes(f"releases/{release.id}/dek.hpke")
+    assert len(sealing.open_dek(sealed, new_key, release.id)) == sealing.DEK_SIZE

@@ -503,6 +503,20 @@ async def test_a_title_with_script_is_escaped_everywhere(app: Any, users: dict[s
         assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in text
 
 
+async def test_form_fields_go_through_the_text_validator(app: Any,
+                                                         users: dict[str, str]) -> None:
+    client = await signed_in(app, "editor")
+    await client.get("/releases/new")
+    for fields, problem in (({"title": "Report\u202e"}, "title contains"),
+                            ({"title": "x" * 501}, "at most 500"),
+                            ({"officers": "Ann\x00,ann@x.example,Force 1"},
+                             "officers line 1: name contains")):
+        data = {"title": "t", "publish_on": "2014-09-04", "officers": "",
+                "action": "create", **fields}
+        response = await client.post("/releases/new", data, files={"none": ("", b"")})
+        assert response.status_code == 422 and problem in response.text, problem
+
+
 async def test_uploads_are_sealed_and_checks_block_then_pass(
         app: Any, users: dict[str, str], services: Services, settings: Settings) -> None:
     client = await signed_in(app, "editor")
