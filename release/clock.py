@@ -62,8 +62,10 @@ class ClockReading:
 
     def safe_local(self, instant: datetime) -> datetime:
         """The local time from which the true time is surely at or past
-        ``instant``: later by the skew when ours is ahead, never earlier."""
-        return instant + max(timedelta(0), self.skew) + self.uncertainty
+        ``instant``: the true skew lies within ``skew ± uncertainty``, so ours
+        must read ``instant + skew + uncertainty``; never earlier than the
+        instant itself (a clock behind the reference's waits for its own)."""
+        return instant + max(timedelta(0), self.skew + self.uncertainty)
 
     def reference(self, local: datetime, *, trusted: timedelta) -> datetime:
         """The reference clock's time when ours reads ``local``, if the skew

@@ -169,7 +169,8 @@ class LocalPublicTarget(PublicTarget):
                     raise StorageError(f"staging folder {self.staging.root} is not on the "
                                        f"filesystem of the public folder {self.root}: set "
                                        "storage.staging to a folder beside it") from None
-                raise
+                raise StorageError(f"cannot publish {key} in {self.root}: "
+                                   f"{exc.strerror}") from None
         with self._lock:
             self._unsynced.add(self.root.joinpath(*parts[:-1]))
 
