@@ -86,7 +86,8 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
                     swept, "s" if swept != 1 else "", services.public.staging.root)
     transports = transport_factory(settings)
     relay = OutboxRelay(services, transports(), sender=settings["mail.sender"],
-                        worker=name, max_attempts=settings["mail.max_attempts"],
+                        worker=name, give_up_after=settings["mail.give_up_after"],
+                        lease=lease,
                         opener=DocumentOpener(services, private_key),
                         workers=settings["mail.workers"],
                         make_transport=transports)

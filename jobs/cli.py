@@ -17,6 +17,7 @@ from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import Stopper, table
 from jobs.demo import run_demo
+from jobs.mail import remove_copy_files
 from jobs.nodes import list_nodes
 from release import keys as keyfile
 from release.audit import default_actor
@@ -28,6 +29,7 @@ from release.service import (
     Services,
     describe_instant,
     embargo_of,
+    notice_state,
     release_facts,
 )
 from storage import migrate
@@ -150,7 +152,8 @@ def _show_facts(service: ReleaseService, release: Release, now: Any) -> dict[str
     facts["started_at"] = release.started_at
     facts["recipients"] = [{"id": r.id, "name": r.name, "email": r.email,
                             "organisation": r.organisation} for r in release.recipients]
-    facts["notices"] = [{"to": m.to_addr, "purpose": m.purpose, "message_id": m.message_id,
+    facts["notices"] = [{"id": m.id, "to": m.to_addr, "purpose": m.purpose,
+                         "message_id": m.message_id, "state": notice_state(m),
                          "delivered_at": m.delivered_at, "via": m.delivered_to,
                          "attempts": m.attempts, "last_error": m.last_error}
                         for m in service.outbox(release.id)]
@@ -194,9 +197,10 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print("  none")
     if facts["notices"]:
         print("\nnotices")
-        print(table([(n["to"], n["purpose"], n["delivered_at"] or "pending", n["via"] or "",
+        print(table([(n["id"], n["to"], n["purpose"], n["state"],
+                      n["delivered_at"] or "", n["via"] or "",
                       n["last_error"] or "") for n in facts["notices"]],
-                    ["to", "purpose", "delivered", "via", "last error"]))
+                    ["#", "to", "purpose", "state", "delivered", "via", "last error"]))
     print("\naudit")
     print(table([(e["seq"], e["at"], e["action"], e["actor"]) for e in facts["events"]],
                 ["#", "at (UTC)", "event", "by"]))
@@ -246,9 +250,18 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    _, service = _service(settings)
+    services, service = _service(settings)
     release = service.cancel(args.id, reason=args.reason)
     print(f"cancelled {release.id}; its data key is destroyed and it can never be published")
+    removed, mailed = remove_copy_files(services, release.id, settings.outbox_dir,
+                                        actor=service.actor)
+    if removed:
+        print(f"removed {removed} pre-embargo copy file(s) from {settings.outbox_dir}")
+    if mailed:
+        print(f"{mailed} pre-embargo copy(ies) were delivered by mail and remain in the "
+              "officers' mailboxes; each officer is sent a withdrawal notice")
+    elif not removed:
+        print("no pre-embargo copy had been delivered")
     public = service.public_objects(release)
     if public:
         print(f"{len(public)} of its objects are public (a partial publication): "
@@ -270,6 +283,16 @@ def cmd_unpublish(settings: Settings, args: argparse.Namespace) -> int:
     removed = service.unpublish(args.id)
     print(f"removed {len(removed)} public object{'s' if len(removed) != 1 else ''} of "
           f"{args.id}" + "".join(f"\n  {url}" for url in removed))
+    return 0
+
+
+def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    rows = service.resend(args.id, to=args.to)
+    for row in rows:
+        print(f"notice {row.id} ({row.purpose}) to {row.to_addr} will be sent again as "
+              f"{row.message_id}")
+    print("a running `embargo run` node delivers it" if rows else "nothing to resend")
     return 0
 
 
@@ -314,6 +337,10 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
           f"{counts.get('publishing', 0)} publishing; {clock}, skew "
           f"{node.monitor.skew_ms} ms); Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)
+    if settings["mail.transport"] == "file":
+        print(f"notices are .eml files in {settings.outbox_dir} (mail.transport = \"file\", "
+              "for trying Embargo out): a pre-embargo copy there is plaintext on this disk",
+              file=sys.stderr, flush=True)
     try:
         stopper.event.wait()
     finally:
@@ -424,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="remove the public objects of a cancelled, partly public release")
     unpub.add_argument("id")
     unpub.set_defaults(func=cmd_unpublish)
+    resend = sub.add_parser("resend", help="send a failed or given-up notice again "
+                                           "(same Message-ID)")
+    resend.add_argument("id", help="the notice's number (see show), its Message-ID, or a "
+                                   "release id (all its failed notices)")
+    resend.add_argument("--to", metavar="EMAIL", help="send it to this address instead")
+    resend.set_defaults(func=cmd_resend)
 
     resched = sub.add_parser("reschedule", help="move a queued release to a new instant")
     resched.add_argument("id")

@@ -15,7 +15,8 @@ from sqlalchemy import select, update
 from release.clock import ClockReading, measure_clock
 from release.context import Services
 from release.records import Node
-from storage.db import server_time, transaction
+from storage.db import server_time as server_time  # re-exported: jobs.nodes.server_time
+from storage.db import transaction
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Publication under faults: when a release's current run of failed attempts
 began (alerts repeat every ``alerts.repeat`` from it; cleared on success).
 
-Revision ID: 0005
+Revision ID: 0006
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
