@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config.errors import EmbargoError, InputError
+from sqlalchemy.exc import DBAPIError
+
+from config.errors import EmbargoError, InputError, StorageError
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import Stopper, table
@@ -518,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbargoError as exc:
         print(f"embargo: {exc}", file=sys.stderr)
         return exc.exit_status
+    except DBAPIError as exc:  # e.g. the schema check, before any transaction
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"embargo: the database cannot be used: {first}", file=sys.stderr)
+        return StorageError.exit_status
     except KeyboardInterrupt:
         print("embargo: interrupted; nothing half-done was kept", file=sys.stderr)
         return 130

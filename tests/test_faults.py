@@ -5,6 +5,7 @@ Thursday 4 September 2014, unless a test needs real time."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import stat
 import subprocess
 import sys
@@ -410,3 +411,20 @@ def test_the_publisher_loads_the_release_row_at_most_twice(
     finally:
         event.remove(services.engine, "before_cursor_execute", count)
     assert len(loads) == 1, loads  # the claim; the finish only updates (was 2 before)
+
+
+# -- 8. database outages ------------------------------------------------------------------
+def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    closed = f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/none"
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "--data-dir", str(tmp_path),
+                             "list"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "EMBARGO_DATABASE_URL": closed})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("embargo: the database cannot be used")
+    assert "Traceback" not in result.stderr
+
+
+def _closed_port() -> int:
+    from tests.conftest import free_port
+    return free_port()
