@@ -244,7 +244,7 @@ FIELDS: tuple[Field, ...] = (
     Field(key="scheduler.horizon", default="1h", check=_horizon,
           help="releases due within this get a timer; the rest are looked at again every "
                "half horizon (so start-up grows with what is due soon, not all queued)"),
-    Field(key="scheduler.lead_seconds", default=30.0, check=_number(0, 600),
+    Field(key="scheduler.lead_seconds", default=0.5, check=_number(0, 600),
           help="the job wakes this early, decrypts and verifies every document into private "
                "staging, then waits for the exact instant"),
     Field(key="testing.clock_offset_ms", default=0.0, check=_number(-86_400_000, 86_400_000),

@@ -273,11 +273,11 @@ class ReleaseService:
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
                    zone: str | None) -> Release:
-        """Move a queued release. Without ``at`` the release keeps its wall
-        time of day (in its zone, or the new one)."""
+        """Move a queued release. A date alone, without ``at``, keeps the
+        release's wall time of day (in its zone, or the new one)."""
         release = self.get(release_id)
         now = self.s.clock.now()
-        if at is None:
+        if at is None and ":" not in publish_on:  # a date alone, not a timestamp
             at = release.wall.partition("T")[2] or None
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
         old = embargo_of(release)
