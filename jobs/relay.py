@@ -34,7 +34,7 @@ from email.errors import MessageError
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, exists, or_, select, true, update
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from config.errors import DeliveryError, DeliveryRefused, SealError
 from jobs.mail import MailTransport
@@ -107,22 +107,23 @@ class OutboxRelay:
                    *[OutboxMessage.claimed_by.startswith(f"{name}#", autoescape=True)
                      for name in dead])
 
-    def _dead_nodes(self) -> list[str]:
+    def _dead_nodes(self, session: Session) -> list[str]:
         """Nodes (other than this one) whose heartbeat is older than the
         lease by the database server's clock, or that have stopped; within
-        the last hour (an older one's claims have lapsed by themselves)."""
-        with transaction(self.sessions) as session:
-            now = server_time(session.connection())
-            return [name for name in session.scalars(select(Node.name).where(
-                Node.name != self.worker, Node.heartbeat_at >= now - timedelta(hours=1),
-                or_(Node.stopped_at.is_not(None), Node.heartbeat_at < now - self.lease)))]
+        the last hour (an older one's claims have lapsed by themselves).
+        Read afresh for each claim: a node silent for a moment and heard
+        from again is alive, and so are the claims it makes after."""
+        now = server_time(session.connection())
+        return [name for name in session.scalars(select(Node.name).where(
+            Node.name != self.worker, Node.heartbeat_at >= now - timedelta(hours=1),
+            or_(Node.stopped_at.is_not(None), Node.heartbeat_at < now - self.lease)))]
 
-    def _claim(self, token: str, dead: list[str], skip: set[int]) -> OutboxMessage | None:
+    def _claim(self, token: str, skip: set[int]) -> OutboxMessage | None:
         """Claim one due row for ``token``, notices before copies; None when
         nothing is left that nobody holds."""
         now = self.s.clock.now()
-        free = self._free(now, dead)
         with transaction(self.sessions) as session:
+            free = self._free(now, self._dead_nodes(session))
             candidates = list(session.scalars(select(OutboxMessage.id).where(
                 self._due(now), free, OutboxMessage.id.notin_(skip) if skip else true(),
             ).order_by(  # notices of publication before (slow, attachment-laden) copies
@@ -179,7 +180,7 @@ class OutboxRelay:
                              release_id=row.release_id,
                              details={"to": row.to_addr, "purpose": row.purpose,
                                       "message_id": row.message_id, "reason": TOO_LATE})
-        return _Run(self, f"{self.worker}#{secrets.token_hex(4)}", self._dead_nodes()).go()
+        return _Run(self, f"{self.worker}#{secrets.token_hex(4)}").go()
 
     def next_due(self) -> float | None:
         """Seconds until the next undelivered notice is due or a claim on
@@ -384,10 +385,9 @@ class _Run:
     """One run_once: up to ``workers`` threads, each claiming one row at a
     time, and one thread renewing the claims until they are done."""
 
-    def __init__(self, relay: OutboxRelay, token: str, dead: list[str]) -> None:
+    def __init__(self, relay: OutboxRelay, token: str) -> None:
         self.relay = relay
         self.token = token
-        self.dead = dead
         self.lock = threading.Lock()
         self.skip: set[int] = set()
         self.delivered = 0
@@ -427,7 +427,7 @@ class _Run:
     def _next(self) -> OutboxMessage | None:
         with self.lock:
             skip = set(self.skip)
-        row = self.relay._claim(self.token, self.dead, skip)
+        row = self.relay._claim(self.token, skip)
         if row is not None:
             with self.lock:
                 self.skip.add(row.id)

@@ -1,0 +1,63 @@
+"""Exactly once, under the interleavings a hostile review found (issue 12,
+review): a node that was silent for a moment and is heard from again keeps
+its claims for the rest of another relay's run; a relay whose run fails does
+not leave its other workers sending with nobody renewing their claims; a
+relay told to stop takes no new notice and finishes those on their way."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from email.message import Message
+
+from sqlalchemy import select, update
+
+from config.settings import Settings
+from jobs.mail import FileMailTransport
+from jobs.nodes import server_time
+from jobs.relay import OutboxRelay
+from release.records import Node, OutboxMessage
+from release.service import Services
+from tests.test_notify import published  # noqa: F401 - a fixture
+
+
+def undelivered(services: Services) -> list[OutboxMessage]:
+    with services.sessions() as session:
+        return list(session.scalars(select(OutboxMessage).where(
+            OutboxMessage.delivered_at.is_(None), OutboxMessage.purpose == "published")
+            .order_by(OutboxMessage.id)))
+
+
+def test_a_node_heard_from_again_keeps_the_claims_it_makes_after(
+        published: Services, settings: Settings) -> None:  # noqa: F811
+    """Node "a" was silent for longer than the lease when relay "b" started
+    its run; a moment later it beats again and claims a notice. For the rest
+    of b's run that claim stands: b does not send that notice too."""
+    with published.sessions() as session, session.begin():
+        now = server_time(session.connection())
+        session.add(Node(name="a", started_at=now - timedelta(minutes=5),
+                         heartbeat_at=now - timedelta(seconds=10), clock_ok=True))
+    taken: list[int] = []
+
+    class Hooked(FileMailTransport):
+        def send(self, message: Message) -> str:
+            if not taken:  # a recovers and claims the last of the notices
+                last = undelivered(published)[-1]
+                taken.append(last.id)
+                with published.sessions() as session, session.begin():
+                    now = server_time(session.connection())
+                    session.execute(update(Node).where(Node.name == "a").values(
+                        heartbeat_at=now))
+                    session.execute(update(OutboxMessage).where(
+                        OutboxMessage.id == last.id).values(
+                        claimed_by="a#0001",
+                        claim_expires_at=published.clock.now() + timedelta(seconds=3)))
+            return super().send(message)
+
+    relay = OutboxRelay(published, Hooked(settings.outbox_dir), sender="e@x.example",
+                        worker="b", lease=timedelta(seconds=3))
+    relay.run_once()
+    with published.sessions() as session:
+        row = session.get(OutboxMessage, taken[0])
+        assert row is not None
+        assert row.delivered_at is None and row.claimed_by == "a#0001"
+    assert not FileMailTransport(settings.outbox_dir).path_of(row.message_id).exists()
