@@ -479,9 +479,12 @@ class _Run:
             thread.start()
         try:
             self._work(relay.transport, first)
+        finally:
+            # Even when this worker failed, the others' claims are renewed
+            # until their messages are handed over and recorded: a claim that
+            # lapsed mid-send would be sent again by the next run.
             for thread in threads:
                 thread.join()
-        finally:
             self.done.set()
             renewer.join()
         return self.delivered

@@ -6,9 +6,12 @@ relay told to stop takes no new notice and finishes those on their way."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from email.message import Message
 
+import pytest
 from sqlalchemy import select, update
 
 from config.settings import Settings
@@ -61,3 +64,46 @@ def test_a_node_heard_from_again_keeps_the_claims_it_makes_after(
         assert row is not None
         assert row.delivered_at is None and row.claimed_by == "a#0001"
     assert not FileMailTransport(settings.outbox_dir).path_of(row.message_id).exists()
+
+
+def test_a_failed_run_returns_only_once_its_workers_are_done(
+        published: Services, settings: Settings,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first worker's claim fails (the database went away for a moment)
+    while another worker is handing a message over. run_once must not return
+    (and stop renewing) while that worker still sends: its claim would lapse
+    mid-send, and the next run, on this node or another, would send it too."""
+    in_flight: list[str] = []
+    release = threading.Event()
+
+    class Slow(FileMailTransport):
+        def send(self, message: Message) -> str:
+            in_flight.append(str(message["Message-ID"]))
+            try:
+                if threading.current_thread() is not threading.main_thread():
+                    release.wait(5)
+                return super().send(message)
+            finally:
+                in_flight.remove(str(message["Message-ID"]))
+
+    relay = OutboxRelay(published, Slow(settings.outbox_dir), sender="e@x.example",
+                        worker="b", workers=2,
+                        make_transport=lambda: Slow(settings.outbox_dir))
+    claim = relay._claim
+    calls: list[str] = []
+
+    def flaky(*args: object, **kw: object) -> OutboxMessage | None:
+        main = threading.current_thread() is threading.main_thread()
+        calls.append("main" if main else "worker")
+        if main and calls.count("main") == 2:
+            while not in_flight:  # the other worker is handing its message over
+                time.sleep(0.01)
+            threading.Timer(0.5, release.set).start()
+            raise OSError("connection to the database lost")
+        return claim(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay, "_claim", flaky)
+    with pytest.raises(OSError):
+        relay.run_once()
+    assert not in_flight, "run_once returned while a worker was still sending"
+    release.set()
