@@ -79,7 +79,7 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
                         lease=lease,
                         opener=DocumentOpener(services, private_key),
                         workers=settings["mail.workers"],
-                        make_transport=transports)
+                        make_transport=transports, stop=stop)
     monitor = NodeMonitor(services, name,
                           max_skew=timedelta(milliseconds=settings["scheduler.max_skew_ms"]),
                           skew_every=settings["scheduler.skew_check_seconds"])

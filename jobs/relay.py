@@ -75,11 +75,15 @@ class OutboxRelay:
                  worker: str, give_up_after: timedelta = timedelta(hours=24),
                  lease: timedelta = LEASE, opener: DocumentOpener | None = None,
                  workers: int = 1,
-                 make_transport: Callable[[], MailTransport] | None = None) -> None:
+                 make_transport: Callable[[], MailTransport] | None = None,
+                 stop: threading.Event | None = None) -> None:
         """``transport`` serves the first worker; with ``workers`` > 1,
         ``make_transport`` gives each further worker its own (a transport is
         used by one thread at a time). ``worker`` names the node: its claims
-        are void once that node's heartbeat is older than ``lease``."""
+        are void once that node's heartbeat is older than ``lease`` or it has
+        stopped. Once ``stop`` is set a run takes no new notice and finishes
+        those on their way, so the node can say it stopped without leaving a
+        message in flight to be sent again."""
         if workers > 1 and make_transport is None:
             raise ValueError("several workers need make_transport: one transport each")
         self.opener = opener
@@ -91,6 +95,7 @@ class OutboxRelay:
         self.worker = worker
         self.give_up_after = give_up_after
         self.lease = lease
+        self.stop = stop or threading.Event()
         self.sessions = services.sessions
 
     # -- claims ---------------------------------------------------------------
@@ -425,6 +430,8 @@ class _Run:
         return get
 
     def _next(self) -> OutboxMessage | None:
+        if self.relay.stop.is_set():
+            return None
         with self.lock:
             skip = set(self.skip)
         row = self.relay._claim(self.token, skip)

@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import timedelta
 from email.message import Message
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
@@ -107,3 +108,22 @@ def test_a_failed_run_returns_only_once_its_workers_are_done(
         relay.run_once()
     assert not in_flight, "run_once returned while a worker was still sending"
     release.set()
+
+
+def test_a_relay_told_to_stop_takes_no_new_notice(
+        published: Services, settings: Settings) -> None:  # noqa: F811
+    stop = threading.Event()
+
+    class Stopping(FileMailTransport):
+        def send(self, message: Message) -> str:
+            stop.set()  # SIGTERM while the first notice is on its way
+            return super().send(message)
+
+    before = len(undelivered(published))
+    relay = OutboxRelay(published, Stopping(settings.outbox_dir), sender="e@x.example",
+                        worker="b", stop=stop)
+    assert relay.run_once() == 1  # the one on its way is finished and recorded
+    left = undelivered(published)
+    assert len(left) == before - 1 and all(r.claim_expires_at is None for r in left)
+    assert relay.run_once() == 0
+    assert Path(settings.outbox_dir).is_dir()
