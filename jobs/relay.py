@@ -335,14 +335,18 @@ class OutboxRelay:
 
     def _retry(self, row: OutboxMessage, token: str, reason: str,
                release: Release | None) -> None:
-        """A temporary failure: retried with backoff until give_up_after."""
+        """A temporary failure: retried with backoff until give_up_after has
+        passed since the first try (a notice first tried long after it was
+        due, like an owner's summary that waited for the others, gets its
+        retries too: ``not_before`` moves to that first try)."""
         now = self.s.clock.now()
         attempts = row.attempts + 1
-        give_up = now - row.not_before >= self.give_up_after
+        since = row.not_before if row.attempts else now
+        give_up = now - since >= self.give_up_after
         with transaction(self.sessions) as session:
             if not affected(session.execute(update(_OUTBOX).where(self._mine(row, token)).values(
                     attempts=attempts, last_error=reason, claim_expires_at=None,
-                    next_attempt_at=now + backoff(attempts),
+                    next_attempt_at=now + backoff(attempts), not_before=since,
                     given_up_at=now if give_up else None))):
                 return
             row.last_error = reason
@@ -356,7 +360,7 @@ class OutboxRelay:
                     kind="notice_given_up", key=row.message_id,
                     subject=f"Notice to {row.to_addr} given up ({row.purpose})",
                     lines=[f"The {row.purpose} notice to {row.to_addr} was tried {attempts} "
-                           f"times since {row.not_before.isoformat()} and is given up:", "",
+                           f"times since {since.isoformat()} and is given up:", "",
                            f"  {reason}", "",
                            f"`embargo resend {row.id}` sends it again."]), now)
             elif attempts == 1 and not row.attempts:

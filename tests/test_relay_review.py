@@ -2,7 +2,10 @@
 review): a node that was silent for a moment and is heard from again keeps
 its claims for the rest of another relay's run; a relay whose run fails does
 not leave its other workers sending with nobody renewing their claims; a
-relay told to stop takes no new notice and finishes those on their way."""
+relay told to stop takes no new notice and finishes those on their way; a
+notice first tried long after it was due (an owner's summary that waited for
+the others, a relay that was down) is retried for mail.give_up_after from
+that first try, not given up after one."""
 
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
+from config.errors import DeliveryError
 from config.settings import Settings
 from jobs.mail import FileMailTransport
 from jobs.nodes import server_time
 from jobs.relay import OutboxRelay
 from release.records import Node, OutboxMessage
 from release.service import Services
+from tests.conftest import SEED_INSTANT, FakeClock
 from tests.test_notify import published  # noqa: F401 - a fixture
 
 
@@ -127,3 +132,33 @@ def test_a_relay_told_to_stop_takes_no_new_notice(
     assert len(left) == before - 1 and all(r.claim_expires_at is None for r in left)
     assert relay.run_once() == 0
     assert Path(settings.outbox_dir).is_dir()
+
+
+def test_a_notice_first_tried_late_is_retried_for_give_up_after_from_then(
+        published: Services, settings: Settings) -> None:  # noqa: F811
+    """The notices were due at the instant and first tried two hours later
+    (every relay was down; or, for the owner's summary, the others took
+    that long), with give_up_after one hour. The mail server greylists
+    (451) the first try: that is one temporary failure, not an hour of them."""
+    clock = published.clock
+    assert isinstance(clock, FakeClock)
+
+    class Greylisting(FileMailTransport):
+        def send(self, message: Message) -> str:
+            raise DeliveryError("smtp://mx answered: 451 4.7.1 greylisted, try later")
+
+    first = SEED_INSTANT + timedelta(hours=2)
+    clock.set(first)
+    relay = OutboxRelay(published, Greylisting(settings.outbox_dir), sender="e@x.example",
+                        worker="b", give_up_after=timedelta(hours=1))
+    assert relay.run_once() == 0
+    rows = undelivered(published)
+    assert rows and all(r.given_up_at is None and r.attempts == 1 for r in rows)
+    clock.set(first + timedelta(hours=1) - timedelta(microseconds=1))
+    assert relay.run_once() == 0
+    assert all(r.given_up_at is None and r.attempts == 2 for r in undelivered(published))
+    with published.sessions() as session, session.begin():
+        session.execute(update(OutboxMessage).values(next_attempt_at=first + timedelta(hours=1)))
+    clock.set(first + timedelta(hours=1))  # an hour after the first try: given up
+    assert relay.run_once() == 0
+    assert all(r.given_up_at is not None and r.attempts == 3 for r in undelivered(published))
