@@ -71,12 +71,18 @@ class FileMailTransport(MailTransport):
 class SmtpMailTransport(MailTransport):
     def __init__(self, host: str, port: int, *, security: str = "starttls",
                  username: str | None = None, password: str | None = None,
-                 timeout: float = 10.0, context: ssl.SSLContext | None = None) -> None:
+                 timeout: float = 10.0, context: ssl.SSLContext | None = None,
+                 reply_timeout: float = 600.0) -> None:
         """``context`` may be shared between transports (building one reads
         the system's CA certificates: ~45 ms); by default each builds its own
-        on first use, and only for ``tls`` or ``starttls``."""
+        on first use, and only for ``tls`` or ``starttls``. ``timeout`` is
+        for reaching the server (connect, EHLO, STARTTLS, login);
+        ``reply_timeout`` for its replies about a message, the end of DATA
+        above all: RFC 5321 (4.5.3.2.6) gives that ten minutes, and a client
+        that stops waiting sooner sends again a message the server has."""
         self.host, self.port, self.security = host, port, security
         self.username, self.password, self.timeout = username, password, timeout
+        self.reply_timeout = reply_timeout
         self.context = context
         self._smtp: smtplib.SMTP | None = None
 
@@ -96,6 +102,8 @@ class SmtpMailTransport(MailTransport):
                 smtp.starttls(context=self._tls())
         if self.username:
             smtp.login(self.username, self.password or "")
+        if smtp.sock is not None:
+            smtp.sock.settimeout(max(self.timeout, self.reply_timeout))
         return smtp
 
     def send(self, message: Message) -> str:
@@ -128,6 +136,8 @@ class SmtpMailTransport(MailTransport):
     def close(self) -> None:
         if self._smtp is not None:
             try:
+                if self._smtp.sock is not None:  # a server that hangs is not waited for
+                    self._smtp.sock.settimeout(self.timeout)
                 self._smtp.quit()
             except (OSError, smtplib.SMTPException):
                 pass

@@ -5,27 +5,31 @@ not leave its other workers sending with nobody renewing their claims; a
 relay told to stop takes no new notice and finishes those on their way; a
 notice first tried long after it was due (an owner's summary that waited for
 the others, a relay that was down) is retried for mail.give_up_after from
-that first try, not given up after one."""
+that first try, not given up after one; a mail server that has taken a
+message and is slow to say so is waited for, not sent the message again."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from datetime import timedelta
 from email.message import Message
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 from sqlalchemy import select, update
 
 from config.errors import DeliveryError
 from config.settings import Settings
-from jobs.mail import FileMailTransport
+from jobs.mail import FileMailTransport, SmtpMailTransport
 from jobs.nodes import server_time
 from jobs.relay import OutboxRelay
 from release.records import Node, OutboxMessage
 from release.service import Services
-from tests.conftest import SEED_INSTANT, FakeClock
+from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port
 from tests.test_notify import published  # noqa: F401 - a fixture
 
 
@@ -162,3 +166,39 @@ def test_a_notice_first_tried_late_is_retried_for_give_up_after_from_then(
     clock.set(first + timedelta(hours=1))  # an hour after the first try: given up
     assert relay.run_once() == 0
     assert all(r.given_up_at is not None and r.attempts == 3 for r in undelivered(published))
+
+
+class SlowToAnswer(Inbox):
+    """Takes the message at the end of DATA, then takes ``delay`` seconds
+    to say 250 (content scanning, a loaded queue)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        taken = await super().handle_DATA(server, session, envelope)
+        await asyncio.sleep(self.delay)
+        return taken
+
+
+def test_a_server_slow_to_acknowledge_data_is_waited_for_not_sent_twice() -> None:
+    """RFC 5321 (4.5.3.2.6) gives the reply to the end of DATA ten minutes:
+    a client that gives up sooner and tries again makes a second copy of a
+    message the server already has. The short timeout is for reaching the
+    server; the reply to the message gets the long one."""
+    port = free_port()
+    inbox = SlowToAnswer(1.0)
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    message = Message()
+    message["From"], message["To"] = "e@x.example", "officer@force.example"
+    message["Subject"], message["Message-ID"] = "Published", "<slow.1@embargo.invalid>"
+    message.set_payload("published")
+    transport = SmtpMailTransport("127.0.0.1", port, security="none", timeout=0.3)
+    try:
+        assert transport.send(message) == f"smtp://127.0.0.1:{port}"
+        transport.close()
+    finally:
+        controller.stop()
+    assert len(inbox.messages) == 1
