@@ -222,7 +222,7 @@ FIELDS: tuple[Field, ...] = (
     Field(key="mail.give_up_after", default="24h", check=parse_duration,
           help="a notice the mail server cannot take (4xx, no connection) is retried with "
                "backoff this long, then given up and alerted (`embargo resend` sends it "
-               "again); a 5xx or refused recipient fails at once, alerted"),
+               "again); a 5xx about the message or its recipient fails at once, alerted"),
     Field(key="scheduler.poll_seconds", default=0.5, check=_number(0.05, 60),
           help="how often the scheduler re-reads the database for changes"),
     Field(key="scheduler.lease_seconds", default=3.0, check=_number(1, 3600),

@@ -31,7 +31,8 @@ class MailTransport(ABC):
         """Deliver ``message``; return where it went (a path or a server).
         Sending the same Message-ID twice must not make two copies where the
         transport can prevent it. Raises DeliveryRefused when the server refused it
-        for good (5xx, a refused recipient), DeliveryError when it may be retried."""
+        for good (a 5xx about the message or its recipient), DeliveryError when
+        it may be retried (a 4xx, no connection, a 5xx about the session)."""
 
     def close(self) -> None:
         """Release any connection held between sends."""
@@ -109,9 +110,11 @@ class SmtpMailTransport(MailTransport):
     def send(self, message: Message) -> str:
         where = f"smtp://{self.host}:{self.port}"
         for reuse in (True, False):
+            connecting = self._smtp is None
             try:
                 if self._smtp is None:
                     self._smtp = self._connect()
+                connecting = False
                 self._smtp.send_message(message)
                 return where
             except smtplib.SMTPServerDisconnected:
@@ -125,8 +128,23 @@ class SmtpMailTransport(MailTransport):
                 self.close()
                 code, words = next(iter(exc.recipients.values()), (0, b""))
                 raise _answered(where, "refused the recipient", code, words) from None
+            except smtplib.SMTPSenderRefused as exc:
+                self.close()  # 552 with SIZE: this message is too big; the rest is the
+                # session (530 authentication required, sender not allowed): a setting
+                # to fix, then every notice goes, like a refused login
+                if exc.smtp_code == 552:
+                    raise _answered(where, "answered", exc.smtp_code, exc.smtp_error) from None
+                raise DeliveryError(f"{where} refused the sender {exc.sender}: "
+                                    f"{exc.smtp_code} {_words(exc.smtp_error)}") from None
+            except (smtplib.SMTPConnectError, smtplib.SMTPHeloError) as exc:
+                self.close()  # the greeting, EHLO: about the session, not this message
+                raise DeliveryError(f"{where} would not talk: {exc.smtp_code} "
+                                    f"{_words(exc.smtp_error)}") from None
             except smtplib.SMTPResponseException as exc:
                 self.close()
+                if connecting:  # STARTTLS refused: the session again
+                    raise DeliveryError(f"{where} would not talk: {exc.smtp_code} "
+                                        f"{_words(exc.smtp_error)}") from None
                 raise _answered(where, "answered", exc.smtp_code, exc.smtp_error) from None
             except (OSError, smtplib.SMTPException) as exc:
                 self.close()
@@ -172,12 +190,16 @@ def remove_copy_files(services: Services, release_id: str, folder: Path, *,
     return len(removed), mailed
 
 
+def _words(words: bytes | str) -> str:
+    return words.decode("utf-8", "replace") if isinstance(words, bytes) else str(words)
+
+
 def _answered(where: str, what: str, code: int, words: bytes | str) -> DeliveryError:
-    """The error for a server's reply: a 5xx is permanent (DeliveryRefused),
-    anything else may be retried. Carries the server's own words."""
-    text = words.decode("utf-8", "replace") if isinstance(words, bytes) else str(words)
+    """The error for a server's reply about this message or its recipient: a
+    5xx is permanent (DeliveryRefused), anything else may be retried.
+    Carries the server's own words."""
     error = DeliveryRefused if 500 <= code < 600 else DeliveryError
-    return error(f"{where} {what}: {code} {text}")
+    return error(f"{where} {what}: {code} {_words(words)}")
 
 
 def transport_factory(settings: Settings) -> Callable[[], MailTransport]:

@@ -12,14 +12,14 @@ heartbeating for longer than ``lease``. What remains is one window per
 worker: a relay that dies after the mail server took a message and before it
 recorded that, leaves the row to be sent again by the relay that takes over.
 
-Failures are told apart. A 5xx reply or a refused recipient is permanent:
-the notice is ``failed`` after one attempt. So is a message that cannot be
-built (a record that cannot be composed, a PDF that cannot be stamped): the
-error's class and words are recorded against that notice alone. A 4xx reply
-or a connection failure is temporary: retried with backoff until
-``give_up_after`` has passed. Either way the release's owner and
-``alerts.to`` are told, except about an alert (an alert about an alert that
-cannot be delivered would never end)."""
+Failures are told apart. A 5xx reply about the message or a refused recipient
+is permanent: the notice is ``failed`` after one attempt. So is a message that
+cannot be built (a record that cannot be composed, a PDF that cannot be
+stamped): the error's class and words are recorded against that notice alone.
+A 4xx reply or a connection failure is temporary: retried with backoff until
+``give_up_after`` has passed. Either way the release's owner and ``alerts.to``
+are told, except about an alert (an alert about an alert that cannot be
+delivered would never end)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,10 @@ relay told to stop takes no new notice and finishes those on their way; a
 notice first tried long after it was due (an owner's summary that waited for
 the others, a relay that was down) is retried for mail.give_up_after from
 that first try, not given up after one; a mail server that has taken a
-message and is slow to say so is waited for, not sent the message again."""
+message and is slow to say so is waited for, not sent the message again; a
+5xx about the session (530 authentication required on MAIL FROM) rather
+than about the message or its recipient is a setting to fix, retried, not
+every notice failed for good."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import select, update
 
-from config.errors import DeliveryError
+from config.errors import DeliveryError, DeliveryRefused
 from config.settings import Settings
 from jobs.mail import FileMailTransport, SmtpMailTransport
 from jobs.nodes import server_time
@@ -202,3 +205,48 @@ def test_a_server_slow_to_acknowledge_data_is_waited_for_not_sent_twice() -> Non
     finally:
         controller.stop()
     assert len(inbox.messages) == 1
+
+
+class Answering(Inbox):
+    """Answers MAIL FROM with ``mail`` and the end of DATA with ``data``."""
+
+    def __init__(self, mail: str, data: str = "250 OK") -> None:
+        super().__init__()
+        self.mail, self.data = mail, data
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: Any) -> str:
+        if self.mail.startswith("250"):
+            envelope.mail_from = address
+        return self.mail
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return self.data
+
+
+@pytest.mark.parametrize(("mail", "data", "refused"), [
+    ("530 5.7.0 Authentication required", "250 OK", False),  # the session: a setting
+    ("550 5.7.1 Sender address rejected: not owned by user", "250 OK", False),
+    ("451 4.3.0 try again later", "250 OK", False),
+    ("552 5.3.4 Message size exceeds fixed limit", "250 OK", True),  # this message
+    ("250 OK", "554 5.6.0 Message content rejected", True),
+    ("250 OK", "552 5.3.4 Message too big", True),
+])
+def test_a_5xx_about_the_session_is_temporary_one_about_the_message_permanent(
+        mail: str, data: str, refused: bool) -> None:
+    port = free_port()
+    controller = Controller(Answering(mail, data), hostname="127.0.0.1", port=port)
+    controller.start()
+    message = Message()
+    message["From"], message["To"] = "e@x.example", "officer@force.example"
+    message["Subject"], message["Message-ID"] = "Published", "<s.1@embargo.invalid>"
+    message.set_payload("published")
+    transport = SmtpMailTransport("127.0.0.1", port, security="none", timeout=2)
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            transport.send(message)
+    finally:
+        transport.close()
+        controller.stop()
+    assert isinstance(caught.value, DeliveryRefused) is refused, caught.value
+    assert mail.split()[0] in str(caught.value) or data.split()[0] in str(caught.value)
