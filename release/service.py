@@ -19,7 +19,7 @@ from config.errors import InputError, NotFoundError, StateError
 from release import audit, copies, sealing, timerules
 from release.context import Services, dek_key, describe_instant, document_key, embargo_of
 from release.keys import load_public_key
-from release.manifest import ReleaseSpec
+from release.manifest import ReleaseSpec, check_email
 from release.records import (
     CANCELLED,
     FAILED,
@@ -37,7 +37,6 @@ from storage.db import affected, transaction
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
-_ADDRESS = re.compile(r"[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+")
 
 
 def new_id(prefix: str) -> str:
@@ -231,8 +230,8 @@ class ReleaseService:
         Message-ID, or a release id (then every failed or given-up notice of
         it). ``to`` sends one notice to another address. Returns the notices
         queued again. Raises NotFoundError, StateError, InputError."""
-        if to is not None and not _ADDRESS.fullmatch(to.strip()):
-            raise InputError(f"{to!r} is not an e-mail address")
+        if to is not None:  # the queue's own check: an address it refuses fails later
+            to = check_email(to, "--to")
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
             where = (OutboxMessage.id == int(notice) if notice.strip().isdigit()

@@ -9,7 +9,8 @@ that first try, not given up after one; a mail server that has taken a
 message and is slow to say so is waited for, not sent the message again; a
 5xx about the session (530 authentication required on MAIL FROM) rather
 than about the message or its recipient is a setting to fix, retried, not
-every notice failed for good."""
+every notice failed for good; `resend --to` refuses an address the queue
+would have refused."""
 
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import select, update
 
-from config.errors import DeliveryError, DeliveryRefused
+from config.errors import DeliveryError, DeliveryRefused, InputError
 from config.settings import Settings
 from jobs.mail import FileMailTransport, SmtpMailTransport
 from jobs.nodes import server_time
 from jobs.relay import OutboxRelay
 from release.records import Node, OutboxMessage
-from release.service import Services
+from release.service import ReleaseService, Services
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port
 from tests.test_notify import published  # noqa: F401 - a fixture
 
@@ -250,3 +251,19 @@ def test_a_5xx_about_the_session_is_temporary_one_about_the_message_permanent(
         controller.stop()
     assert isinstance(caught.value, DeliveryRefused) is refused, caught.value
     assert mail.split()[0] in str(caught.value) or data.split()[0] in str(caught.value)
+
+
+@pytest.mark.parametrize("to", ["jöns@force.example",  # no SMTPUTF8: "cannot be reached"
+                                "liaison@force.example\x07", "(x)@force.example",
+                                "liaison@force..example"])
+def test_resend_to_refuses_an_address_the_queue_would_refuse(
+        published: Services, to: str) -> None:  # noqa: F811
+    row = undelivered(published)[0]
+    with published.sessions() as session, session.begin():
+        session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
+            given_up_at=published.clock.now(), last_error="550 no such user"))
+    service = ReleaseService(published, actor="comms")
+    with pytest.raises(InputError):
+        service.resend(str(row.id), to=to)
+    assert [r.to_addr for r in service.resend(str(row.id), to="fixed@force.example")] \
+        == ["fixed@force.example"]
