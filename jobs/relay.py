@@ -155,13 +155,14 @@ class OutboxRelay:
 
     def _still_mine(self, row: OutboxMessage, token: str) -> bool:
         """Renew this row's claim right before the hand-over; False when it
-        was lost (lapsed and taken, or delivered by another relay)."""
+        was lost (lapsed and taken, or delivered by another relay). A claim
+        that lapsed and that nobody took is still ours: taking it would have
+        named the taker, and this update and a taker's exclude each other."""
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
             return affected(session.execute(update(OutboxMessage).where(
                 OutboxMessage.id == row.id, OutboxMessage.claimed_by == token,
-                OutboxMessage.claim_expires_at >= now, OutboxMessage.delivered_at.is_(None),
-                OutboxMessage.given_up_at.is_(None))
+                OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None))
                 .values(claim_expires_at=now + self.lease))) == 1
 
     def _mine(self, row: OutboxMessage, token: str) -> ColumnElement[bool]:

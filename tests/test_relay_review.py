@@ -10,7 +10,8 @@ message and is slow to say so is waited for, not sent the message again; a
 5xx about the session (530 authentication required on MAIL FROM) rather
 than about the message or its recipient is a setting to fix, retried, not
 every notice failed for good; `resend --to` refuses an address the queue
-would have refused."""
+would have refused; a claim that lapsed while its message was being built,
+and that nobody took, is still this relay's to send."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from sqlalchemy import select, update
 
 from config.errors import DeliveryError, DeliveryRefused, InputError
 from config.settings import Settings
+from jobs import relay as relay_module
 from jobs.mail import FileMailTransport, SmtpMailTransport
 from jobs.nodes import server_time
 from jobs.relay import OutboxRelay
@@ -267,3 +269,31 @@ def test_resend_to_refuses_an_address_the_queue_would_refuse(
         service.resend(str(row.id), to=to)
     assert [r.to_addr for r in service.resend(str(row.id), to="fixed@force.example")] \
         == ["fixed@force.example"]
+
+
+def test_a_lapsed_claim_nobody_took_is_still_sent_by_its_holder(
+        published: Services, settings: Settings,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the first message took longer than the lease (a large PDF
+    to stamp, a stalled disk): the claim lapsed, but no other relay took
+    it, so it is still this relay's. It was skipped as "left to its new
+    holder" that did not exist, and held by the renewer for the rest of
+    the run."""
+    clock = published.clock
+    assert isinstance(clock, FakeClock)
+    compose = relay_module.compose
+    slow: list[str] = []
+
+    def slow_compose(row: OutboxMessage, *args: object, **kw: object) -> Message:
+        if not slow:
+            slow.append(row.message_id)
+            clock.set(clock.now() + timedelta(seconds=4))  # the lease is 3 s
+        return compose(row, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay_module, "compose", slow_compose)
+    before = len(undelivered(published))
+    relay = OutboxRelay(published, FileMailTransport(settings.outbox_dir),
+                        sender="e@x.example", worker="b", lease=timedelta(seconds=3))
+    assert relay.run_once() >= before
+    assert not undelivered(published)
+    assert FileMailTransport(settings.outbox_dir).path_of(slow[0]).exists()
