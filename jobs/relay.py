@@ -326,7 +326,8 @@ class OutboxRelay:
                                   "message_id": row.message_id, "reason": reason})
             row.last_error = reason
             self._alert(session, row, release, Alert(
-                kind="notice_failed", key=row.message_id,
+                # one alert per failure: a notice resent and refused again is told again
+                kind="notice_failed", key=f"{row.message_id} #{row.attempts + 1}",
                 subject=f"Notice to {row.to_addr} failed ({row.purpose})",
                 lines=[f"The {row.purpose} notice to {row.to_addr} could not be delivered "
                        "and will not be retried:", "", f"  {reason}", "",
@@ -358,7 +359,7 @@ class OutboxRelay:
                                       "message_id": row.message_id, "attempts": attempts,
                                       "reason": reason})
                 self._alert(session, row, release, Alert(
-                    kind="notice_given_up", key=row.message_id,
+                    kind="notice_given_up", key=f"{row.message_id} #{attempts}",
                     subject=f"Notice to {row.to_addr} given up ({row.purpose})",
                     lines=[f"The {row.purpose} notice to {row.to_addr} was tried {attempts} "
                            f"times since {since.isoformat()} and is given up:", "",

@@ -11,7 +11,8 @@ message and is slow to say so is waited for, not sent the message again; a
 than about the message or its recipient is a setting to fix, retried, not
 every notice failed for good; `resend --to` refuses an address the queue
 would have refused; a claim that lapsed while its message was being built,
-and that nobody took, is still this relay's to send."""
+and that nobody took, is still this relay's to send; a notice resent and
+refused again is alerted again."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from jobs import relay as relay_module
 from jobs.mail import FileMailTransport, SmtpMailTransport
 from jobs.nodes import server_time
 from jobs.relay import OutboxRelay
+from release.alerts import ALERT
 from release.records import Node, OutboxMessage
 from release.service import ReleaseService, Services
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port
@@ -297,3 +299,37 @@ def test_a_lapsed_claim_nobody_took_is_still_sent_by_its_holder(
     assert relay.run_once() >= before
     assert not undelivered(published)
     assert FileMailTransport(settings.outbox_dir).path_of(slow[0]).exists()
+
+
+def test_a_notice_resent_and_refused_again_is_alerted_again(
+        published: Services, settings: Settings) -> None:  # noqa: F811
+    """The owner resends a refused notice (the address was "fixed", but
+    not yet at the mail server) and it is refused again: the owner hears
+    of that failure too, not only of the first."""
+    first = undelivered(published)[0]
+    bad = first.to_addr
+
+    class Refusing(FileMailTransport):
+        def send(self, message: Message) -> str:
+            if str(message["To"]).endswith(f"<{bad}>") or str(message["To"]) == bad:
+                raise DeliveryRefused(f"smtp://mx refused the recipient: 550 {bad}: no such user")
+            return super().send(message)
+
+    relay = OutboxRelay(published, Refusing(settings.outbox_dir), sender="e@x.example",
+                        worker="b")
+
+    def alerts() -> list[OutboxMessage]:
+        with published.sessions() as session:
+            return list(session.scalars(select(OutboxMessage).where(
+                OutboxMessage.purpose == ALERT)))
+
+    relay.run_once()
+    assert len(alerts()) == 1
+    service = ReleaseService(published, actor="comms")
+    for round_ in (2, 3):
+        (row,) = service.resend(str(first.id))
+        relay.run_once()
+        with published.sessions() as session:
+            again = session.get(OutboxMessage, row.id)
+            assert again is not None and again.failed_at is not None
+        assert len(alerts()) == round_, [a.details for a in alerts()]
