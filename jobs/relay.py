@@ -285,18 +285,29 @@ class OutboxRelay:
                 self._mine(row, token)).values(
                 attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
                 last_error=None, claim_expires_at=None)))
+            if not recorded:  # given up while on its way (a cancellation): it went
+                recorded = affected(connection.execute(update(_OUTBOX).where(
+                    _OUTBOX.c.id == row.id, _OUTBOX.c.claimed_by == token,
+                    _OUTBOX.c.delivered_at.is_(None)).values(
+                    attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
+                    claim_expires_at=None)))
+            details: dict[str, Any] = {"to": row.to_addr, "purpose": row.purpose,
+                                       "message_id": row.message_id, "via": where}
             if not recorded:
+                # Taken over by another relay while on its way; the mail server has
+                # it all the same: say so.
                 log.error("notice %s to %s was handed to %s after its claim was lost; "
                           "it may arrive twice", row.message_id, row.to_addr, where)
-                return 0
-            details = {"to": row.to_addr, "purpose": row.purpose,
-                       "message_id": row.message_id, "via": where}
+                details["claim_lost"] = True
             if row.purpose == "copy":
-                connection.execute(update(_COPIES).where(_COPIES.c.message_id == row.message_id)
-                                   .values(sent_at=now))
+                connection.execute(update(_COPIES).where(
+                    _COPIES.c.message_id == row.message_id, _COPIES.c.sent_at.is_(None))
+                    .values(sent_at=now))
                 details["copy_id"] = str(message["X-Embargo-Copy-Id"])
             audit.record(session, action="copy_sent" if row.purpose == "copy" else "notice_sent",
                          actor=self.worker, at=now, release_id=row.release_id, details=details)
+        if not recorded:
+            return 0
         log.info("notice %s delivered to %s via %s", row.purpose, row.to_addr, where)
         return 1
 

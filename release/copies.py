@@ -138,7 +138,9 @@ def notify_copy_holders(session: Session, release: Release, *, purpose: str,
         else:
             row.not_after = release.instant - cutoff
     told = 0
-    waiting = {row.recipient_id for row in pending}
+    # A copy under a claim may be on its way to the mail server right now:
+    # its officer may hold it, so is told too. Only one nobody holds never went.
+    waiting = {row.recipient_id for row in pending if row.claim_expires_at is None}
     for copy in copies:
         if copy.recipient_id in waiting and purpose == "withdrawn":
             continue  # never received it; nothing to withdraw

@@ -12,7 +12,9 @@ than about the message or its recipient is a setting to fix, retried, not
 every notice failed for good; `resend --to` refuses an address the queue
 would have refused; a claim that lapsed while its message was being built,
 and that nobody took, is still this relay's to send; a notice resent and
-refused again is alerted again."""
+refused again is alerted again; a cancellation while a copy is on its way
+to the mail server tells that officer to delete it, and the copy that went
+is recorded as sent."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from jobs.nodes import server_time
 from jobs.relay import OutboxRelay
 from release.alerts import ALERT
 from release.records import Node, OutboxMessage
-from release.service import ReleaseService, Services
+from release.service import ReleaseService, Services, notice_state
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port
 from tests.test_notify import published  # noqa: F401 - a fixture
 
@@ -333,3 +335,53 @@ def test_a_notice_resent_and_refused_again_is_alerted_again(
             again = session.get(OutboxMessage, row.id)
             assert again is not None and again.failed_at is not None
         assert len(alerts()) == round_, [a.details for a in alerts()]
+
+
+def test_a_cancel_while_a_copy_is_on_its_way_withdraws_it_and_records_it(
+        settings: Settings, services: Services, tmp_path: Path) -> None:
+    """The relay has checked its claim and is handing officer 1's copy to
+    the mail server when comms cancel the release. The copy reaches the
+    officer: they must get the withdrawal notice, and the copy must be
+    audited and on the access list as sent, not "never received"."""
+    import dataclasses
+    import json
+
+    from release.copies import DocumentOpener, issue_copies
+    from release.keys import load_private_key
+    from release.records import AuditEvent, Copy
+    from tests.conftest import write_bundle
+    from tests.test_copies import QUEUED_AT, queue
+
+    release = queue(services, write_bundle(tmp_path / "b", letters=2))
+    now_services = dataclasses.replace(
+        services, clock=FakeClock(QUEUED_AT + timedelta(minutes=1)))
+    assert issue_copies(now_services, release.id, actor="t") == 2
+    service = ReleaseService(now_services, actor="comms")
+    on_its_way: list[str] = []
+
+    class Cancelled(FileMailTransport):
+        def send(self, message: Message) -> str:
+            if not on_its_way:
+                on_its_way.append(str(message["To"]))
+                service.cancel(release.id, reason="withdrawn while copies went")
+            return super().send(message)
+
+    relay = OutboxRelay(now_services, Cancelled(settings.outbox_dir), sender="e@x.example",
+                        worker="b",
+                        opener=DocumentOpener(now_services, load_private_key(settings.keys_dir)))
+    relay.run_once()
+    assert len(on_its_way) == 1
+    with services.sessions() as session:
+        withdrawn = [r.to_addr for r in session.scalars(select(OutboxMessage).where(
+            OutboxMessage.purpose == "withdrawn"))]
+        sent = [json.loads(e.details) for e in session.scalars(select(AuditEvent).where(
+            AuditEvent.action == "copy_sent"))]
+        copies = {c.recipient_id: c.sent_at for c in session.scalars(select(Copy))}
+    assert [w for w in withdrawn if w in on_its_way[0]] == withdrawn and len(withdrawn) == 1
+    assert len(sent) == 1 and sent[0]["to"] in on_its_way[0]
+    assert sorted(at is not None for at in copies.values()) == [False, True]
+    with services.sessions() as session:
+        states = {r.to_addr: notice_state(r) for r in session.scalars(select(OutboxMessage)
+                  .where(OutboxMessage.purpose == "copy"))}
+    assert sorted(states.values()) == ["delivered", "given up"]
+    assert next(a for a, s in states.items() if s == "delivered") in on_its_way[0]
