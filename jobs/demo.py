@@ -16,6 +16,7 @@ from jobs.console import Stopper, table
 from release import keys as keyfile
 from release.manifest import load_manifest
 from release.marking import text_pdf
+from release.publishing import PublishStatus
 from release.records import PUBLISHED
 from release.service import ReleaseService, embargo_of
 
@@ -146,7 +147,7 @@ def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = Fa
     scheduler = start_node(settings, services, stopper.event,
                            on_outcome=lambda o: published.set()
                            if o.release_id in release_id and o.status in
-                           ("published", "failed") else None)
+                           (PublishStatus.PUBLISHED, PublishStatus.FAILED) else None)
     try:
         now = services.clock.now()
         instant = (now + timedelta(seconds=max(2, seconds) + 1)).replace(microsecond=0)

@@ -19,7 +19,7 @@ from release import audit
 from release.context import Services
 from release.copies import DocumentOpener
 from release.notices import Attachment, compose
-from release.records import Copy, OutboxMessage, Recipient, Release, table_of
+from release.records import Copy, OutboxMessage, Purpose, Recipient, Release, table_of
 from storage.db import transaction
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class OutboxRelay:
                 or_(OutboxMessage.claim_expires_at.is_(None),
                     OutboxMessage.claim_expires_at < now),
             ).order_by(  # notices of publication before (slow, attachment-laden) copies
-                case((OutboxMessage.purpose == "copy", 1), else_=0), OutboxMessage.id,
+                case((OutboxMessage.purpose == Purpose.COPY, 1), else_=0), OutboxMessage.id,
             ).limit(self.batch)
             ids = list(session.scalars(due))
             if not ids:
@@ -86,7 +86,7 @@ class OutboxRelay:
         with transaction(self.sessions) as session:
             rows = list(session.scalars(select(OutboxMessage).where(
                 OutboxMessage.claimed_by == token).order_by(
-                case((OutboxMessage.purpose == "copy", 1), else_=0), OutboxMessage.id)))
+                case((OutboxMessage.purpose == Purpose.COPY, 1), else_=0), OutboxMessage.id)))
             releases = {r.id: r for r in session.scalars(select(Release).where(
                 Release.id.in_({row.release_id for row in rows})))}
             for release in releases.values():
@@ -138,7 +138,7 @@ class OutboxRelay:
         return delivered
 
     def _attachments(self, row: OutboxMessage, release: Release) -> list[Attachment]:
-        if row.purpose != "copy":
+        if row.purpose != Purpose.COPY:
             return []
         if self.opener is None:
             raise DeliveryError("this relay cannot open documents (no private key)")
@@ -191,11 +191,12 @@ class OutboxRelay:
                 last_error=None, claim_expires_at=None))
             details = {"to": row.to_addr, "purpose": row.purpose,
                        "message_id": row.message_id, "via": where}
-            if row.purpose == "copy":
+            if row.purpose == Purpose.COPY:
                 connection.execute(update(_COPIES).where(_COPIES.c.message_id == row.message_id)
                                    .values(sent_at=now))
                 details["copy_id"] = str(message["X-Embargo-Copy-Id"])
-            audit.record(session, action="copy_sent" if row.purpose == "copy" else "notice_sent",
+            audit.record(session,
+                         action="copy_sent" if row.purpose == Purpose.COPY else "notice_sent",
                          actor=self.worker, at=now, release_id=row.release_id, details=details)
         log.info("notice %s delivered to %s via %s", row.purpose, row.to_addr, where)
         return 1

@@ -22,7 +22,7 @@ from sqlalchemy import func, or_, select
 from jobs.relay import OutboxRelay
 from release.context import Services
 from release.copies import issue_copies
-from release.publishing import Outcome, Publisher
+from release.publishing import Outcome, Publisher, PublishStatus
 from release.records import PUBLISHING, QUEUED, Release
 from storage.db import transaction
 
@@ -214,13 +214,13 @@ class EmbargoScheduler:
                                              wait_up_to=self.lead + timedelta(seconds=1))
         except Exception:
             log.exception("publishing %s failed unexpectedly", release_id)
-            outcome = Outcome(status="retry", release_id=release_id)
+            outcome = Outcome(status=PublishStatus.RETRY, release_id=release_id)
         finally:
             with self._lock:
                 self._running.discard(release_id)
                 self._known.pop(release_id, None)  # the next sync re-reads it
                 self._fingerprint = None
-        if outcome.status in ("published", "failed"):
+        if outcome.status in (PublishStatus.PUBLISHED, PublishStatus.FAILED):
             self._relay_wake.set()
         if self.on_outcome is not None:
             self.on_outcome(outcome)

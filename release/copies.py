@@ -18,7 +18,7 @@ from config.errors import InputError, NotFoundError
 from release import audit, sealing, timerules
 from release.context import Services, dek_key, describe_instant, document_key
 from release.marking import COPY_ID, find_copy_id
-from release.records import QUEUED, Copy, Document, OutboxMessage, Recipient, Release
+from release.records import QUEUED, Copy, Document, OutboxMessage, Purpose, Recipient, Release
 from storage.db import affected, transaction
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def new_copy_id() -> str:
     return f"CPY-{chars[:4]}-{chars[4:8]}-{chars[8:]}"
 
 
-def copy_message_id(release_id: str, copy_id: str, purpose: str = "copy") -> str:
+def copy_message_id(release_id: str, copy_id: str, purpose: str = Purpose.COPY) -> str:
     return f"<{release_id.removeprefix('rel_')}.{purpose}.{copy_id}@embargo.invalid>"
 
 
@@ -112,7 +112,7 @@ def issue_copies(services: Services, release_id: str, *, actor: str) -> int:
                              created_at=now))
             session.add(OutboxMessage(
                 message_id=mid, release_id=release_id, recipient_id=recipient.id,
-                purpose="copy", to_addr=recipient.email, created_at=now, not_before=now,
+                purpose=Purpose.COPY, to_addr=recipient.email, created_at=now, not_before=now,
                 not_after=release.instant - services.copies_cutoff, attempts=0,
                 next_attempt_at=now))
             issued += 1
@@ -122,17 +122,17 @@ def issue_copies(services: Services, release_id: str, *, actor: str) -> int:
     return issued
 
 
-def notify_copy_holders(session: Session, release: Release, *, purpose: str,
+def notify_copy_holders(session: Session, release: Release, *, purpose: Purpose,
                         now: datetime, cutoff: timedelta) -> int:
     """After a reschedule or cancellation: one notice to every officer who
     had a copy (or has one on its way), under an id unique to this change.
     Copies not yet delivered are stopped or re-timed."""
     copies = list(session.scalars(select(Copy).where(Copy.release_id == release.id)))
     pending = list(session.scalars(select(OutboxMessage).where(
-        OutboxMessage.release_id == release.id, OutboxMessage.purpose == "copy",
+        OutboxMessage.release_id == release.id, OutboxMessage.purpose == Purpose.COPY,
         OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None))))
     for row in pending:
-        if purpose == "withdrawn":
+        if purpose == Purpose.WITHDRAWN:
             row.given_up_at = now
             row.last_error = "the release was cancelled before this copy was delivered"
         else:
@@ -140,7 +140,7 @@ def notify_copy_holders(session: Session, release: Release, *, purpose: str,
     told = 0
     waiting = {row.recipient_id for row in pending}
     for copy in copies:
-        if copy.recipient_id in waiting and purpose == "withdrawn":
+        if copy.recipient_id in waiting and purpose == Purpose.WITHDRAWN:
             continue  # never received it; nothing to withdraw
         recipient = session.get(Recipient, copy.recipient_id)
         assert recipient is not None

@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import bindparam, or_, select, update
@@ -28,6 +29,7 @@ from release.records import (
     QUEUED,
     Document,
     OutboxMessage,
+    Purpose,
     Recipient,
     Release,
     table_of,
@@ -52,9 +54,20 @@ class TooEarlyError(EmbargoError):
     embargo instant. Never caught and ignored."""
 
 
+class PublishStatus(StrEnum):
+    """How one call of :meth:`Publisher.publish` ended."""
+
+    PUBLISHED = "published"
+    NOT_YET = "not_yet"  # before the instant, or stopping: the job runs again
+    NOT_OURS = "not_ours"  # another node holds the claim
+    INACTIVE = "inactive"  # not queued or publishing (cancelled, published, gone)
+    RETRY = "retry"  # this attempt failed; retried after a backoff
+    FAILED = "failed"  # given up: state failed, owner told
+
+
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
-    status: str  # published | not_yet | not_ours | inactive | retry | failed
+    status: PublishStatus
     release_id: str
     lateness_ms: float | None = None
     detail: str | None = None
@@ -93,17 +106,18 @@ class Publisher:
         with transaction(self.sessions) as session:  # read and claim: one transaction
             release = session.get(Release, release_id)
             if release is None or release.state not in (QUEUED, PUBLISHING):
-                return Outcome(status="inactive", release_id=release_id)
+                return Outcome(status=PublishStatus.INACTIVE, release_id=release_id)
             instant = release.instant
             if instant - now > wait_up_to:
-                return Outcome(status="not_yet", release_id=release_id)
+                return Outcome(status=PublishStatus.NOT_YET, release_id=release_id)
             if not self._claim(session, release_id, now):
-                return Outcome(status="not_ours", release_id=release_id)
+                return Outcome(status=PublishStatus.NOT_OURS, release_id=release_id)
         with _LeaseKeeper(self, release_id) as keeper:
             if not clock.sleep_until(instant, self.stop):
                 keeper.close()
                 self._unclaim(release_id)
-                return Outcome(status="not_yet", release_id=release_id, detail="stopping")
+                return Outcome(status=PublishStatus.NOT_YET, release_id=release_id,
+                               detail="stopping")
             try:
                 return self._publish_claimed(release_id, keeper)
             except Exception as exc:
@@ -279,12 +293,12 @@ class Publisher:
                 {"document": d.id, "at": now,
                  "url": self.s.public.url(f"{release.slug}/{d.filename}")} for d in documents])
             targets: list[tuple[str | None, str, str]] = [
-                (rid, email, "published") for rid, email in connection.execute(
+                (rid, email, Purpose.PUBLISHED) for rid, email in connection.execute(
                     select(_RECIPIENTS.c.id, _RECIPIENTS.c.email)
                     .where(_RECIPIENTS.c.release_id == release_id)
                     .order_by(_RECIPIENTS.c.position))]
             if release.owner:
-                targets.append((None, release.owner, "owner_summary"))
+                targets.append((None, release.owner, Purpose.OWNER_SUMMARY))
             if targets:
                 connection.execute(_OUTBOX.insert(), [
                     {"message_id": message_id(release_id, purpose, recipient_id),
@@ -297,20 +311,21 @@ class Publisher:
                          details={"lateness_ms": lateness_ms, "documents": len(documents),
                                   "notices": len(targets)})
         log.info("release %s published, %.1f ms late", release_id, lateness_ms)
-        return Outcome(status="published", release_id=release_id, lateness_ms=lateness_ms)
+        return Outcome(status=PublishStatus.PUBLISHED, release_id=release_id,
+                       lateness_ms=lateness_ms)
 
     def _failed(self, release_id: str, exc: Exception) -> Outcome:
         if isinstance(exc, TooEarlyError):
             log.error("%s", exc)
             self._unclaim(release_id)
-            return Outcome(status="not_yet", release_id=release_id, detail=str(exc))
+            return Outcome(status=PublishStatus.NOT_YET, release_id=release_id, detail=str(exc))
         now = self.s.clock.now()
         reason = str(exc) if isinstance(exc, EmbargoError) else f"{type(exc).__name__}: {exc}"
         permanent = isinstance(exc, SealError)
         with transaction(self.sessions) as session:
             release = session.get(Release, release_id)
             if release is None or release.claimant != self.claimant:
-                return Outcome(status="not_ours", release_id=release_id, detail=reason)
+                return Outcome(status=PublishStatus.NOT_OURS, release_id=release_id, detail=reason)
             give_up = permanent or release.attempts >= MAX_ATTEMPTS
             backoff = timedelta(seconds=min(60.0, 0.5 * 2 ** release.attempts))
             if give_up:
@@ -319,7 +334,7 @@ class Publisher:
                 if release.owner:
                     session.add(OutboxMessage(
                         message_id=message_id(release_id, f"failed{release.attempts}", None),
-                        release_id=release_id, recipient_id=None, purpose="owner_failure",
+                        release_id=release_id, recipient_id=None, purpose=Purpose.OWNER_FAILURE,
                         to_addr=release.owner, created_at=now, not_before=now, attempts=0,
                         next_attempt_at=now))
             else:
@@ -332,10 +347,10 @@ class Publisher:
                                   "final": give_up})
         if give_up:
             log.error("release %s failed: %s", release_id, reason)
-            return Outcome(status="failed", release_id=release_id, detail=reason)
+            return Outcome(status=PublishStatus.FAILED, release_id=release_id, detail=reason)
         log.warning("release %s: attempt failed, retrying in %s: %s", release_id, backoff,
                     reason)
-        return Outcome(status="retry", release_id=release_id, detail=reason)
+        return Outcome(status=PublishStatus.RETRY, release_id=release_id, detail=reason)
 
 
 class _LeaseKeeper:

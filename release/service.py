@@ -29,6 +29,7 @@ from release.records import (
     AuditEvent,
     Document,
     OutboxMessage,
+    Purpose,
     Recipient,
     Release,
 )
@@ -216,7 +217,7 @@ class ReleaseService:
                                  "release can be cancelled")
             current = session.get(Release, release.id)
             assert current is not None
-            told = copies.notify_copy_holders(session, current, purpose="withdrawn", now=now,
+            told = copies.notify_copy_holders(session, current, purpose=Purpose.WITHDRAWN, now=now,
                                               cutoff=self.s.copies_cutoff)
             audit.record(session, action="release_cancelled", actor=self.actor, at=now,
                          release_id=release.id, details={"reason": reason,
@@ -248,8 +249,8 @@ class ReleaseService:
                                  "only a queued release can be rescheduled")
             current = session.get(Release, release.id)
             assert current is not None
-            told = copies.notify_copy_holders(session, current, purpose="rescheduled", now=now,
-                                              cutoff=self.s.copies_cutoff)
+            told = copies.notify_copy_holders(session, current, purpose=Purpose.RESCHEDULED,
+                                              now=now, cutoff=self.s.copies_cutoff)
             audit.record(session, action="release_rescheduled", actor=self.actor, at=now,
                          release_id=release.id,
                          details={"from": old.describe(), "to": embargo.describe(),
