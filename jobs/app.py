@@ -21,16 +21,27 @@ from release.copies import DocumentOpener
 from release.keys import load_private_key
 from release.publishing import Outcome, Publisher
 from storage import migrate
-from storage.db import make_engine
+from storage.db import make_engine, new_sqlite_file
 from storage.factory import make_public, make_s3_client, make_vault, needs_s3
 
 
 def build_services(settings: Settings, *, clock: Clock | None = None,
-                   s3_client: Any = None, create_schema: bool = True) -> Services:
+                   s3_client: Any = None, migrate_schema: bool = False) -> Services:
+    """Everything the domain needs, from the settings. The schema is
+    migrated only when ``migrate_schema`` is set (``db upgrade``, ``run``,
+    ``demo``) or when the database is an SQLite file that does not exist yet;
+    otherwise a database not at the latest schema raises SchemaError before
+    anything is read or written."""
+    created = new_sqlite_file(settings.database_url)
+    engine = make_engine(settings.database_url)
+    if migrate_schema or created:
+        migrate.upgrade(engine)
+    else:
+        migrate.require_current(engine)
     if s3_client is None and needs_s3(settings):
         s3_client = make_s3_client(settings)
     services = Services(
-        engine=make_engine(settings.database_url),
+        engine=engine,
         vault=make_vault(settings.vault, s3_client=s3_client),
         public=make_public(settings.public, settings, s3_client=s3_client),
         keys_dir=settings.keys_dir,
@@ -40,8 +51,6 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         copies_max_lead=settings["copies.max_lead"],
         copies_cutoff=settings["copies.cutoff"],
     )
-    if create_schema and migrate.current(services.engine) != migrate.head():
-        migrate.upgrade(services.engine)
     return services
 
 

@@ -12,7 +12,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config.errors import EmbargoError, InputError
+from config.errors import (
+    AmbiguousIdError,
+    ConfigError,
+    DeliveryError,
+    EmbargoError,
+    InputError,
+    NotFoundError,
+    ReleaseNotFoundError,
+    SchemaError,
+    SealError,
+    StateError,
+    StorageError,
+    status_for,
+)
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import Stopper, table
@@ -34,6 +47,34 @@ from storage import migrate
 from storage.db import make_engine
 
 log = logging.getLogger("embargo")
+
+
+# -- errors: the one mapping of the error tree for the command line ---------------------
+EXIT_STATUS: dict[type[EmbargoError], int] = {
+    EmbargoError: 1,
+    ConfigError: 2,
+    InputError: 2,
+    NotFoundError: 3,
+    StateError: 4,
+    SealError: 5,
+    StorageError: 6,
+    DeliveryError: 7,
+    SchemaError: 9,  # as `embargo db current` on a schema that is not the latest
+}
+
+# What to do next, in this interface's words; the domain's message has the facts.
+HINTS: dict[type[EmbargoError], str] = {
+    ReleaseNotFoundError: "see `embargo list`",
+    AmbiguousIdError: "see `embargo list`",
+    SchemaError: "run `embargo db upgrade`",
+}
+
+
+def hint_for(error: EmbargoError) -> str:
+    for cls in type(error).__mro__:
+        if cls in HINTS:
+            return f" ({HINTS[cls]})" if cls is not SchemaError else f": {HINTS[cls]}"
+    return ""
 
 
 # -- output helpers ---------------------------------------------------------------
@@ -271,7 +312,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)  # locked: nodes may start at once
     stopper = Stopper()
     stopper.install()
     node = start_node(settings, services, stopper.event)
@@ -442,8 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(settings, args)
         return status
     except EmbargoError as exc:
-        print(f"embargo: {exc}", file=sys.stderr)
-        return exc.exit_status
+        print(f"embargo: {exc}{hint_for(exc)}", file=sys.stderr)
+        return status_for(exc, EXIT_STATUS)
     except KeyboardInterrupt:
         print("embargo: interrupted; nothing half-done was kept", file=sys.stderr)
         return 130

@@ -127,9 +127,9 @@ def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = Fa
         for location in (settings.vault, settings.public):
             if ensure_bucket(client, location.bucket):
                 print(f"created bucket {location.bucket}", file=out)
-        services = build_services(settings, s3_client=client)
+        services = build_services(settings, s3_client=client, migrate_schema=True)
     else:
-        services = build_services(settings)
+        services = build_services(settings, migrate_schema=True)
     # The demo's embargo is seconds away, well inside the usual copies.cutoff:
     # let its copies start up to 1 s before the instant so the officers'
     # marked copies can be seen going out first.

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from config.errors import InputError, NotFoundError, StateError
+from config.errors import AmbiguousIdError, InputError, ReleaseNotFoundError, StateError
 from release import audit, copies, sealing, timerules
 from release.context import Services, dek_key, describe_instant, document_key, embargo_of
 from release.keys import load_public_key
@@ -162,11 +162,10 @@ class ReleaseService:
                 matches = list(session.scalars(select(Release).where(
                     Release.id.startswith(release_id, autoescape=True)).limit(2)))
                 if len(matches) > 1:
-                    raise InputError(f"{release_id!r} matches more than one release; give more "
-                                     "of the id (see `embargo list`)")
+                    raise AmbiguousIdError(release_id)
                 release = matches[0] if matches else None
             if release is None:
-                raise NotFoundError(f"no release {release_id!r} (see `embargo list`)")
+                raise ReleaseNotFoundError(release_id)
             release.documents  # noqa: B018 - load while the session is open
             release.recipients  # noqa: B018
             return release
@@ -196,7 +195,7 @@ class ReleaseService:
     def cancel(self, release_id: str, *, reason: str) -> Release:
         """Cancel a queued (or failed) release and shred its data key."""
         if not reason.strip():
-            raise InputError("a cancellation needs a --reason")
+            raise InputError("a cancellation needs a reason")
         release = self.get(release_id)
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
@@ -234,8 +233,8 @@ class ReleaseService:
         if (release.copies_issued_at is None and release.copies_at is not None
                 and release.copies_at >= embargo.instant - self.s.copies_cutoff):
             raise InputError(f"the pre-embargo copies are due after {embargo.describe()}; "
-                             "choose a later embargo, or cancel and queue again with "
-                             "--copies-at")
+                             "choose a later embargo, or cancel and queue it again "
+                             "with an earlier copies time")
         with transaction(self.sessions) as session:
             changed = affected(session.execute(
                 update(Release).where(Release.id == release.id, Release.state == QUEUED)

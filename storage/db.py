@@ -64,6 +64,17 @@ def make_engine(url: str) -> Engine:
                           "pip install it") from None
 
 
+def new_sqlite_file(url: str) -> bool:
+    """Whether ``url`` names an SQLite file that does not exist yet (its
+    first use creates it, schema and all)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False
+    return (parsed.get_backend_name() == "sqlite" and bool(parsed.database)
+            and parsed.database != ":memory:" and not Path(str(parsed.database)).exists())
+
+
 def affected(result: Result[Any]) -> int:
     """Rows changed by an UPDATE or DELETE: how a compare-and-set knows it won."""
     return cast(CursorResult[Any], result).rowcount

@@ -369,3 +369,83 @@ def test_progress_bar_on_a_terminal_only_for_big_files() -> None:
     piped = io.StringIO()
     ProgressBar(stream=piped, min_size=0)("national-report.pdf", 1, 1)
     assert piped.getvalue() == ""
+
+
+def _schema_snapshot(db: Path) -> tuple[str, list[tuple[str, str]]]:
+    with sqlite3.connect(db) as conn:
+        version = conn.execute("select version_num from alembic_version").fetchone()[0]
+        return version, sorted(conn.execute("select name, sql from sqlite_master"))
+
+
+@pytest.mark.parametrize("command", [("list",), ("show", "rel_0000000000000000"),
+                                     ("queue", "MANIFEST"), ("check",)])
+def test_a_command_on_an_old_schema_refuses_and_changes_nothing(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    from storage import migrate
+    from storage.db import make_engine
+
+    data_dir = tmp_path / "var"
+    assert embargo(data_dir, "keys", "init").returncode == 0
+    engine = make_engine(f"sqlite:///{data_dir / 'embargo.db'}")
+    migrate.upgrade(engine, "0002")
+    engine.dispose()
+    before = _schema_snapshot(data_dir / "embargo.db")
+    manifest = write_bundle(tmp_path / "bundle", publish_on="2099-07-01")
+    args = [str(manifest) if a == "MANIFEST" else a for a in command]
+    proc = embargo(data_dir, *args)
+    line = assert_one_line_error(proc, "schema is at 0002", f"needs {migrate.head()}",
+                                 "run `embargo db upgrade`")
+    assert proc.returncode == 9, line
+    assert _schema_snapshot(data_dir / "embargo.db") == before
+    assert vault_files(data_dir) == []
+    # Upgrading on request makes the same command work.
+    assert embargo(data_dir, "db", "upgrade").returncode == 0
+    if command[0] in ("list", "queue"):
+        assert embargo(data_dir, *args).returncode == 0
+
+
+def test_a_command_on_an_empty_existing_database_refuses(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    data_dir.mkdir()
+    sqlite3.connect(data_dir / "embargo.db").close()  # an empty file someone made
+    proc = embargo(data_dir, "list")
+    assert_one_line_error(proc, "has no Embargo schema", "run `embargo db upgrade`")
+    with sqlite3.connect(data_dir / "embargo.db") as conn:
+        assert list(conn.execute("select name from sqlite_master")) == []
+
+
+def test_the_first_command_creates_a_missing_sqlite_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    assert embargo(data_dir, "keys", "init").returncode == 0
+    assert not (data_dir / "embargo.db").exists()
+    proc = embargo(data_dir, "queue", str(write_bundle(tmp_path / "b", publish_on="2099-07-01")))
+    assert proc.returncode == 0, proc.stderr
+    assert release_count(data_dir) == 1
+
+
+def test_the_error_tree_maps_once_to_exit_statuses_hints_and_http() -> None:
+    import config.errors as errors
+    from jobs.cli import EXIT_STATUS, hint_for
+
+    missing = errors.ReleaseNotFoundError("rel_nope")
+    assert "embargo" not in str(missing)  # the domain's words: facts, no command
+    assert errors.status_for(missing, EXIT_STATUS) == 3
+    assert hint_for(missing) == " (see `embargo list`)"
+    assert errors.status_for(missing, errors.HTTP_STATUS) == 404
+    assert errors.status_for(errors.AmbiguousIdError("rel_"), errors.HTTP_STATUS) == 422
+    assert errors.status_for(errors.StateError("published"), errors.HTTP_STATUS) == 409
+    schema = errors.SchemaError(current="0002", needed="0003")
+    assert (errors.status_for(schema, EXIT_STATUS), errors.status_for(schema, errors.HTTP_STATUS)
+            ) == (9, 500)
+    # Every class of the tree has a status in both tables.
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.EmbargoError):
+            error = cls.__new__(cls)
+            assert errors.status_for(error, EXIT_STATUS) >= 1
+            assert errors.status_for(error, errors.HTTP_STATUS) >= 400
+
+
+def test_an_unknown_release_is_one_line_with_the_hint(ws: Workspace) -> None:
+    proc = embargo(ws.data_dir, "show", "rel_nope")
+    assert_one_line_error(proc, "no release 'rel_nope' (see `embargo list`)")
+    assert proc.returncode == 3

@@ -20,6 +20,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, text
 
+from config.errors import SchemaError
 from config.settings import Settings, load_settings
 from jobs.app import build_services
 from jobs.nodes import list_nodes
@@ -43,7 +44,7 @@ def cluster(data_dir: Path, pg_url: str) -> Iterator[tuple[Settings, Services]]:
     settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
                                                     "database.url": pg_url})
     init_keys(settings.keys_dir)
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)
     yield settings, services
     services.engine.dispose()
 
@@ -287,7 +288,9 @@ def test_a_release_queued_on_the_first_schema_survives_the_upgrade(pg_url: str,
             "INSERT INTO recipients (id, release_id, position, name, email, organisation) "
             "VALUES ('rcp_old', 'rel_old', 0, 'Officer', 'o@force.example', 'Force')"))
     engine.dispose()
-    services = build_services(settings)  # upgrades to the latest schema
+    with pytest.raises(SchemaError, match="schema is at 0001"):
+        build_services(settings)  # an old schema is refused unless asked to migrate
+    services = build_services(settings, migrate_schema=True)  # upgrades to the latest schema
     try:
         assert migrate.current(services.engine) == migrate.head()
         old = ReleaseService(services, actor="t").get("rel_old")

@@ -406,7 +406,7 @@ def test_two_publishers_race_sqlite(settings: Settings, services: Services,
 def test_two_publishers_race_postgres(data_dir: Path, bundle: Path, pg_url: str,
                                       storage_overrides: dict[str, str]) -> None:
     settings = make_settings(data_dir, storage_overrides, **{"database.url": pg_url})
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)
     try:
         race(settings, services, bundle)
     finally:
