@@ -45,11 +45,11 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         vault=make_vault(settings.vault, s3_client=s3_client),
         public=make_public(settings.public, settings, s3_client=s3_client),
         keys_dir=settings.keys_dir,
-        clock=clock or Clock(timedelta(milliseconds=settings["testing.clock_offset_ms"])),
-        zone=settings["zone"],
-        default_at=settings["default_at"],
-        copies_max_lead=settings["copies.max_lead"],
-        copies_cutoff=settings["copies.cutoff"],
+        clock=clock or Clock(timedelta(milliseconds=settings.testing.clock_offset_ms)),
+        zone=settings.zone,
+        default_at=settings.default_at,
+        copies_max_lead=settings.copies.max_lead,
+        copies_cutoff=settings.copies.cutoff,
     )
     return services
 
@@ -77,23 +77,24 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     release, publish, issue copies and deliver notices until ``stop``."""
     private_key = load_private_key(settings.keys_dir)
     name = node_name()
-    lease = timedelta(seconds=settings["scheduler.lease_seconds"])
+    sched, mail = settings.scheduler, settings.mail
+    lease = timedelta(seconds=sched.lease_seconds)
     publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop,
-                          workers=settings["scheduler.publish_workers"])
+                          workers=sched.publish_workers)
     transports = transport_factory(settings)
-    relay = OutboxRelay(services, transports(), sender=settings["mail.sender"],
-                        worker=name, max_attempts=settings["mail.max_attempts"],
+    relay = OutboxRelay(services, transports(), sender=mail.sender,
+                        worker=name, max_attempts=mail.max_attempts,
                         opener=DocumentOpener(services, private_key),
-                        workers=settings["mail.workers"],
+                        workers=mail.workers,
                         make_transport=transports)
     monitor = NodeMonitor(services, name,
-                          max_skew=timedelta(milliseconds=settings["scheduler.max_skew_ms"]),
-                          skew_every=settings["scheduler.skew_check_seconds"])
+                          max_skew=timedelta(milliseconds=sched.max_skew_ms),
+                          skew_every=sched.skew_check_seconds)
     scheduler = EmbargoScheduler(
-        services, publisher, relay, poll_seconds=settings["scheduler.poll_seconds"],
-        workers=settings["scheduler.workers"],
-        lead=timedelta(seconds=settings["scheduler.lead_seconds"]), on_outcome=on_outcome,
-        horizon=settings["scheduler.horizon"],
+        services, publisher, relay, poll_seconds=sched.poll_seconds,
+        workers=sched.workers,
+        lead=timedelta(seconds=sched.lead_seconds), on_outcome=on_outcome,
+        horizon=sched.horizon,
         guard=lambda: monitor.clock_ok)
     monitor.doing = scheduler.doing
     monitor.start()

@@ -151,7 +151,7 @@ def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = Fa
     try:
         now = services.clock.now()
         instant = (now + timedelta(seconds=max(2, seconds) + 1)).replace(microsecond=0)
-        spec = load_manifest(manifest, publish_on=instant.isoformat(), zone=settings["zone"])
+        spec = load_manifest(manifest, publish_on=instant.isoformat(), zone=settings.zone)
         release = service.queue(spec)
     except BaseException:
         scheduler.shutdown()

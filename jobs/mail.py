@@ -116,11 +116,10 @@ class SmtpMailTransport(MailTransport):
 def transport_factory(settings: Settings) -> Callable[[], MailTransport]:
     """Makes the configured transport, one per relay worker; SMTP transports
     share one TLS context."""
-    if settings["mail.transport"] != "smtp":
+    mail = settings.mail
+    if mail.transport != "smtp":
         return lambda: FileMailTransport(settings.outbox_dir)
-    context = (ssl.create_default_context() if settings["mail.smtp_security"] != "none"
-               else None)
+    context = ssl.create_default_context() if mail.smtp_security != "none" else None
     return lambda: SmtpMailTransport(
-        settings["mail.smtp_host"], settings["mail.smtp_port"],
-        security=settings["mail.smtp_security"], username=settings["mail.smtp_username"],
-        password=settings["mail.smtp_password"], context=context)
+        mail.smtp_host, mail.smtp_port, security=mail.smtp_security,
+        username=mail.smtp_username, password=mail.smtp_password, context=context)

@@ -77,7 +77,7 @@ def make_client(settings: Settings) -> Any:
     profiles, instance or task roles), with the region, endpoint and
     addressing style from the ``s3.*`` settings."""
     config = Config(
-        s3={"addressing_style": settings["s3.addressing_style"]},
+        s3={"addressing_style": settings.s3.addressing_style},
         retries={"mode": "standard", "max_attempts": 8},
         connect_timeout=5,
         read_timeout=60,
@@ -86,8 +86,8 @@ def make_client(settings: Settings) -> Any:
     )
     try:
         session = boto3.session.Session()
-        return session.client("s3", region_name=settings["s3.region"],
-                              endpoint_url=settings["s3.endpoint_url"], config=config)
+        return session.client("s3", region_name=settings.s3.region,
+                              endpoint_url=settings.s3.endpoint_url, config=config)
     except (BotoCoreError, ValueError) as exc:
         raise ConfigError(f"cannot set up the S3 client: {exc}") from exc
 

@@ -102,7 +102,7 @@ def _reader(endpoint: str) -> Any:
 
 def bucket_objects(settings: Settings, bucket: str) -> dict[str, bytes]:
     """Every object in ``bucket``, listed and fetched through boto3."""
-    client = _reader(settings["s3.endpoint_url"])
+    client = _reader(settings.s3.endpoint_url)
     objects: dict[str, bytes] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", ()):
@@ -166,7 +166,7 @@ def check_published(settings: Settings, services: Services, release_id: str) -> 
         assert doc.published_at is not None
         assert doc.public_url == public_url(settings, key)
         if settings.public.kind == "s3":
-            head = _reader(settings["s3.endpoint_url"]).head_object(
+            head = _reader(settings.s3.endpoint_url).head_object(
                 Bucket=settings.public.bucket, Key=settings.public.prefix + key)
             assert head["ContentType"] == doc.content_type
             assert head["CacheControl"] == CACHE_CONTROL
