@@ -140,7 +140,7 @@ def public_url(settings: Settings, key: str) -> str:
     path-style URL on the S3 endpoint (no public_base_url is set)."""
     location = settings.public
     if location.kind == "s3":
-        return f"{settings['s3.endpoint_url']}/{location.bucket}/{location.prefix}{key}"
+        return f"{settings.s3.endpoint_url}/{location.bucket}/{location.prefix}{key}"
     assert location.path is not None
     return (location.path / key).resolve().as_uri()
 
@@ -318,7 +318,7 @@ def test_restart_across_the_instant(settings: Settings, services: Services,
 def child_command(settings: Settings, release_id: str, name: str, *extra: str) -> list[str]:
     """``python -m tests.publisher_child`` with the test's own settings: every
     one the test gave on the command line goes to the child the same way."""
-    given = [f"--setting={key}={settings[key]}" for key, source in settings.sources.items()
+    given = [f"--setting={key}={settings.values[key]}" for key, source in settings.sources.items()
              if source == "command line" and key not in ("data_dir", "database.url")]
     return [sys.executable, "-m", "tests.publisher_child", str(settings.data_dir),
             settings.database_url, release_id, name, *given, *extra]
