@@ -7,12 +7,14 @@ import re
 import smtplib
 import ssl
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
 
 from config.errors import DeliveryError
+from config.retry import SMTP_RECONNECT
 from config.settings import Settings
 
 
@@ -53,13 +55,15 @@ class FileMailTransport(MailTransport):
 class SmtpMailTransport(MailTransport):
     def __init__(self, host: str, port: int, *, security: str = "starttls",
                  username: str | None = None, password: str | None = None,
-                 timeout: float = 10.0, context: ssl.SSLContext | None = None) -> None:
+                 timeout: float = 10.0, context: ssl.SSLContext | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         """``context`` may be shared between transports (building one reads
         the system's CA certificates: ~45 ms); by default each builds its own
         on first use, and only for ``tls`` or ``starttls``."""
         self.host, self.port, self.security = host, port, security
         self.username, self.password, self.timeout = username, password, timeout
         self.context = context
+        self.sleep = sleep
         self._smtp: smtplib.SMTP | None = None
 
     def _tls(self) -> ssl.SSLContext:
@@ -82,7 +86,7 @@ class SmtpMailTransport(MailTransport):
 
     def send(self, message: Message) -> str:
         where = f"smtp://{self.host}:{self.port}"
-        for reuse in (True, False):
+        for attempt in (1, 2):  # a connection held since the last send may have been closed
             try:
                 if self._smtp is None:
                     self._smtp = self._connect()
@@ -90,8 +94,9 @@ class SmtpMailTransport(MailTransport):
                 return where
             except smtplib.SMTPServerDisconnected:
                 self.close()
-                if not reuse:
+                if attempt == 2:
                     raise DeliveryError(f"{where} closed the connection") from None
+                self.sleep(SMTP_RECONNECT.seconds(attempt))
             except smtplib.SMTPAuthenticationError as exc:
                 self.close()
                 raise DeliveryError(f"{where} refused the login: {exc.smtp_code}") from None

@@ -14,6 +14,7 @@ from datetime import timedelta
 from sqlalchemy import case, or_, select, update
 
 from config.errors import DeliveryError, SealError
+from config.retry import NOTICE_DELIVERY
 from jobs.mail import MailTransport
 from release import audit
 from release.context import Services
@@ -28,11 +29,6 @@ CLAIM = timedelta(seconds=60)
 _OUTBOX = table_of(OutboxMessage)
 _COPIES = table_of(Copy)
 TOO_LATE = "the embargo lifted before this copy could be delivered; it was not sent"
-
-
-def backoff(attempts: int) -> timedelta:
-    """0.5 s, 1 s, 2 s … capped at five minutes."""
-    return timedelta(seconds=min(300.0, 0.5 * 2 ** max(0, attempts - 1)))
 
 
 class OutboxRelay:
@@ -169,17 +165,18 @@ class OutboxRelay:
             now = self.s.clock.now()
             attempts = row.attempts + 1
             give_up = attempts >= self.max_attempts
+            wait = NOTICE_DELIVERY.delay(attempts)
             with transaction(self.sessions) as session:
                 session.execute(update(OutboxMessage).where(OutboxMessage.id == row.id).values(
                     attempts=attempts, last_error=str(exc), claimed_by=None,
-                    claim_expires_at=None, next_attempt_at=now + backoff(attempts),
+                    claim_expires_at=None, next_attempt_at=now + wait,
                     given_up_at=now if give_up else None))
             if give_up:
                 log.error("gave up on notice %s to %s after %d attempts: %s",
                           row.message_id, row.to_addr, attempts, exc)
             else:
                 log.warning("notice %s to %s not delivered (attempt %d), retrying in %s: %s",
-                            row.message_id, row.to_addr, attempts, backoff(attempts), exc)
+                            row.message_id, row.to_addr, attempts, wait, exc)
             return 0
         now = self.s.clock.now()
         with transaction(self.sessions) as session:

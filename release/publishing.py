@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.errors import EmbargoError, SealError, StorageError
+from config.retry import PUBLICATION
 from release import audit, sealing
 from release.context import Services, dek_key, document_key, embargo_of
 from release.records import (
@@ -327,7 +328,7 @@ class Publisher:
             if release is None or release.claimant != self.claimant:
                 return Outcome(status=PublishStatus.NOT_OURS, release_id=release_id, detail=reason)
             give_up = permanent or release.attempts >= MAX_ATTEMPTS
-            backoff = timedelta(seconds=min(60.0, 0.5 * 2 ** release.attempts))
+            backoff = PUBLICATION.delay(release.attempts)
             if give_up:
                 release.state = FAILED
                 release.lease_expires_at = None

@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +42,7 @@ from botocore.exceptions import (
 )
 
 from config.errors import ConfigError, NotFoundError, StorageError
+from config.retry import S3_CREATE, RetryPolicy
 from config.settings import Settings
 from storage.base import (
     ObjectExistsError,
@@ -362,7 +362,8 @@ class S3PublicTarget(_S3Location, PublicTarget):
                  acl: str | None = None, cache_control: str | None = None,
                  multipart_threshold: int = PART_SIZE, part_size: int = PART_SIZE,
                  part_concurrency: int = PART_CONCURRENCY, attempts: int = 5,
-                 backoff: float = 0.05, sleep: Callable[[float], None] = time.sleep) -> None:
+                 retry: RetryPolicy = S3_CREATE,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__(client, bucket=bucket, prefix=prefix)
         self.base_url = base_url.rstrip("/") if base_url else None
         self.acl = acl or None
@@ -371,7 +372,7 @@ class S3PublicTarget(_S3Location, PublicTarget):
         self.part_size = part_size
         self.part_concurrency = max(part_concurrency, 1)
         self.attempts = max(attempts, 1)
-        self.backoff = backoff
+        self.retry = retry
         self.sleep = sleep
 
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
@@ -514,7 +515,7 @@ class S3PublicTarget(_S3Location, PublicTarget):
                 reason = type(exc).__name__
             except BotoCoreError as exc:
                 raise self._error(exc, f"publish {name}") from exc
-            delay = random.uniform(0, self.backoff * 2 ** attempt)
+            delay = self.retry.seconds(attempt)
             log.warning("S3 %s creating s3://%s/%s; retry %d of %d in %.2f s", reason,
                         self.bucket, name, attempt, self.attempts - 1, delay)
             self.sleep(delay)

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from config.errors import StorageError
+from config.retry import RetryPolicy
 from config.settings import Settings, load_settings
 from jobs.app import build_services
 from release import keys as keyfile
@@ -263,7 +264,8 @@ def test_retries_are_bounded(proxy: FaultProxy, s3_client_for: Callable[..., Any
     # botocore's "max_attempts" counts retries: 1 means two requests per call
     client = s3_client_for(proxy.endpoint, retries={"mode": "standard", "max_attempts": 1})
     proxy.inject(Fault("PUT", path_contains="/site/slug/never.txt", times=100))
-    target = target_on(client, s3_buckets.public, attempts=3, backoff=0.01)
+    target = target_on(client, s3_buckets.public, attempts=3,
+                       retry=RetryPolicy(base=0.01, cap=0.01))
     with pytest.raises(StorageError, match=r"cannot publish site/slug/never.txt .*SlowDown"), \
             target.writer("slug/never.txt", content_type="text/plain") as out:
         out.write(b"x")
