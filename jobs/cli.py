@@ -7,10 +7,8 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from config.errors import (
     AmbiguousIdError,
@@ -28,21 +26,14 @@ from config.errors import (
 )
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
-from jobs.console import Stopper, table
+from jobs.console import SealingProgress, Stopper, print_table
 from jobs.demo import run_demo
-from jobs.nodes import list_nodes
 from release import keys as keyfile
 from release.audit import default_actor
-from release.copies import access_list, trace
 from release.manifest import load_manifest
-from release.records import Release
-from release.service import (
-    ReleaseService,
-    Services,
-    describe_instant,
-    embargo_of,
-    release_facts,
-)
+from release.records import ReleaseState
+from release.service import ReleaseService, Services
+from release.views import AccessEntry, Moment, to_json, utc_text
 from storage import migrate
 from storage.db import make_engine
 
@@ -78,34 +69,12 @@ def hint_for(error: EmbargoError) -> str:
 
 
 # -- output helpers ---------------------------------------------------------------
-class ProgressBar:
-    """A one-line progress display on standard error, only on a terminal and
-    only for files big enough to take a moment."""
-
-    def __init__(self, stream: Any = sys.stderr, min_size: int = 8 << 20) -> None:
-        self.stream = stream
-        self.min_size = min_size
-        self.enabled = bool(getattr(stream, "isatty", lambda: False)())
-        self._last = 0.0
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        if not self.enabled or total < self.min_size:
-            return
-        now = time.monotonic()
-        if done < total and now - self._last < 0.1:
-            return
-        self._last = now
-        width = 30
-        filled = int(width * done / total) if total else width
-        self.stream.write(f"\rsealing {name[:30]:30} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{done / 1048576:7.1f}/{total / 1048576:.1f} MiB")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
+def _json(data: object) -> None:
+    print(to_json(data))
 
 
-def _json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+def _shown(moment: Moment | None, missing: str = "") -> str:
+    return moment.shown if moment is not None else missing
 
 
 # -- commands -----------------------------------------------------------------------
@@ -119,10 +88,10 @@ def cmd_keys_init(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_config_show(settings: Settings, args: argparse.Namespace) -> int:
     shown = settings.public_dict()
     if args.json:
-        _json(shown)
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
     else:
-        print(table([(k, v, settings.sources.get(k, "derived")) for k, v in shown.items()],
-                    ["setting", "value", "from"]))
+        print_table([(k, v, settings.sources.get(k, "derived")) for k, v in shown.items()],
+                    ["setting", "value", "from"])
     return 0
 
 
@@ -135,144 +104,117 @@ def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
     spec = load_manifest(Path(args.manifest), publish_on=args.publish_on, at=args.at,
                          zone=args.zone, copies_at=args.copies_at)
     _, service = _service(settings)
-    release = service.queue(spec, progress=ProgressBar())
+    with SealingProgress() as progress:
+        release = service.queue(spec, progress=progress)
     for warning in spec.warnings:  # after success: a failed queue prints one line
         print(f"warning: {warning}", file=sys.stderr)
     print(release.id)
     print(f"queued \"{release.title}\": {len(release.documents)} documents sealed, "
-          f"{len(release.recipients)} recipients; publishes {embargo_of(release).describe()}",
+          f"{release.recipient_count} recipients; publishes {release.embargo}",
           file=sys.stderr)
-    if release.recipients and release.copies_at is not None:
-        print(f"pre-embargo copies go {describe_instant(release.copies_at, release.zone)}",
-              file=sys.stderr)
-    elif release.recipients:
+    if release.recipient_count and release.copies_at is not None:
+        print(f"pre-embargo copies go {release.copies_at.shown}", file=sys.stderr)
+    elif release.recipient_count:
         print("no pre-embargo copies: the embargo is too close for them to arrive before it "
               "(copies.cutoff)", file=sys.stderr)
     return 0
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
-    services, service = _service(settings)
-    now = services.clock.now()
-    releases = service.all_releases()
-    facts = [release_facts(r, now) for r in releases]
+    _, service = _service(settings)
+    releases = service.list_releases()
     if args.json:
-        for release, fact in zip(releases, facts, strict=True):
-            fact["documents"] = [{"id": d.id, "name": d.filename, "kind": d.kind,
-                                  "organisation": d.organisation, "size": d.size,
-                                  "sha256": d.sha256} for d in release.documents]
-        _json(facts)
+        _json(releases)
         return 0
     if not releases:
         print("no releases; queue one with `embargo queue MANIFEST.toml`")
         return 0
-    rows = []
-    for r, f in zip(releases, facts, strict=True):
-        rows.append((r.id, r.title if len(r.title) <= 40 else r.title[:39] + "…", r.state,
-                     f["embargo"], f["time_left"] or ""))
-    print(table(rows, ["id", "title", "state", "embargo (local and UTC)", "time left"]))
+    print_table([(r.id, r.title if len(r.title) <= 40 else r.title[:39] + "…", r.state,
+                  r.embargo, r.time_left or "") for r in releases],
+                ["id", "title", "state", "embargo (local and UTC)", "time left"])
     return 0
-
-
-def _show_facts(service: ReleaseService, release: Release, now: Any) -> dict[str, Any]:
-    facts = release_facts(release, now)
-    facts["documents"] = [{"id": d.id, "name": d.filename, "kind": d.kind,
-                           "organisation": d.organisation, "content_type": d.content_type,
-                           "size": d.size, "sha256": d.sha256,
-                           "published_at": d.published_at, "url": d.public_url}
-                          for d in release.documents]
-    facts["recipients"] = [{"id": r.id, "name": r.name, "email": r.email,
-                            "organisation": r.organisation} for r in release.recipients]
-    facts["notices"] = [{"to": m.to_addr, "purpose": m.purpose, "message_id": m.message_id,
-                         "delivered_at": m.delivered_at, "via": m.delivered_to,
-                         "attempts": m.attempts, "last_error": m.last_error}
-                        for m in service.outbox(release.id)]
-    facts["access_list"] = access_list(service.s, release.id)
-    facts["events"] = [{"seq": e.seq, "at": e.at, "action": e.action, "actor": e.actor,
-                        "details": json.loads(e.details)} for e in service.events(release.id)]
-    return facts
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    services, service = _service(settings)
+    _, service = _service(settings)
     release = service.get(args.id)
-    facts = _show_facts(service, release, services.clock.now())
     if args.json:
-        _json(facts)
+        _json(release)
         return 0
     print(f"{release.title}\n  id       {release.id}\n  state    {release.state}"
-          f"\n  embargo  {facts['embargo']}")
-    if facts["time_left"]:
-        print(f"  left     {facts['time_left']}")
+          f"\n  embargo  {release.embargo}")
+    if release.time_left:
+        print(f"  left     {release.time_left}")
     if release.published_at:
-        print(f"  published {release.published_at.isoformat()} "
+        print(f"  published {utc_text(release.published_at.utc)} "
               f"({release.lateness_ms} ms after the instant)")
     if release.reason:
         print(f"  reason   {release.reason}")
-    print("\ndocuments")
-    print(table([(d["id"], d["name"], d["kind"], d["organisation"] or "", d["size"],
-                  d["sha256"][:12], d["url"] or "") for d in facts["documents"]],
-                ["id", "name", "kind", "organisation", "bytes", "sha256", "public at"]))
-    print("\nrecipients")
-    print(table([(r["name"], r["email"], r["organisation"] or "") for r in facts["recipients"]],
-                ["name", "email", "organisation"]))
-    print("\npre-release access (copies)")
-    if facts["access_list"]:
-        _print_access(facts["access_list"], release.zone)
-    elif release.copies_at is not None and release.state == "queued":
-        print(f"  none sent yet; due {describe_instant(release.copies_at, release.zone)}")
+    print()
+    print_table([(d.id, d.filename, d.kind, d.organisation or "", d.size, d.sha256[:12],
+                  d.public_url or "") for d in release.documents],
+                ["id", "name", "kind", "organisation", "bytes", "sha256", "public at"],
+                title="documents")
+    print()
+    print_table([(r.name, r.email, r.organisation or "") for r in release.recipients],
+                ["name", "email", "organisation"], title="recipients")
+    print()
+    if release.access_list:
+        _print_access(release.access_list, title="pre-release access (copies)")
+    elif release.copies_at is not None and release.state == ReleaseState.QUEUED:
+        print(f"pre-release access (copies)\n  none sent yet; due {release.copies_at.shown}")
     else:
-        print("  none")
-    if facts["notices"]:
-        print("\nnotices")
-        print(table([(n["to"], n["purpose"], n["delivered_at"] or "pending", n["via"] or "",
-                      n["last_error"] or "") for n in facts["notices"]],
-                    ["to", "purpose", "delivered", "via", "last error"]))
-    print("\naudit")
-    print(table([(e["seq"], e["at"], e["action"], e["actor"]) for e in facts["events"]],
-                ["#", "at (UTC)", "event", "by"]))
+        print("pre-release access (copies)\n  none")
+    if release.notices:
+        print()
+        print_table([(n.to, n.purpose, _shown(n.delivered_at, "pending"), n.via or "",
+                      n.last_error or "") for n in release.notices],
+                    ["to", "purpose", "delivered", "via", "last error"], title="notices")
+    print()
+    print_table([(e.seq, utc_text(e.at), e.action, e.actor) for e in release.events],
+                ["#", "at (UTC)", "event", "by"], title="audit")
     return 0
 
 
-def _print_access(rows: list[dict[str, Any]], zone: str) -> None:
-    print(table([(r["name"], r["email"], r["organisation"] or "", ", ".join(r["documents"]),
-                  r["copy_id"],
-                  describe_instant(r["sent_at"], zone) if r["sent_at"] else "not yet delivered")
-                 for r in rows],
-                ["name", "email", "organisation", "documents", "copy", "sent"]))
+def _print_access(rows: Sequence[AccessEntry], title: str | None = None) -> None:
+    print_table([(r.name, r.email, r.organisation or "", ", ".join(r.documents), r.copy_id,
+                  _shown(r.sent_at, "not yet delivered")) for r in rows],
+                ["name", "email", "organisation", "documents", "copy", "sent"], title=title)
 
 
 def cmd_access_list(settings: Settings, args: argparse.Namespace) -> int:
-    services, service = _service(settings)
-    release = service.get(args.id)
-    rows = access_list(services, release.id)
+    _, service = _service(settings)
+    release, rows = service.access_list(args.id)
     if args.json:
         _json(rows)
         return 0
     print(f"Pre-release access: {release.title}\n"
-          f"embargoed until {embargo_of(release).describe()}\n")
+          f"embargoed until {release.embargo}\n")
     if rows:
-        _print_access(rows, release.zone)
+        _print_access(rows)
     else:
         print("no pre-embargo copies have been issued")
     return 0
 
 
 def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
-    services, _ = _service(settings)
+    _, service = _service(settings)
     path = Path(args.what)
     if path.is_file():
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise InputError(f"{path} cannot be read: {exc.strerror}") from None
-        found = trace(services, str(path), data)
+        found = service.trace(str(path), data)
     else:
-        found = trace(services, args.what)
+        found = service.trace(args.what)
+    if args.json:
+        _json(found)
+        return 0
     print(f"copy {found.copy_id} of \"{found.title}\" ({found.release_id})\n"
           f"  sent to  {found.name} <{found.email}>, {found.organisation or '-'}\n"
-          f"  issued   {found.issued_at.isoformat()}\n"
-          f"  delivered {found.sent_at.isoformat() if found.sent_at else 'not delivered'}")
+          f"  issued   {utc_text(found.issued_at.utc)}\n"
+          f"  delivered {utc_text(found.sent_at.utc) if found.sent_at else 'not delivered'}")
     return 0
 
 
@@ -286,7 +228,7 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_reschedule(settings: Settings, args: argparse.Namespace) -> int:
     _, service = _service(settings)
     release = service.reschedule(args.id, publish_on=args.publish_on, at=args.at, zone=args.zone)
-    print(f"rescheduled {release.id}: publishes {embargo_of(release).describe()}")
+    print(f"rescheduled {release.id}: publishes {release.embargo}")
     return 0
 
 
@@ -319,8 +261,8 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     counts = ReleaseService(services, actor="scheduler").counts()
     clock = ("clock ok" if node.monitor.clock_ok else
              "CLOCK SKEWED: this node will not publish")
-    print(f"embargo scheduler running as {node.name} ({counts.get('queued', 0)} queued, "
-          f"{counts.get('publishing', 0)} publishing; {clock}, skew "
+    print(f"embargo scheduler running as {node.name} ({counts.queued} queued, "
+          f"{counts.publishing} publishing; {clock}, skew "
           f"{node.monitor.skew_ms} ms); Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)
     try:
@@ -331,18 +273,18 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(settings: Settings, args: argparse.Namespace) -> int:
-    services, _ = _service(settings)
-    rows = list_nodes(services)
+    _, service = _service(settings)
+    rows = service.nodes()
     if args.json:
         _json(rows)
     elif not rows:
         print("no node has run against this database")
     else:
-        print(table([(r["name"], r["state"], r["heartbeat_s_ago"],
-                      "" if r["skew_ms"] is None else f"{r['skew_ms']:+.1f}",
-                      "yes" if r["clock_ok"] else "NO", r["doing"]) for r in rows],
+        print_table([(r.name, r.state, r.heartbeat_s_ago,
+                      "" if r.skew_ms is None else f"{r.skew_ms:+.1f}",
+                      "yes" if r.clock_ok else "NO", r.doing) for r in rows],
                     ["node", "state", "heartbeat (s ago)", "clock skew (ms)", "clock ok",
-                     "doing"]))
+                     "doing"])
     return 0
 
 
@@ -437,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trc = sub.add_parser("trace", help="whose copy a leaked file (or copy id) is")
     trc.add_argument("what", metavar="FILE|COPY-ID")
+    trc.add_argument("--json", action="store_true")
     trc.set_defaults(func=cmd_trace)
 
     aud = sub.add_parser("audit", help="the audit chain")

@@ -8,32 +8,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import select, text, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import update
 
 from release.context import Services
 from release.records import Node
-from storage.db import transaction
+from storage.db import server_time, transaction
 
 log = logging.getLogger(__name__)
-
-LIVE = timedelta(seconds=10)  # a node silent for longer is shown as gone
-
-
-def server_time(connection: Connection) -> datetime:
-    """The database server's clock, read now (not at transaction start)."""
-    if connection.dialect.name == "postgresql":
-        value = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
-    elif connection.dialect.name == "sqlite":
-        raw = connection.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
-        value = datetime.fromisoformat(raw).replace(tzinfo=UTC)
-    else:
-        value = connection.execute(text("SELECT CURRENT_TIMESTAMP")).scalar_one()
-    assert isinstance(value, datetime)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
 
 class NodeMonitor:
     """Heartbeat and clock check of one node, in a thread of its own."""
@@ -127,21 +110,3 @@ class NodeMonitor:
         with transaction(self.s.sessions) as session:
             session.execute(update(Node).where(Node.name == self.name).values(
                 stopped_at=server_time(session.connection()), doing="stopped"))
-
-
-def list_nodes(services: Services) -> list[dict[str, object]]:
-    """Every node that has run against this database, newest first, with
-    its state as seen from the database server's clock."""
-    with services.engine.connect() as connection:
-        server = server_time(connection)
-    with transaction(services.sessions) as session:
-        rows = []
-        for node in session.scalars(select(Node).order_by(Node.heartbeat_at.desc())):
-            silent = server - node.heartbeat_at
-            state = ("stopped" if node.stopped_at else
-                     "live" if silent <= LIVE else "silent (dead?)")
-            rows.append({"name": node.name, "state": state,
-                         "heartbeat_s_ago": round(silent.total_seconds(), 1),
-                         "skew_ms": node.skew_ms, "clock_ok": node.clock_ok,
-                         "doing": node.doing, "started_at": node.started_at})
-        return rows

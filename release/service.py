@@ -10,13 +10,12 @@ import unicodedata
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from config.errors import AmbiguousIdError, InputError, ReleaseNotFoundError, StateError
-from release import audit, copies, sealing, timerules
+from release import audit, copy_holders, copy_timing, presenting, sealing, timerules, tracing
 from release.context import Services, dek_key, describe_instant, document_key, embargo_of
 from release.keys import load_public_key
 from release.manifest import ReleaseSpec
@@ -28,12 +27,22 @@ from release.records import (
     QUEUED,
     AuditEvent,
     Document,
+    Node,
     OutboxMessage,
     Purpose,
     Recipient,
     Release,
+    ReleaseState,
 )
-from storage.db import affected, transaction
+from release.views import (
+    AccessEntry,
+    Counts,
+    NodeStatus,
+    ReleaseDetail,
+    ReleaseSummary,
+    TraceResult,
+)
+from storage.db import affected, server_time, transaction
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +73,7 @@ class ReleaseService:
         return timerules.resolve(publish_on, at=at, zone=zone or self.s.zone, now=now,
                                  default_at=self.s.default_at)
 
-    def queue(self, spec: ReleaseSpec, *, progress: Progress | None = None) -> Release:
+    def queue(self, spec: ReleaseSpec, *, progress: Progress | None = None) -> ReleaseDetail:
         """Seal every document into the vault and record the release.
 
         Everything is checked before the first byte is sealed; if anything
@@ -72,7 +81,7 @@ class ReleaseService:
         deleted and no release record is written."""
         now = self.s.clock.now()
         embargo = self.resolve_embargo(spec.publish_on, spec.at, spec.zone, now)
-        copies_at = copies.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
+        copies_at = copy_timing.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
                                              max_lead=self.s.copies_max_lead,
                                              cutoff=self.s.copies_cutoff)
         if not spec.recipients:
@@ -155,48 +164,87 @@ class ReleaseService:
         return slug
 
     # -- read --------------------------------------------------------------
-    def get(self, release_id: str) -> Release:
-        with transaction(self.sessions) as session:
-            release = session.get(Release, release_id)
-            if release is None and len(release_id) >= 6:
-                matches = list(session.scalars(select(Release).where(
-                    Release.id.startswith(release_id, autoescape=True)).limit(2)))
-                if len(matches) > 1:
-                    raise AmbiguousIdError(release_id)
-                release = matches[0] if matches else None
-            if release is None:
-                raise ReleaseNotFoundError(release_id)
-            release.documents  # noqa: B018 - load while the session is open
-            release.recipients  # noqa: B018
-            return release
+    def _row(self, session: Session, release_id: str) -> Release:
+        """The release ``release_id`` (or the one whose id starts with it, six
+        characters or more), documents and recipients loaded."""
+        loaded = (selectinload(Release.documents), selectinload(Release.recipients))
+        release = session.get(Release, release_id, options=loaded)
+        if release is None and len(release_id) >= 6:
+            matches = list(session.scalars(select(Release).options(*loaded).where(
+                Release.id.startswith(release_id, autoescape=True)).limit(2)))
+            if len(matches) > 1:
+                raise AmbiguousIdError(release_id)
+            release = matches[0] if matches else None
+        if release is None:
+            raise ReleaseNotFoundError(release_id)
+        return release
 
-    def all_releases(self) -> list[Release]:
-        with transaction(self.sessions) as session:
-            return list(session.scalars(select(Release).options(
-                selectinload(Release.documents), selectinload(Release.recipients))
-                .order_by(Release.instant)))
+    def get(self, release_id: str) -> ReleaseDetail:
+        """One release in full: documents, recipients, pre-embargo copies,
+        notices and audit events, read in one transaction.
 
-    def outbox(self, release_id: str) -> list[OutboxMessage]:
+        :raises ReleaseNotFoundError: no release has this id (or prefix)
+        :raises AmbiguousIdError: the prefix matches more than one release"""
         with transaction(self.sessions) as session:
-            return list(session.scalars(select(OutboxMessage).where(
-                OutboxMessage.release_id == release_id).order_by(OutboxMessage.id)))
+            release = self._row(session, release_id)
+            notices = session.scalars(select(OutboxMessage).where(
+                OutboxMessage.release_id == release.id).order_by(OutboxMessage.id))
+            events = session.scalars(select(AuditEvent).where(
+                AuditEvent.release_id == release.id).order_by(AuditEvent.seq))
+            return presenting.detail(release, self.s.clock.now(),
+                                     copies=tracing.copies_of(session, release.id),
+                                     notices=list(notices), events=list(events))
 
-    def events(self, release_id: str) -> list[AuditEvent]:
+    def list_releases(self) -> list[ReleaseSummary]:
+        """Every release, soonest embargo first."""
+        now = self.s.clock.now()
         with transaction(self.sessions) as session:
-            return list(session.scalars(select(AuditEvent).where(
-                AuditEvent.release_id == release_id).order_by(AuditEvent.seq)))
+            return [presenting.summary(r, now) for r in session.scalars(
+                select(Release).options(selectinload(Release.documents),
+                                        selectinload(Release.recipients))
+                .order_by(Release.instant))]
 
-    def counts(self) -> dict[str, int]:
+    def access_list(self, release_id: str) -> tuple[ReleaseSummary, list[AccessEntry]]:
+        """The release and who received pre-embargo copies of it, of what,
+        and when."""
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            release = self._row(session, release_id)
+            return presenting.summary(release, now), list(tracing.access_list(session, release))
+
+    def trace(self, what: str, data: bytes | None = None) -> TraceResult:
+        """Who received the copy ``what`` (a copy id), or the copy whose
+        bytes are ``data``.
+
+        :raises NotFoundError: no copy id in it, or no such copy issued here"""
+        copy_id = tracing.copy_id_in(what, data)
+        with transaction(self.sessions) as session:
+            return tracing.trace(session, copy_id)
+
+    def nodes(self) -> list[NodeStatus]:
+        """Every scheduler node that has run against this database, newest
+        heartbeat first, as the database server's clock sees them."""
+        with self.s.engine.connect() as connection:
+            server = server_time(connection)
+        with transaction(self.sessions) as session:
+            return [presenting.node_status(node, server) for node in session.scalars(
+                select(Node).order_by(Node.heartbeat_at.desc()))]
+
+    def counts(self) -> Counts:
         with transaction(self.sessions) as session:
             rows = session.execute(select(Release.state, func.count()).group_by(Release.state))
-            return {state: n for state, n in rows}
+            return Counts(**{ReleaseState(state).value: n for state, n in rows})
 
     # -- change ------------------------------------------------------------
-    def cancel(self, release_id: str, *, reason: str) -> Release:
+    def _load(self, release_id: str) -> Release:
+        with transaction(self.sessions) as session:
+            return self._row(session, release_id)
+
+    def cancel(self, release_id: str, *, reason: str) -> ReleaseDetail:
         """Cancel a queued (or failed) release and shred its data key."""
         if not reason.strip():
             raise InputError("a cancellation needs a reason")
-        release = self.get(release_id)
+        release = self._load(release_id)
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
             changed = affected(session.execute(
@@ -216,8 +264,8 @@ class ReleaseService:
                                  "release can be cancelled")
             current = session.get(Release, release.id)
             assert current is not None
-            told = copies.notify_copy_holders(session, current, purpose=Purpose.WITHDRAWN, now=now,
-                                              cutoff=self.s.copies_cutoff)
+            told = copy_holders.notify_copy_holders(session, current, purpose=Purpose.WITHDRAWN,
+                                                    now=now, cutoff=self.s.copies_cutoff)
             audit.record(session, action="release_cancelled", actor=self.actor, at=now,
                          release_id=release.id, details={"reason": reason,
                                                          "officers_told": told})
@@ -225,8 +273,8 @@ class ReleaseService:
         return self.get(release.id)
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
-                   zone: str | None) -> Release:
-        release = self.get(release_id)
+                   zone: str | None) -> ReleaseDetail:
+        release = self._load(release_id)
         now = self.s.clock.now()
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
         old = embargo_of(release)
@@ -248,8 +296,8 @@ class ReleaseService:
                                  "only a queued release can be rescheduled")
             current = session.get(Release, release.id)
             assert current is not None
-            told = copies.notify_copy_holders(session, current, purpose=Purpose.RESCHEDULED,
-                                              now=now, cutoff=self.s.copies_cutoff)
+            told = copy_holders.notify_copy_holders(session, current, purpose=Purpose.RESCHEDULED,
+                                                    now=now, cutoff=self.s.copies_cutoff)
             audit.record(session, action="release_rescheduled", actor=self.actor, at=now,
                          release_id=release.id,
                          details={"from": old.describe(), "to": embargo.describe(),
@@ -262,30 +310,5 @@ class ReleaseService:
             return audit.verify(session)
 
 
-def release_facts(release: Release, now: datetime) -> dict[str, Any]:
-    """The facts about a release that `list` and `show` print, as plain data."""
-    embargo = embargo_of(release)
-    facts: dict[str, Any] = {
-        "id": release.id,
-        "slug": release.slug,
-        "title": release.title,
-        "state": release.state,
-        "embargo": embargo.describe(),
-        "instant_utc": release.instant.isoformat().replace("+00:00", "Z"),
-        "zone": release.zone,
-        "local": embargo.local.isoformat(),
-        "time_left": timerules.format_delta(release.instant - now)
-        if release.state in (QUEUED, PUBLISHING) else None,
-        "owner": release.owner,
-        "published_at": release.published_at.isoformat() if release.published_at else None,
-        "lateness_ms": release.lateness_ms,
-        "reason": release.reason,
-        "copies_at": describe_instant(release.copies_at, release.zone)
-        if release.copies_at else None,
-    }
-    return facts
-
-
 __all__ = ["CANCELLED", "FAILED", "PUBLISHED", "PUBLISHING", "QUEUED", "ReleaseService",
-           "Services", "dek_key", "describe_instant", "document_key", "embargo_of",
-           "release_facts"]
+           "Services", "dek_key", "describe_instant", "document_key", "embargo_of"]

@@ -23,8 +23,8 @@ from config.settings import load_settings
 from jobs.app import build_services
 from release import keys as keyfile
 from release.records import CANCELLED, QUEUED, Release
-from release.service import ReleaseService, dek_key
-from tests.conftest import write_bundle
+from release.service import dek_key
+from tests.conftest import release_row, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "embargo"
@@ -77,7 +77,7 @@ def vault_files(data_dir: Path) -> list[Path]:
 def load(data_dir: Path, release_id: str) -> Release:
     services = build_services(load_settings(environ={}, overrides={"data_dir": str(data_dir)}))
     try:
-        return ReleaseService(services, actor="test").get(release_id)
+        return release_row(services, release_id)
     finally:
         services.engine.dispose()
 
@@ -148,11 +148,11 @@ def test_show_json_has_the_ids(ws: Workspace) -> None:
     facts = json.loads(proc.stdout)
     release = load(ws.data_dir, ws.summer)
     assert facts["id"] == ws.summer
-    assert facts["instant_utc"] == "2099-06-30T23:01:00Z"
+    assert facts["instant"] == "2099-06-30T23:01:00Z"
     assert "BST" in facts["embargo"] and "UTC" in facts["embargo"]
     assert [d["id"] for d in facts["documents"]] == [d.id for d in release.documents]
     folder = ws.summer_bundle.parent
-    assert [d["name"] for d in facts["documents"]] == [
+    assert [d["filename"] for d in facts["documents"]] == [
         "national-report.txt", "force-1.txt", "force-2.txt", "force-3.txt"]
     report = (folder / "national-report.txt").read_bytes()
     assert facts["documents"][0]["size"] == len(report)
@@ -167,7 +167,7 @@ def test_list_json_has_release_and_document_ids(ws: Workspace) -> None:
     assert proc.returncode == 0, proc.stderr
     listed = {r["id"]: r for r in json.loads(proc.stdout)}
     assert set(listed) >= {ws.summer, ws.winter}
-    assert listed[ws.summer]["instant_utc"] == "2099-06-30T23:01:00Z"
+    assert listed[ws.summer]["instant"] == "2099-06-30T23:01:00Z"
     release = load(ws.data_dir, ws.summer)
     assert "documents" in listed[ws.summer], "list --json must include each document's id"
     assert [d["id"] for d in listed[ws.summer]["documents"]] == [
@@ -355,19 +355,20 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_on_a_terminal_only_for_big_files() -> None:
-    from jobs.cli import ProgressBar
+    from jobs.console import SealingProgress
 
     screen = _Terminal()
-    bar = ProgressBar(stream=screen, min_size=1 << 20)
-    bar("small.pdf", 100, 100)
-    assert screen.getvalue() == ""
-    total = 4 << 20
-    for done in range(0, total + 1, 1 << 20):
-        bar("national-report.pdf", done, total)
-    assert "sealing national-report.pdf" in screen.getvalue()
-    assert screen.getvalue().endswith("4.0/4.0 MiB\n")
+    with SealingProgress(stream=screen, min_size=1 << 20) as bar:
+        bar("small.pdf", 100, 100)
+        total = 4 << 20
+        for done in range(0, total + 1, 1 << 20):
+            bar("national-report.pdf", done, total)
+    drawn = screen.getvalue()
+    assert "sealing national-report.pdf" in drawn and "small.pdf" not in drawn
+    assert "4.2/4.2 MB" in drawn  # rich counts in SI units: 4 MiB
     piped = io.StringIO()
-    ProgressBar(stream=piped, min_size=0)("national-report.pdf", 1, 1)
+    with SealingProgress(stream=piped, min_size=0) as bar:
+        bar("national-report.pdf", 1, 1)
     assert piped.getvalue() == ""
 
 

@@ -38,7 +38,7 @@ from release.manifest import load_manifest
 from release.publishing import Outcome, Publisher
 from release.records import PUBLISHED, OutboxMessage, Release
 from release.service import ReleaseService, Services
-from tests.conftest import MARKER, SEED_INSTANT, FakeClock, write_bundle
+from tests.conftest import MARKER, SEED_INSTANT, FakeClock, release_row, write_bundle
 from tests.s3server import REGION, client_for
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def outbox_rows(services: Services) -> list[OutboxMessage]:
 def check_published(settings: Settings, services: Services, release_id: str) -> Release:
     """Every document public with the right bytes, a right manifest, one
     notice per officer and one for the owner."""
-    release = ReleaseService(services, actor="t").get(release_id)
+    release = release_row(services, release_id)
     assert release.state == PUBLISHED
     files = public_files(settings)
     for doc in release.documents:
@@ -198,7 +198,7 @@ def test_seed_instant_direct(settings: Settings, services: Services, publisher: 
         assert outcome.status == "not_yet"
         assert public_files(settings) == {}
         assert outbox_rows(services) == []
-        assert ReleaseService(services, actor="t").get(release.id).state == "queued"
+        assert release_row(services, release.id).state == "queued"
         frozen.move_to(SEED_INSTANT)
         outcome = publisher.publish(release.id)
     assert outcome.status == "published"
@@ -223,7 +223,7 @@ def test_too_early_by_clock_is_refused_even_inside_the_wait(
     outcome = early.publish(release.id, wait_up_to=timedelta(seconds=5))
     assert outcome.status == "not_yet"
     assert public_files(settings) == {}
-    after = ReleaseService(services, actor="t").get(release.id)
+    after = release_row(services, release.id)
     assert after.state == "queued" and after.claimant is None
 
 
@@ -279,7 +279,7 @@ def test_real_time_publication_within_100ms(settings: Settings, services: Servic
             time.sleep(0.0005)
     finally:
         scheduler.shutdown()
-    done = ReleaseService(services, actor="t").get(release.id)
+    done = release_row(services, release.id)
     assert done.state == PUBLISHED
     assert done.started_at is not None and done.started_at >= instant
     assert done.lateness_ms is not None and 0 <= done.lateness_ms < 100

@@ -36,7 +36,7 @@ from release.records import PUBLISHED
 from release.service import ReleaseService, Services
 from storage.base import ObjectExistsError
 from storage.s3 import S3PublicTarget, S3Vault
-from tests.conftest import SEED_INSTANT, FakeClock, write_bundle
+from tests.conftest import SEED_INSTANT, FakeClock, release_row, write_bundle
 
 if TYPE_CHECKING:
     from tests.s3server import Buckets
@@ -529,7 +529,7 @@ def test_seed_shaped_bundle_published_through_s3_every_object_verified(
     elapsed = time.monotonic() - started
     assert outcome.status == "published", outcome.detail
     print(f"\npublished 5 MiB + 43 x 100 KiB through S3 (moto) in {elapsed:.2f} s")
-    done = ReleaseService(services, actor="t").get(release.id)
+    done = release_row(services, release.id)
     assert done.state == PUBLISHED
     for doc in done.documents:
         key = f"site/{done.slug}/{doc.filename}"
@@ -558,6 +558,6 @@ def test_a_mismatching_object_at_a_public_key_fails_the_release_loudly(
     assert outcome.status in ("retry", "failed")
     assert "holds other content" in (outcome.detail or "")
     assert stored(s3_client, s3_buckets.public, key) == b"someone else's bytes"
-    after = ReleaseService(services, actor="t").get(release.id)
+    after = release_row(services, release.id)
     assert after.state != PUBLISHED
     assert f"site/{release.slug}/manifest.json" not in all_keys(s3_client, s3_buckets.public)
