@@ -152,6 +152,27 @@ def _horizon(value: Any) -> timedelta:
     return horizon
 
 
+_EMAIL = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$")
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    """A list of email addresses: a TOML array, or comma-separated text (the
+    environment)."""
+    if isinstance(value, str):
+        items: list[Any] = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"expected a list of email addresses, got {value!r}")
+    addresses: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not _EMAIL.match(item.strip()):
+            raise ValueError(f"{item!r} is not an email address")
+        if item.strip() not in addresses:
+            addresses.append(item.strip())
+    return tuple(addresses)
+
+
 def _url_or_none(value: Any) -> str | None:
     text = _optional_text(value)
     if text is not None and not re.match(r"^https?://[^\s/]+", text):
@@ -227,6 +248,11 @@ FIELDS: tuple[Field, ...] = (
     Field(key="copies.cutoff", default="60s", check=parse_duration,
           help="a pre-embargo copy must start this long before the embargo at the latest, "
                "so none is still on its way at the instant"),
+    Field(key="alerts.to", default=(), check=_addresses,
+          help="who is told when a release is at risk (besides its owner): a list of "
+               "addresses, comma-separated in the environment"),
+    Field(key="alerts.repeat", default="15m", check=parse_duration,
+          help="an alert about a fault that lasts is sent again this often"),
     Field(key="copies.max_lead", default="", check=_optional_duration,
           help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
 )
@@ -297,10 +323,16 @@ class CopiesSettings:
     max_lead: timedelta | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class AlertsSettings:
+    to: tuple[str, ...]
+    repeat: timedelta
+
+
 SECTIONS: Mapping[str, type] = {
     "database": DatabaseSettings, "storage": StorageSettings, "keys": KeysSettings,
     "s3": S3Settings, "mail": MailSettings, "scheduler": SchedulerSettings,
-    "testing": TestingSettings, "copies": CopiesSettings,
+    "testing": TestingSettings, "copies": CopiesSettings, "alerts": AlertsSettings,
 }
 TOP_LEVEL = ("data_dir", "zone", "default_at")
 
@@ -320,6 +352,7 @@ class Settings:
     scheduler: SchedulerSettings
     testing: TestingSettings
     copies: CopiesSettings
+    alerts: AlertsSettings
     values: Mapping[str, object]  # by dotted key, for ``config show``
     sources: Mapping[str, str] = field(default_factory=dict)
     config_file: Path | None = None
@@ -359,6 +392,8 @@ class Settings:
                 value = _mask_url(value)
             elif isinstance(value, timedelta):
                 value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
             shown[f.key] = value
         shown["(effective) database.url"] = _mask_url(self.database_url)
         shown["(effective) storage.vault"] = str(self.vault)

@@ -51,6 +51,8 @@ class Services:
     default_at: str = "00:01"
     copies_max_lead: timedelta | None = None
     copies_cutoff: timedelta = timedelta(seconds=60)
+    alerts_to: tuple[str, ...] = ()
+    alerts_repeat: timedelta = timedelta(minutes=15)
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

@@ -25,6 +25,7 @@ from email.utils import format_datetime, formataddr, getaddresses
 from typing import assert_never
 
 from config.errors import InputError
+from release.alerts import alert_text
 from release.context import embargo_of
 from release.marking import COPY_ID, stamp_line, stamp_pdf
 from release.records import Document, OutboxMessage, Purpose, Recipient, Release
@@ -110,6 +111,11 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                 "Documents:", *[f"- {d.filename} ({d.size} bytes): {d.public_url}"
                                 for d in release.documents], "",
                 f"{len(release.recipients)} liaison officers are being notified."]
+    elif purpose is Purpose.ALERT:
+        subject, text = alert_text(row.details)
+        text = [*text, "", f"Release {release.id}: \"{release.title}\", due "
+                f"{embargo.describe_long()}.", "",
+                "This alert was sent automatically by Embargo."]
     elif purpose is Purpose.OWNER_FAILURE:
         subject = f"FAILED: {release.title} was not published"
         text = [f"Publication of \"{release.title}\" ({release.id}), due "

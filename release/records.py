@@ -75,6 +75,7 @@ class Purpose(StrEnum):
     RESCHEDULED = "rescheduled"  # to a copy holder: the embargo moved
     OWNER_SUMMARY = "owner_summary"  # to the owner: published, how late, where
     OWNER_FAILURE = "owner_failure"  # to the owner: publication failed
+    ALERT = "alert"  # to the owner and alerts.to: a release at risk (release/alerts.py)
 
 
 class EnumText(TypeDecorator[StrEnum]):
@@ -198,6 +199,9 @@ class OutboxMessage(Base):
     delivered_to: Mapped[str | None] = mapped_column(Text)
     given_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # The message's own facts, as JSON, where it is not rebuilt from the
+    # release's records (an alert: {"subject": ..., "lines": [...]}).
+    details: Mapped[str | None] = mapped_column(Text)
 
 
 class Copy(Base):

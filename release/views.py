@@ -251,7 +251,8 @@ def settings_schema() -> dict[str, object]:
     dotted key (secrets masked), then the effective locations."""
     from config.settings import FIELDS
 
-    scalar = {"type": ["string", "number", "boolean", "null"]}
+    scalar = {"anyOf": [{"type": ["string", "number", "boolean", "null"]},
+                        {"type": "array", "items": {"type": "string"}}]}
     keys = [f.key for f in FIELDS] + [
         f"(effective) {k}" for k in ("database.url", "storage.vault", "storage.public",
                                      "keys.dir", "mail.outbox_dir")]

@@ -310,6 +310,7 @@ def _check_types(settings: Settings) -> None:
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
             allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            allowed = tuple(typing.get_origin(a) or a for a in allowed)  # tuple[str, ...]
             value = getattr(section, f.name)
             assert isinstance(value, allowed), (f"{name}.{f.name}", value, hint)
             assert not (isinstance(value, bool) and bool not in allowed)
