@@ -15,7 +15,7 @@ from jobs.app import build_services, start_node
 from jobs.console import Countdown, Stopper, print_table
 from release import keys as keyfile
 from release.manifest import load_manifest
-from release.marking import text_pdf
+from release.pdf_text import text_pdf
 from release.publishing import PublishStatus
 from release.records import PUBLISHED
 from release.service import ReleaseService

@@ -7,25 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import update
 
 from release import audit, sealing
-from release.context import Services, dek_key, document_key
+from release.context import Services
+from release.copy_ids import new_copy_id
 from release.records import QUEUED, Copy, Document, OutboxMessage, Purpose, Recipient, Release
+from release.vault_keys import dek_key, document_key
 from storage.db import affected, transaction
 
 log = logging.getLogger(__name__)
-
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford: no I, L, O, U
-
-
-def new_copy_id() -> str:
-    chars = "".join(secrets.choice(_ALPHABET) for _ in range(12))
-    return f"CPY-{chars[:4]}-{chars[4:8]}-{chars[8:]}"
-
 
 def copy_message_id(release_id: str, copy_id: str, purpose: str = Purpose.COPY) -> str:
     return f"<{release_id.removeprefix('rel_')}.{purpose}.{copy_id}@embargo.invalid>"

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from config.errors import InputError
 from release import timerules
-from release.context import describe_instant
+from release.instants import describe_instant
 
 
 def resolve_copies_at(text: str | None, *, embargo: timerules.Embargo, now: datetime,

@@ -26,8 +26,9 @@ from typing import assert_never
 
 from config.errors import InputError
 from release.alerts import alert_text
-from release.context import embargo_of
-from release.marking import COPY_ID, stamp_line, stamp_pdf
+from release.copy_ids import COPY_ID
+from release.instants import embargo_of
+from release.marking import stamp_line, stamp_pdf
 from release.records import Document, OutboxMessage, Purpose, Recipient, Release
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 from release import timerules
-from release.context import describe_instant, embargo_of
+from release.instants import describe_instant, embargo_of
 from release.records import (
     PUBLISHING,
     QUEUED,

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from config.errors import EmbargoError, SealError, StorageError
 from config.retry import PUBLICATION
 from release import audit, sealing
-from release.context import Services, dek_key, document_key, embargo_of
+from release.context import Services
+from release.instants import embargo_of
 from release.records import (
     FAILED,
     PUBLISHED,
@@ -35,6 +36,7 @@ from release.records import (
     Release,
     table_of,
 )
+from release.vault_keys import dek_key, document_key
 from storage.base import ObjectExistsError
 from storage.db import affected, transaction
 

@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, selectinload
 
 from config.errors import AmbiguousIdError, InputError, ReleaseNotFoundError, StateError
 from release import audit, copy_holders, copy_timing, presenting, sealing, timerules, tracing
-from release.context import Services, dek_key, describe_instant, document_key, embargo_of
+from release.context import Services
+from release.instants import describe_instant, embargo_of
 from release.keys import load_public_key
 from release.manifest import ReleaseSpec
 from release.records import (
@@ -34,6 +35,7 @@ from release.records import (
     Release,
     ReleaseState,
 )
+from release.vault_keys import dek_key, document_key
 from release.views import (
     AccessEntry,
     Counts,

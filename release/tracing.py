@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.errors import NotFoundError
-from release.marking import COPY_ID, find_copy_id
+from release.copy_ids import COPY_ID, find_copy_id
 from release.presenting import access_entries, moment, moment_at
 from release.records import Copy, Recipient, Release
 from release.views import AccessEntry, TraceResult

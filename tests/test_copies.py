@@ -30,7 +30,7 @@ from jobs.relay import OutboxRelay
 from release.copies import DocumentOpener, issue_copies
 from release.keys import load_private_key
 from release.manifest import load_manifest
-from release.marking import text_pdf
+from release.pdf_text import text_pdf
 from release.records import Copy, OutboxMessage
 from release.service import ReleaseService, Services
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bundle
