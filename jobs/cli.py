@@ -10,20 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from config.errors import (
-    AmbiguousIdError,
-    ConfigError,
-    DeliveryError,
-    EmbargoError,
-    InputError,
-    NotFoundError,
-    ReleaseNotFoundError,
-    SchemaError,
-    SealError,
-    StateError,
-    StorageError,
-    status_for,
-)
+from config import errors
+from config.errors import EmbargoError, InputError, SchemaError, status_for
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import SealingProgress, Stopper, print_table
@@ -42,22 +30,22 @@ log = logging.getLogger("embargo")
 
 # -- errors: the one mapping of the error tree for the command line ---------------------
 EXIT_STATUS: dict[type[EmbargoError], int] = {
-    EmbargoError: 1,
-    ConfigError: 2,
-    InputError: 2,
-    NotFoundError: 3,
-    StateError: 4,
-    SealError: 5,
-    StorageError: 6,
-    DeliveryError: 7,
-    SchemaError: 9,  # as `embargo db current` on a schema that is not the latest
+    errors.EmbargoError: 1,
+    errors.ConfigError: 2,
+    errors.InputError: 2,
+    errors.NotFoundError: 3,
+    errors.StateError: 4,
+    errors.SealError: 5,
+    errors.StorageError: 6,
+    errors.DeliveryError: 7,
+    errors.SchemaError: 9,  # as `embargo db current` on a schema that is not the latest
 }
 
 # What to do next, in this interface's words; the domain's message has the facts.
 HINTS: dict[type[EmbargoError], str] = {
-    ReleaseNotFoundError: "see `embargo list`",
-    AmbiguousIdError: "see `embargo list`",
-    SchemaError: "run `embargo db upgrade`",
+    errors.ReleaseNotFoundError: "see `embargo list`",
+    errors.AmbiguousIdError: "see `embargo list`",
+    errors.SchemaError: "run `embargo db upgrade`",
 }
 
 
