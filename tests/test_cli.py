@@ -450,3 +450,15 @@ def test_an_unknown_release_is_one_line_with_the_hint(ws: Workspace) -> None:
     proc = embargo(ws.data_dir, "show", "rel_nope")
     assert_one_line_error(proc, "no release 'rel_nope' (see `embargo list`)")
     assert proc.returncode == 3
+
+
+def test_tables_are_drawn_on_a_terminal_and_plain_when_piped() -> None:
+    from jobs.console import print_table, table
+
+    rows, headers = [("rel_1", "Report", "queued")], ["id", "title", "state"]
+    piped = io.StringIO()
+    print_table(rows, headers, out=piped, title="releases")
+    assert piped.getvalue() == "releases\n" + table(rows, headers) + "\n"
+    screen = _Terminal()
+    print_table(rows, headers, out=screen, title="releases")
+    assert "┃" in screen.getvalue() and "rel_1" in screen.getvalue()

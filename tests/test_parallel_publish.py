@@ -63,5 +63,5 @@ def test_a_tampered_document_fails_the_release(settings: Settings, services: Ser
     assert settings.public.path is not None
     assert not (settings.public.path / after.slug / bad.filename).exists()
     assert not (settings.public.path / after.slug / "manifest.json").exists()
-    events = [e.action for e in ReleaseService(services, actor="t").events(release_id)]
+    events = [e.action for e in ReleaseService(services, actor="t").get(release_id).events]
     assert "publication_failed" in events and "release_published" not in events

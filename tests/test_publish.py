@@ -310,7 +310,7 @@ def test_restart_across_the_instant(settings: Settings, services: Services,
     assert outcomes == ["published"]
     done = check_published(settings, services, release.id)
     assert done.lateness_ms == 423_000.0  # 7 min 3 s late, recorded
-    events = ReleaseService(services, actor="t").events(release.id)
+    events = ReleaseService(services, actor="t").get(release.id).events
     assert [e.action for e in events].count("release_published") == 1
 
 
@@ -360,7 +360,7 @@ def test_crash_after_k_documents_then_resume(settings: Settings, services: Servi
     assert relay.run_once() == 4
     assert relay.run_once() == 0
     assert len(list(settings.outbox_dir.glob("*.eml"))) == 4
-    events = [e.action for e in ReleaseService(services, actor="t").events(release.id)]
+    events = [e.action for e in ReleaseService(services, actor="t").get(release.id).events]
     assert events.count("release_published") == 1
 
 
@@ -391,7 +391,7 @@ def race(settings: Settings, services: Services, bundle: Path) -> None:
     statuses = sorted(out.strip() for out, _ in results)
     assert statuses in (["not_ours", "published"], ["inactive", "published"]), results
     check_published(settings, services, release.id)
-    events = [e.action for e in ReleaseService(services, actor="t").events(release.id)]
+    events = [e.action for e in ReleaseService(services, actor="t").get(release.id).events]
     assert events.count("release_published") == 1
 
 
