@@ -125,3 +125,26 @@ def test_a_schema_catches_what_the_view_does_not_promise(
         check.validate(renamed)
     with pytest.raises(ValidationError):
         check.validate({**shown, "instant": "2014-09-04T00:01:00+01:00"})
+
+
+def test_no_orm_row_leaves_the_service() -> None:
+    """Every public method of the service returns views (or plain values),
+    never a database record."""
+    import inspect
+    import typing
+
+    from release import records
+
+    rows = {cls for cls in vars(records).values()
+            if isinstance(cls, type) and issubclass(cls, records.Base) and cls is not records.Base}
+
+    def mentions_row(hint: object) -> bool:
+        return hint in rows or any(mentions_row(a) for a in typing.get_args(hint))
+
+    public = [(name, fn) for name, fn in inspect.getmembers(ReleaseService, inspect.isfunction)
+              if not name.startswith("_")]
+    assert {"get", "list_releases", "access_list", "trace", "nodes", "counts", "queue",
+            "cancel", "reschedule"} <= {name for name, _ in public}
+    for name, fn in public:
+        returned = typing.get_type_hints(fn)["return"]
+        assert not mentions_row(returned), (name, returned)
