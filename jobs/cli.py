@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from config import errors
-from config.errors import EmbargoError, InputError, SchemaError, status_for
+from config.errors import EmbargoError, InputError, status_for
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import SealingProgress, Stopper, print_table
@@ -41,19 +41,17 @@ EXIT_STATUS: dict[type[EmbargoError], int] = {
     errors.SchemaError: 9,  # as `embargo db current` on a schema that is not the latest
 }
 
-# What to do next, in this interface's words; the domain's message has the facts.
+# What to do next, in this interface's words, added to the domain's message
+# (which has the facts).
 HINTS: dict[type[EmbargoError], str] = {
-    errors.ReleaseNotFoundError: "see `embargo list`",
-    errors.AmbiguousIdError: "see `embargo list`",
-    errors.SchemaError: "run `embargo db upgrade`",
+    errors.ReleaseNotFoundError: " (see `embargo list`)",
+    errors.AmbiguousIdError: " (see `embargo list`)",
+    errors.SchemaError: ": run `embargo db upgrade`",
 }
 
 
 def hint_for(error: EmbargoError) -> str:
-    for cls in type(error).__mro__:
-        if cls in HINTS:
-            return f" ({HINTS[cls]})" if cls is not SchemaError else f": {HINTS[cls]}"
-    return ""
+    return next((HINTS[cls] for cls in type(error).__mro__ if cls in HINTS), "")
 
 
 # -- output helpers ---------------------------------------------------------------
