@@ -80,6 +80,11 @@ class DeliveryError(EmbargoError):
     """A message could not be handed to the mail server; worth retrying."""
 
 
+
+class DeliveryRefused(DeliveryError):
+    """The mail server refused the message for good (a 5xx reply, a refused
+    recipient): retrying the same message to the same address cannot help."""
+
 # The web console's mapping (the command line's is in jobs/cli.py): not found
 # 404, bad input 422, wrong state 409; anything else is the server's problem.
 HTTP_STATUS: Mapping[type[EmbargoError], int] = {

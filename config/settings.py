@@ -207,7 +207,8 @@ FIELDS: tuple[Field, ...] = (
     Field(key="s3.cache_control", default="public, max-age=300", check=_text,
           help="Cache-Control of published objects"),
     Field(key="mail.transport", default="file", check=_choice("file", "smtp"),
-          help="file: .eml files in mail.outbox_dir; smtp: a mail server"),
+          help="file: .eml files in mail.outbox_dir, for trying Embargo out (a copy "
+               "delivered there is plaintext on this disk); smtp: a mail server"),
     Field(key="mail.sender", default="Embargo <embargo@localhost>", check=_text,
           help="From: address of notices"),
     Field(key="mail.outbox_dir", default="", check=_optional_text,
@@ -221,8 +222,10 @@ FIELDS: tuple[Field, ...] = (
           help="SMTP password (set EMBARGO_MAIL_SMTP_PASSWORD, not the file)"),
     Field(key="mail.workers", default=4, check=_number(1, 32, int),
           help="notices handed to the mail server at once (one connection each)"),
-    Field(key="mail.max_attempts", default=20, check=_number(1, 1000, int),
-          help="delivery attempts before a notice is given up and alerted"),
+    Field(key="mail.give_up_after", default="24h", check=parse_duration,
+          help="a notice the mail server cannot take (4xx, no connection) is retried with "
+               "backoff this long, then given up and alerted (`embargo resend` sends it "
+               "again); a 5xx or refused recipient fails at once, alerted"),
     Field(key="scheduler.poll_seconds", default=0.5, check=_number(0.05, 60),
           help="how often the scheduler re-reads the database for changes"),
     Field(key="scheduler.lease_seconds", default=3.0, check=_number(1, 3600),
@@ -297,7 +300,7 @@ class MailSettings:
     smtp_username: str | None
     smtp_password: str | None
     workers: int
-    max_attempts: int
+    give_up_after: timedelta
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -85,7 +85,8 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
                           workers=sched.publish_workers)
     transports = transport_factory(settings)
     relay = OutboxRelay(services, transports(), sender=mail.sender,
-                        worker=name, max_attempts=mail.max_attempts,
+                        worker=name, give_up_after=mail.give_up_after,
+                        lease=lease,
                         opener=DocumentOpener(services, private_key),
                         workers=mail.workers,
                         make_transport=transports)

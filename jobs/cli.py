@@ -16,6 +16,7 @@ from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import SealingProgress, Stopper, print_table
 from jobs.demo import run_demo
+from jobs.mail import remove_copy_files
 from release import keys as keyfile
 from release.audit import default_actor
 from release.manifest import load_manifest
@@ -153,9 +154,10 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print("pre-release access (copies)\n  none")
     if release.notices:
         print()
-        print_table([(n.to, n.purpose, _shown(n.delivered_at, "pending"), n.via or "",
+        print_table([(n.number, n.to, n.purpose, n.state, _shown(n.delivered_at), n.via or "",
                       n.last_error or "") for n in release.notices],
-                    ["to", "purpose", "delivered", "via", "last error"], title="notices")
+                    ["#", "to", "purpose", "state", "delivered", "via", "last error"],
+                    title="notices")
     print()
     print_table([(e.seq, utc_text(e.at), e.action, e.actor) for e in release.events],
                 ["#", "at (UTC)", "event", "by"], title="audit")
@@ -205,9 +207,28 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    _, service = _service(settings)
+    services, service = _service(settings)
     release = service.cancel(args.id, reason=args.reason)
     print(f"cancelled {release.id}; its data key is destroyed and it can never be published")
+    removed, mailed = remove_copy_files(services, release.id, settings.outbox_dir,
+                                        actor=service.actor)
+    if removed:
+        print(f"removed {removed} pre-embargo copy file(s) from {settings.outbox_dir}")
+    if mailed:
+        print(f"{mailed} pre-embargo copy(ies) were delivered by mail and remain in the "
+              "officers' mailboxes; each officer is sent a withdrawal notice")
+    elif not removed:
+        print("no pre-embargo copy had been delivered")
+    return 0
+
+
+def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    rows = service.resend(args.id, to=args.to)
+    for row in rows:
+        print(f"notice {row.number} ({row.purpose}) to {row.to} will be sent again as "
+              f"{row.message_id}")
+    print("a running `embargo run` node delivers it" if rows else "nothing to resend")
     return 0
 
 
@@ -251,6 +272,10 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
           f"{counts.publishing} publishing; {clock}, skew "
           f"{node.monitor.skew_ms} ms); Ctrl-C or SIGTERM stops it",
           file=sys.stderr, flush=True)
+    if settings.mail.transport == "file":
+        print(f"notices are .eml files in {settings.outbox_dir} (mail.transport = \"file\", "
+              "for trying Embargo out): a pre-embargo copy there is plaintext on this disk",
+              file=sys.stderr, flush=True)
     try:
         stopper.event.wait()
     finally:
@@ -352,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id")
     cancel.add_argument("--reason", required=True)
     cancel.set_defaults(func=cmd_cancel)
+
+    resend = sub.add_parser("resend", help="send a failed or given-up notice again "
+                                           "(same Message-ID)")
+    resend.add_argument("id", help="the notice's number (see show), its Message-ID, or a "
+                                   "release id (all its failed notices)")
+    resend.add_argument("--to", metavar="EMAIL", help="send it to this address instead")
+    resend.set_defaults(func=cmd_resend)
 
     resched = sub.add_parser("reschedule", help="move a queued release to a new instant")
     resched.add_argument("id")

@@ -49,10 +49,26 @@ class Attachment:
     copy_id: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Delivery:
+    """What became of one officer's notice of publication, for the owner's
+    summary."""
+
+    name: str
+    address: str
+    delivered: bool
+    error: str | None = None
+
+
 def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
-            *, sender: str, attachments: Sequence[Attachment] = ()) -> Message:
+            *, sender: str, attachments: Sequence[Attachment] = (),
+            summary: Sequence[Delivery] | None = None) -> Message:
     """The message for one outbox row, with its stable Message-ID. A
-    pre-embargo copy carries its documents, PDFs stamped with the copy id."""
+    pre-embargo copy carries its documents, PDFs stamped with the copy id.
+    The owner's summary says what became of each officer's notice
+    (``summary``, once they are all done). Raises whatever a record that
+    cannot be composed, or a PDF that cannot be stamped, raises: the relay
+    records it against this notice."""
     embargo = embargo_of(release)
     # The headers first; the MIME structure is built at the end, around the body.
     message = Message()
@@ -111,7 +127,7 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                 f"Publication started {release.lateness_ms or 0:.1f} ms after the instant.", "",
                 "Documents:", *[f"- {d.filename} ({d.size} bytes): {d.public_url}"
                                 for d in release.documents], "",
-                f"{len(release.recipients)} liaison officers are being notified."]
+                *_summary_lines(summary or [])]
     elif purpose is Purpose.ALERT:
         subject, text = alert_text(row.details)
         text = [*text, "", f"Release {release.id}: \"{release.title}\", due "
@@ -138,6 +154,20 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
     for name, value in message.items():
         root[name] = value
     return root
+
+
+def _summary_lines(summary: Sequence[Delivery]) -> list[str]:
+    delivered = [d for d in summary if d.delivered]
+    failed = [d for d in summary if not d.delivered]
+    lines = [f"Notices of publication: delivered {len(delivered)}, failed {len(failed)} "
+             f"(of {len(summary)} liaison officers)."]
+    if failed:
+        lines += ["", "Not delivered (see `embargo show`; `embargo resend` sends again):",
+                  *[f"- {d.name} <{d.address}>: {d.error or 'no reason recorded'}"
+                    for d in failed]]
+    if delivered:
+        lines += ["", "Delivered:", *[f"- {d.name} <{d.address}>" for d in delivered]]
+    return lines
 
 
 _UTF8_QP = Charset("utf-8")

@@ -26,6 +26,7 @@ from release.views import (
     EventView,
     Moment,
     NodeStatus,
+    NoticeState,
     NoticeView,
     RecipientView,
     ReleaseDetail,
@@ -84,6 +85,25 @@ def access_entries(copies: Iterable[Copy], recipients: Mapping[str, Recipient],
     return tuple(entries)
 
 
+def notice_state(row: OutboxMessage) -> NoticeState:
+    """delivered; failed (refused for good, or the message could not be
+    built); given up (retried until mail.give_up_after, or too late for a
+    copy); or pending (waiting, or being retried: see its last error)."""
+    if row.delivered_at is not None:
+        return NoticeState.DELIVERED
+    if row.failed_at is not None:
+        return NoticeState.FAILED
+    return NoticeState.GIVEN_UP if row.given_up_at is not None else NoticeState.PENDING
+
+
+def notice_view(row: OutboxMessage, zone: str) -> NoticeView:
+    return NoticeView(number=row.id, to=row.to_addr, purpose=row.purpose,
+                      message_id=row.message_id, state=notice_state(row),
+                      delivered_at=moment(row.delivered_at, zone), via=row.delivered_to,
+                      attempts=row.attempts, given_up_at=moment(row.given_up_at, zone),
+                      failed_at=moment(row.failed_at, zone), last_error=row.last_error)
+
+
 def detail(release: Release, now: datetime, *, copies: Iterable[Copy],
            notices: Iterable[OutboxMessage], events: Iterable[AuditEvent]) -> ReleaseDetail:
     zone = release.zone
@@ -94,10 +114,7 @@ def detail(release: Release, now: datetime, *, copies: Iterable[Copy],
                          for r in release.recipients),
         access_list=access_entries(copies, {r.id: r for r in release.recipients},
                                    {d.id: d for d in release.documents}, zone),
-        notices=tuple(NoticeView(to=m.to_addr, purpose=m.purpose, message_id=m.message_id,
-                                 delivered_at=moment(m.delivered_at, zone), via=m.delivered_to,
-                                 attempts=m.attempts, given_up_at=moment(m.given_up_at, zone),
-                                 last_error=m.last_error) for m in notices),
+        notices=tuple(notice_view(m, zone) for m in notices),
         events=tuple(EventView(seq=e.seq, at=e.at, action=e.action, actor=e.actor,
                                details=json.loads(e.details)) for e in events))
 

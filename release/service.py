@@ -14,7 +14,13 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from config.errors import AmbiguousIdError, InputError, ReleaseNotFoundError, StateError
+from config.errors import (
+    AmbiguousIdError,
+    InputError,
+    NotFoundError,
+    ReleaseNotFoundError,
+    StateError,
+)
 from release import audit, copy_holders, copy_timing, presenting, sealing, timerules, tracing
 from release.context import Services
 from release.instants import describe_instant, embargo_of
@@ -40,6 +46,7 @@ from release.views import (
     AccessEntry,
     Counts,
     NodeStatus,
+    NoticeView,
     ReleaseDetail,
     ReleaseSummary,
     TraceResult,
@@ -49,6 +56,7 @@ from storage.db import affected, server_time, transaction
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
+_ADDRESS = re.compile(r"[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+")
 
 
 def new_id(prefix: str) -> str:
@@ -273,6 +281,54 @@ class ReleaseService:
                                                          "officers_told": told})
         self.s.vault.delete(dek_key(release.id))
         return self.get(release.id)
+
+    def resend(self, notice: str, *, to: str | None = None) -> list[NoticeView]:
+        """Send failed or given-up notices again, under the same Message-ID.
+        ``notice`` is a notice's number (as ``show`` lists them), its
+        Message-ID, or a release id (then every failed or given-up notice of
+        it). ``to`` sends one notice to another address. Returns the notices
+        queued again. Raises NotFoundError, StateError, InputError."""
+        if to is not None and not _ADDRESS.fullmatch(to.strip()):
+            raise InputError(f"{to!r} is not an e-mail address")
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            where = (OutboxMessage.id == int(notice) if notice.strip().isdigit()
+                     else OutboxMessage.message_id == notice.strip()
+                     if notice.strip().startswith("<") else OutboxMessage.release_id == notice)
+            rows = list(session.scalars(select(OutboxMessage).where(where)
+                                        .order_by(OutboxMessage.id)))
+            if not rows:
+                raise NotFoundError(f"no notice or release {notice!r}")
+            if len(rows) > 1:
+                rows = [r for r in rows if r.given_up_at is not None and r.delivered_at is None]
+                if to is not None and len(rows) != 1:
+                    raise InputError("another address goes with one notice: name the notice "
+                                     "by its number")
+            for row in rows:
+                if row.delivered_at is not None or row.given_up_at is None:
+                    state = "delivered" if row.delivered_at is not None else "still being sent"
+                    raise StateError(f"notice {row.id} to {row.to_addr} is {state}; only a "
+                                     "failed or given-up notice can be resent")
+                if row.not_after is not None and now >= row.not_after:
+                    raise StateError(f"notice {row.id} is a pre-embargo copy and the embargo "
+                                     "has lifted: it can no longer be sent")
+                release = session.get(Release, row.release_id)
+                if row.purpose == Purpose.COPY and (release is None or release.state != QUEUED):
+                    raise StateError(f"notice {row.id} is a pre-embargo copy of a release "
+                                     "that is not queued; it cannot be sent")
+                before = row.to_addr
+                row.to_addr = to.strip() if to is not None else row.to_addr
+                row.given_up_at = row.failed_at = row.claimed_by = None
+                row.claim_expires_at = None
+                row.not_before = row.next_attempt_at = now  # a fresh give_up_after
+                audit.record(session, action="notice_resent", actor=self.actor, at=now,
+                             release_id=row.release_id,
+                             details={"to": row.to_addr, "was_to": before,
+                                      "purpose": row.purpose, "message_id": row.message_id,
+                                      "last_error": row.last_error})
+            zones = dict(session.execute(select(Release.id, Release.zone).where(
+                Release.id.in_({row.release_id for row in rows}))).all())
+            return [presenting.notice_view(row, zones[row.release_id]) for row in rows]
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
                    zone: str | None) -> ReleaseDetail:

@@ -85,15 +85,27 @@ class AccessEntry:
     sent_at: Moment | None
 
 
+class NoticeState(StrEnum):
+    DELIVERED = "delivered"
+    FAILED = "failed"  # refused for good, or the message could not be built
+    GIVEN_UP = "given up"  # retried until mail.give_up_after, or too late for a copy
+    PENDING = "pending"  # waiting, or being retried (see its last error)
+
+
 @dataclass(frozen=True, kw_only=True)
 class NoticeView:
+    """One outbox notice; ``number`` is how ``resend`` names it."""
+
+    number: int
     to: str
     purpose: Purpose
     message_id: str
+    state: NoticeState
     delivered_at: Moment | None
     via: str | None
     attempts: int
     given_up_at: Moment | None
+    failed_at: Moment | None
     last_error: str | None
 
 

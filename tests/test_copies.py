@@ -382,7 +382,7 @@ def test_one_copy_per_officer_across_a_scheduler_crash(settings: Settings, servi
             assert second.wait(timeout=15) == 0
     finally:
         controller.stop()
-    to = sorted(str(m["To"]) for m in inbox.messages)
+    to = sorted(str(m["To"]) for m in inbox.messages if ".alert-" not in m["Message-ID"])
     assert to == [f"liaison{i}@force{i}.police.example" for i in (1, 2, 3)]
     with services.sessions() as session:
         copies = list(session.scalars(select(Copy).where(Copy.release_id == release.id)))
