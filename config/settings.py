@@ -258,6 +258,9 @@ FIELDS: tuple[Field, ...] = (
           help="an alert about a fault that lasts is sent again this often"),
     Field(key="copies.max_lead", default="", check=_optional_duration,
           help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
+    Field(key="copies.unstampable", default="refuse", check=_choice("refuse", "send-unmarked"),
+          help="a PDF that cannot be stamped with the embargo and copy id: refuse it at "
+               "queue, or send-unmarked (the copy id then travels in the message only)"),
 )
 
 
@@ -324,6 +327,7 @@ class TestingSettings:
 class CopiesSettings:
     cutoff: timedelta
     max_lead: timedelta | None
+    unstampable: str  # refuse or send-unmarked
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,8 +410,18 @@ class Settings:
         return shown
 
 
-def _mask_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+_SECRET_PARAMS = r"(?:password|passwd|pwd|pass|secret|token|sslpassword|access_key|secret_key)"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: in the user part
+    (``user:pw@host``) and in query parameters (``?password=pw``)."""
+    url = re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", url)
+    return re.sub(rf"((?:^|[?&;\s]){_SECRET_PARAMS}\s*=\s*)[^&;#\s]*", r"\1***", url,
+                  flags=re.IGNORECASE)
+
+
+_mask_url = mask_url
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

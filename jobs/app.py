@@ -50,6 +50,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         default_at=settings.default_at,
         copies_max_lead=settings.copies.max_lead,
         copies_cutoff=settings.copies.cutoff,
+        copies_unstampable=settings.copies.unstampable,
         alerts_to=settings.alerts.to,
         alerts_repeat=settings.alerts.repeat,
     )

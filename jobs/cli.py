@@ -6,27 +6,33 @@ import argparse
 import json
 import logging
 import os
+import smtplib
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from config import errors
-from config.errors import EmbargoError, InputError, status_for
+from config.errors import EmbargoError, InputError, StateError, status_for
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import SealingProgress, Stopper, print_table
 from jobs.demo import run_demo
 from jobs.mail import remove_copy_files
+from release import custody
 from release import keys as keyfile
 from release.audit import default_actor
 from release.manifest import load_manifest
 from release.records import ReleaseState
 from release.service import ReleaseService, Services
-from release.views import AccessEntry, Moment, to_json, utc_text
+from release.views import AccessEntry, Finding, Moment, to_json, utc_text
 from storage import migrate
 from storage.db import make_engine
 
 log = logging.getLogger("embargo")
+CHECK_FAILED = 10
 
 
 # -- errors: the one mapping of the error tree for the command line ---------------------
@@ -65,10 +71,62 @@ def _shown(moment: Moment | None, missing: str = "") -> str:
 
 
 # -- commands -----------------------------------------------------------------------
+def _dependents(settings: Settings) -> int:
+    """Releases whose data key is sealed to the current public key."""
+    if not (settings.keys_dir / keyfile.PUBLIC_NAME).exists():
+        return 0
+    services = build_services(settings)
+    return len(custody.active_releases(services))
+
+
 def cmd_keys_init(settings: Settings, args: argparse.Namespace) -> int:
-    private, public = keyfile.init_keys(settings.keys_dir)
+    private, public = keyfile.init_keys(settings.keys_dir, force=args.force,
+                                        dependents=_dependents(settings))
     print(f"created the publisher key pair:\n  private {private} (mode 0600: keep it on the "
-          f"publishing side only)\n  public  {public}")
+          f"publishing side only, and back it up)\n  public  {public}")
+    return 0
+
+
+def _print_findings(findings: list[Finding], as_json: bool) -> int:
+    if as_json:
+        _json(findings)
+    else:
+        for finding in findings:
+            print(finding.line(), file=sys.stdout if finding.ok else sys.stderr)
+    return 0 if all(f.ok for f in findings) else CHECK_FAILED
+
+
+def _release_findings(services: Services, private: Any) -> list[Finding]:
+    releases = custody.active_releases(services)
+    findings = [f for r in releases for f in custody.check_release(services, r, private)]
+    if not releases:
+        findings.append(Finding(what="release", ok=True,
+                                        detail="no queued release to check"))
+    return findings
+
+
+def cmd_keys_check(settings: Settings, args: argparse.Namespace) -> int:
+    services = build_services(settings)
+    findings, private = custody.check_keys(services, settings.keys_dir)
+    if private is not None:
+        findings += _release_findings(services, private)
+    return _print_findings(findings, args.json)
+
+
+def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    services = build_services(settings)
+    live = [n.name for n in ReleaseService(services, actor=default_actor()).nodes()
+            if n.state == "live"]
+    if live:
+        raise StateError(f"{len(live)} scheduler node{'s are' if len(live) > 1 else ' is'} "
+                         f"running ({', '.join(map(str, live))}): they hold the old private key "
+                         "in memory; stop them, rotate, then start them again")
+    rotation = custody.rotate(services, settings.keys_dir, actor=default_actor())
+    print(f"rotated the publisher key pair: {rotation.old} -> {rotation.new}\n"
+          f"  {len(rotation.resealed)} queued release data keys re-sealed to the new key; "
+          f"the old pair is removed\n"
+          f"  back up the new {settings.keys_dir / keyfile.PRIVATE_NAME} now, and copy "
+          f"{keyfile.PUBLIC_NAME} to every machine that queues")
     return 0
 
 
@@ -249,19 +307,71 @@ def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 8
 
 
+def _check_mail(settings: Settings) -> Finding:
+    if settings.mail.transport != "smtp":
+        folder = settings.outbox_dir
+
+        def write() -> None:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".probe-")
+            os.close(fd)
+            os.unlink(name)
+
+        return custody.probe("mail", write, f"file outbox {folder}")
+    host, port = settings.mail.smtp_host, settings.mail.smtp_port
+    where = f"smtp://{host}:{port}"
+    try:
+        smtp: smtplib.SMTP
+        if settings.mail.smtp_security == "tls":
+            smtp = smtplib.SMTP_SSL(host, port, timeout=10)
+        else:
+            smtp = smtplib.SMTP(host, port, timeout=10)
+            if settings.mail.smtp_security == "starttls":
+                smtp.starttls()
+        if settings.mail.smtp_username:
+            smtp.login(settings.mail.smtp_username, settings.mail.smtp_password or "")
+        code, _ = smtp.noop()
+        smtp.quit()
+    except (OSError, smtplib.SMTPException) as exc:
+        return Finding(what="mail", ok=False, detail=f"{where} cannot be reached: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if code != 250:
+        return Finding(what="mail", ok=False, detail=f"{where} answered NOOP with {code}")
+    return Finding(what="mail", ok=True, detail=f"{where} answers")
+
+
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     services, _ = _service(settings)
-    services.vault.check()
-    print(f"vault   ok  {settings.vault}")
-    services.public.check()
-    print(f"public  ok  {settings.public}")
-    keyfile.load_public_key(settings.keys_dir)
-    print(f"keys    ok  {settings.keys_dir}")
-    return 0
+
+    def vault() -> None:
+        services.vault.check()
+        custody.probe_vault(services.vault)
+
+    def public() -> None:
+        services.public.check()
+        custody.probe_public(services.public)
+
+    findings = [custody.probe("vault", vault, settings.vault),
+                custody.probe("public", public, settings.public)]
+    key_findings, private = custody.check_keys(services, settings.keys_dir)
+    findings += key_findings
+    findings += _release_findings(services, private)
+    findings.append(_check_mail(settings))
+    if args.repair:
+        swept = custody.sweep_orphans(services, now=services.clock.now(), actor=default_actor())
+        findings.append(Finding(what="repair", ok=True, detail=(
+            f"removed {swept.objects} orphaned sealed objects ({swept.bytes} bytes) of "
+            f"{len(swept.releases)} unfinished queues and {swept.partials} partial files "
+            f"({swept.partial_bytes} bytes); kept {len(swept.kept)} younger than an hour")))
+    return _print_findings(findings, args.json)
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     services = build_services(settings, migrate_schema=True)  # locked: nodes may start at once
+    try:  # leftovers of killed queues; never a reason not to start
+        custody.sweep_orphans(services, now=services.clock.now(), actor="scheduler")
+    except EmbargoError as exc:
+        log.warning("could not sweep what killed queues left: %s", exc)
     stopper = Stopper()
     stopper.install()
     node = start_node(settings, services, stopper.event)
@@ -340,7 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="the publisher's key pair")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    keys_sub.add_parser("init", help="create the key pair").set_defaults(func=cmd_keys_init)
+    init = keys_sub.add_parser("init", help="create the key pair (never over an existing key)")
+    init.add_argument("--force", action="store_true",
+                      help="replace a public key whose private key is gone, when no release "
+                           "depends on it")
+    init.set_defaults(func=cmd_keys_init)
+    kcheck = keys_sub.add_parser("check", help="prove the private key matches the public key "
+                                               "and opens every queued release")
+    kcheck.add_argument("--json", action="store_true")
+    kcheck.set_defaults(func=cmd_keys_check)
+    keys_sub.add_parser("rotate", help="a new key pair; every queued release's data key "
+                                       "re-sealed to it (scheduler nodes stopped)"
+                        ).set_defaults(func=cmd_keys_rotate)
 
     config = sub.add_parser("config", help="settings")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -415,8 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("current", help="show the schema revision"
                       ).set_defaults(func=cmd_db_current)
 
-    sub.add_parser("check", help="verify access to the vault, public target and keys"
-                   ).set_defaults(func=cmd_check)
+    check = sub.add_parser("check", help="keys, every queued release's sealed objects, probe "
+                                         "writes to the vault and public location, the mail "
+                                         "server")
+    check.add_argument("--json", action="store_true")
+    check.add_argument("--repair", action="store_true",
+                       help="also remove what killed queues left (older than an hour)")
+    check.set_defaults(func=cmd_check)
     sub.add_parser("run", help="run the scheduler until stopped").set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="queue and publish a demo release, start to finish")
@@ -432,11 +558,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UTCFormatter(logging.Formatter):
+    """Log timestamps in UTC, marked ``Z``, whatever the machine's TZ."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def configure_logging(level: int) -> None:
+    """A handler on standard error with UTC timestamps (unless logging is
+    already set up, as ``basicConfig`` does), and Python warnings
+    (``warnings.warn`` in libraries) routed through logging as WARNING
+    records of the ``py.warnings`` logger rather than printed raw."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     try:
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}

@@ -49,7 +49,7 @@ class FileMailTransport(MailTransport):
         data = message.as_bytes()  # a message that cannot be flattened leaves no file
         tmp: str | None = None
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".part-")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)

@@ -231,7 +231,7 @@ class OutboxRelay:
             message = compose(row, release, recipient, sender=self.sender,
                               attachments=self._attachments(row, release, dek),
                               summary=self._summary(release) if row.purpose == SUMMARY
-                              else None)
+                              else None, unstampable=self.s.copies_unstampable)
         except (SealError, DeliveryError) as exc:
             self._fail(row, token, str(exc), release)
             return 0

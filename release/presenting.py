@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from release import timerules
 from release.instants import describe_instant, embargo_of
@@ -52,14 +53,29 @@ def document_view(document: Document, zone: str) -> DocumentView:
                         public_url=document.public_url)
 
 
+def time_left(release: Release, now: datetime) -> str | None:
+    """What `list` and `show` say about the time to the instant: the time
+    left, or once it has passed "retrying since HH:MM (n attempts)" (local
+    time of the first attempt) or "due since HH:MM"; None when inactive."""
+    if release.state not in (QUEUED, PUBLISHING):
+        return None
+    if now <= release.instant:
+        return timerules.format_delta(release.instant - now)
+    zone = ZoneInfo(release.zone)
+    if release.attempts:
+        since = (release.started_at or release.instant).astimezone(zone)
+        return (f"retrying since {since:%H:%M} ({release.attempts} attempt"
+                f"{'s' if release.attempts != 1 else ''})")
+    return f"due since {release.instant.astimezone(zone):%H:%M}"
+
+
 def _summary_fields(release: Release, now: datetime) -> dict[str, object]:
     zone = release.zone
     return dict(
         id=release.id, slug=release.slug, title=release.title, state=release.state,
         owner=release.owner, instant=release.instant, zone=zone, wall=release.wall,
         embargo=embargo_of(release).describe(),
-        time_left=timerules.format_delta(release.instant - now)
-        if release.state in (QUEUED, PUBLISHING) else None,
+        time_left=time_left(release, now),
         published_at=moment(release.published_at, zone), lateness_ms=release.lateness_ms,
         reason=release.reason, copies_at=moment(release.copies_at, zone),
         documents=tuple(document_view(d, zone) for d in release.documents),

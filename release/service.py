@@ -3,6 +3,7 @@ call this; it owns no clock, engine or storage of its own: all are passed in."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -10,8 +11,10 @@ import unicodedata
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from config.errors import (
@@ -20,12 +23,24 @@ from config.errors import (
     NotFoundError,
     ReleaseNotFoundError,
     StateError,
+    StorageError,
 )
-from release import audit, copy_holders, copy_timing, presenting, sealing, timerules, tracing
+from release import (
+    audit,
+    copy_holders,
+    copy_timing,
+    custody,
+    presenting,
+    sealing,
+    timerules,
+    tracing,
+)
+from release import text as texts
 from release.context import Services
 from release.instants import describe_instant, embargo_of
 from release.keys import load_public_key
-from release.manifest import ReleaseSpec
+from release.manifest import DocumentSpec, ReleaseSpec
+from release.marking import stamp_line, stamp_pdf
 from release.records import (
     CANCELLED,
     FAILED,
@@ -56,6 +71,38 @@ from storage.db import affected, server_time, transaction
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
+PDF = "application/pdf"
+_SLUG_TRIES = 20
+
+
+def trial_stamp(doc: DocumentSpec, headline: str, *, unstampable: str) -> str | None:
+    """Stamp ``doc`` in memory as a pre-embargo copy would be; return the
+    SHA-256 of the bytes read. A PDF that cannot be stamped is refused
+    (InputError with pypdf's reason) unless ``unstampable`` is
+    ``"send-unmarked"``. Other files are not read (None)."""
+    if doc.content_type != PDF:
+        return None
+    try:
+        data = doc.path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"file {doc.path} cannot be read: {exc.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    copy_id = "CPY-0000-0000-0000"
+    try:
+        stamp_pdf(data, line=stamp_line(headline, copy_id), copy_id=copy_id)
+    except Exception as exc:  # pypdf raises ValueError, AttributeError,
+        # TypeError, KeyError, RecursionError, its own PdfError tree incl. LimitReachedError…
+        # on malformed files: any of them means "cannot be stamped"
+        if unstampable != "send-unmarked":
+            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise InputError(
+                f"{doc.filename} cannot be stamped as a pre-embargo copy "
+                f"({type(exc).__name__}{': ' + reason if reason else ''}); repair the PDF, "
+                "or set copies.unstampable = \"send-unmarked\" to send it unmarked with the "
+                "copy id in the message only") from None
+        log.warning("%s cannot be stamped (%s); its copies go unmarked",
+                    doc.filename, type(exc).__name__)
+    return digest
 _ADDRESS = re.compile(r"[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+")
 
 
@@ -97,18 +144,24 @@ class ReleaseService:
         if not spec.recipients:
             copies_at = None  # nobody to send copies to: no copies job either
         public_key = load_public_key(self.s.keys_dir)
+        checked = [trial_stamp(doc, embargo.headline(), unstampable=self.s.copies_unstampable)
+                   for doc in spec.documents]
         release_id = new_id("rel")
-        written: list[str] = []
+        # Written first and removed last: objects under a release folder with
+        # neither a row nor a young marker are a killed queue's (custody.sweep_orphans).
+        written: list[str] = [custody.pending_key(release_id)]
         try:
+            custody.mark_pending(self.s.vault, release_id, now)
             dek = sealing.new_dek()
-            documents: list[Document] = []
-            for position, doc in enumerate(spec.documents):
+            documents: list[dict[str, Any]] = []
+            for position, (doc, digest) in enumerate(zip(spec.documents, checked, strict=True)):
                 document_id = new_id("doc")
                 key = document_key(release_id, document_id)
                 written.append(key)
                 result = self._seal_file(dek, document_id, doc.path, doc.filename, doc.size,
                                          key, progress)
-                documents.append(Document(
+                _same_as_checked(doc, result, digest)
+                documents.append(dict(
                     id=document_id, position=position, kind=doc.kind,
                     organisation=doc.organisation, filename=doc.filename,
                     content_type=doc.content_type, size=result.size, sha256=result.sha256))
@@ -116,28 +169,25 @@ class ReleaseService:
             self.s.vault.put_bytes(dek_key(release_id),
                                    sealing.seal_dek(dek, public_key, release_id))
             del dek
-            with transaction(self.sessions) as session:
-                release = Release(
-                    id=release_id, slug=self._free_slug(session, embargo, spec.title),
-                    title=spec.title, owner=spec.owner, state=QUEUED,
-                    instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
-                    copies_at=copies_at,
-                    created_at=now, created_by=self.actor, revision=1, attempts=0,
-                    documents=documents,
-                    recipients=[Recipient(id=new_id("rcp"), position=i, name=r.name,
-                                          email=r.email, organisation=r.organisation)
-                                for i, r in enumerate(spec.recipients)],
-                )
-                session.add(release)
-                session.flush()
-                audit.record(session, action="release_queued", actor=self.actor, at=now,
-                             release_id=release_id, details={
-                                 "title": spec.title, "embargo": embargo.describe(),
-                                 "instant": embargo.instant.isoformat(),
-                                 "copies_at": copies_at.isoformat() if copies_at else None,
-                                 "documents": [{"id": d.id, "name": d.filename,
-                                                "sha256": d.sha256} for d in documents],
-                                 "recipients": [r.email for r in spec.recipients]})
+            recipients = [dict(id=new_id("rcp"), position=i, name=r.name, email=r.email,
+                               organisation=r.organisation)
+                          for i, r in enumerate(spec.recipients)]
+            tried: set[str] = set()
+            for attempt in range(_SLUG_TRIES):
+                slug = self._free_slug(embargo, spec.title, tried)
+                try:
+                    self._record_queued(release_id, slug, spec, embargo, copies_at, now,
+                                        documents, recipients)
+                    break
+                except StorageError as exc:
+                    # Another queue took the slug between our look and our insert
+                    # (PostgreSQL, READ COMMITTED): try the next suffix.
+                    if not (isinstance(exc.__cause__, IntegrityError)
+                            and "slug" in str(exc.__cause__.orig)) \
+                            or attempt == _SLUG_TRIES - 1:
+                        raise
+                    tried.add(slug)
+            self.s.vault.delete(custody.pending_key(release_id))
         except BaseException:
             for key in written:
                 try:
@@ -147,6 +197,31 @@ class ReleaseService:
             raise
         log.info("queued %s for %s", release_id, embargo.describe())
         return self.get(release_id)
+
+    def _record_queued(self, release_id: str, slug: str, spec: ReleaseSpec,
+                       embargo: timerules.Embargo, copies_at: datetime | None, now: datetime,
+                       documents: list[dict[str, Any]],
+                       recipients: list[dict[str, Any]]) -> None:
+        with transaction(self.sessions) as session:
+            release = Release(
+                id=release_id, slug=slug,
+                title=spec.title, owner=spec.owner, state=QUEUED,
+                instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
+                copies_at=copies_at,
+                created_at=now, created_by=self.actor, revision=1, attempts=0,
+                documents=[Document(**d) for d in documents],
+                recipients=[Recipient(**r) for r in recipients],
+            )
+            session.add(release)
+            session.flush()
+            audit.record(session, action="release_queued", actor=self.actor, at=now,
+                         release_id=release_id, details={
+                             "title": spec.title, "embargo": embargo.describe(),
+                             "instant": embargo.instant.isoformat(),
+                             "copies_at": copies_at.isoformat() if copies_at else None,
+                             "documents": [{"id": d["id"], "name": d["filename"],
+                                            "sha256": d["sha256"]} for d in documents],
+                             "recipients": [r.email for r in spec.recipients]})
 
     def _seal_file(self, dek: bytes, document_id: str, path: Path, name: str, size: int,
                    key: str, progress: Progress | None) -> sealing.StreamResult:
@@ -165,9 +240,11 @@ class ReleaseService:
         with src, self.s.vault.writer(key) as out:
             return sealing.seal_stream(dek, document_id, src, out, on_progress=step)
 
-    def _free_slug(self, session: Session, embargo: timerules.Embargo, title: str) -> str:
+    def _free_slug(self, embargo: timerules.Embargo, title: str, tried: set[str]) -> str:
         base = f"{embargo.wall[:10]}-{slugify(title)}"
-        taken = set(session.scalars(select(Release.slug).where(Release.slug.like(f"{base}%"))))
+        with transaction(self.sessions) as session:
+            taken = tried | set(session.scalars(
+                select(Release.slug).where(Release.slug.like(f"{base}%"))))
         slug, n = base, 2
         while slug in taken:
             slug, n = f"{base}-{n}", n + 1
@@ -252,8 +329,9 @@ class ReleaseService:
 
     def cancel(self, release_id: str, *, reason: str) -> ReleaseDetail:
         """Cancel a queued (or failed) release and shred its data key."""
-        if not reason.strip():
-            raise InputError("a cancellation needs a reason")
+        if not isinstance(reason, str) or not reason.strip():
+            raise InputError("a cancellation needs a --reason")
+        reason = texts.clean_text(reason, field="--reason", max_len=texts.REASON_MAX)
         release = self._load(release_id)
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
@@ -332,6 +410,9 @@ class ReleaseService:
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
                    zone: str | None) -> ReleaseDetail:
+        publish_on = texts.clean_text(publish_on, field="--publish-on", max_len=texts.FLAG_MAX)
+        at = texts.optional_text(at, field="--at", max_len=texts.FLAG_MAX)
+        zone = texts.optional_text(zone, field="--zone", max_len=texts.FLAG_MAX)
         release = self._load(release_id)
         now = self.s.clock.now()
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
@@ -366,6 +447,21 @@ class ReleaseService:
     def verify_audit(self) -> audit.ChainReport:
         with transaction(self.sessions) as session:
             return audit.verify(session)
+
+
+def _same_as_checked(doc: DocumentSpec, result: sealing.StreamResult,
+                     digest: str | None) -> None:
+    """What was sealed is what was checked: the size seen at validation (and
+    the SHA-256 of the trial stamp's read), and the file's size now."""
+    try:
+        size_now = doc.path.stat().st_size
+    except OSError:
+        size_now = -1
+    if result.size != doc.size or size_now != result.size or (
+            digest is not None and digest != result.sha256):
+        raise InputError(f"{doc.filename} changed while being queued ({doc.size} bytes when "
+                         f"checked, {result.size} sealed, {max(size_now, 0)} now); nothing "
+                         "was queued: queue it again once the file is final")
 
 
 __all__ = ["CANCELLED", "FAILED", "PUBLISHED", "PUBLISHING", "QUEUED", "ReleaseService",

@@ -157,6 +157,18 @@ class NodeStatus:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Finding:
+    """One line of a check: what was looked at, whether it is fine, why not."""
+
+    what: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.what:8} {'ok  ' if self.ok else 'FAIL'} {self.detail}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Counts:
     """How many releases are in each state."""
 
@@ -172,7 +184,7 @@ class Counts:
 
 
 VIEWS: tuple[type, ...] = (ReleaseSummary, ReleaseDetail, AccessEntry, TraceResult, NodeStatus,
-                           Counts)
+                           Finding, Counts)
 
 
 # -- serialising ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ passed in; nothing here is global."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -17,6 +18,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.errors import ConfigError, StorageError
+from config.settings import mask_url
 
 # SQLite has one writer at a time, and a connection that finds the database
 # locked sleeps in growing steps (1, 2, 5, 10 … 100 ms) before it tries again.
@@ -36,10 +38,11 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(f"database URL {url!r} is not a valid SQLAlchemy URL") from None
+        raise ConfigError(f"database URL {mask_url(url)!r} is not a valid SQLAlchemy URL"
+                          ) from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(parsed.database))
         engine = create_engine(parsed, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -61,7 +64,7 @@ def make_engine(url: str) -> Engine:
     try:
         return create_engine(parsed, pool_pre_ping=True)
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"database URL {url!r} needs the driver {exc.name!r}: "
+        raise ConfigError(f"database URL {mask_url(url)!r} needs the driver {exc.name!r}: "
                           "pip install it") from None
 
 
@@ -74,6 +77,20 @@ def new_sqlite_file(url: str) -> bool:
         return False
     return (parsed.get_backend_name() == "sqlite" and bool(parsed.database)
             and parsed.database != ":memory:" and not Path(str(parsed.database)).exists())
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file mode 0600 (its folder 0700 when we make it), or
+    tighten an existing one: it holds titles, officers and the audit trail.
+    SQLite gives its -wal and -shm files the database file's mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"database file {path} cannot be created: {exc.strerror}") from None
 
 
 def affected(result: Result[Any]) -> int:
@@ -96,7 +113,7 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         with writer if writer is not None else nullcontext(), session.begin():
             yield session
     except DBAPIError as exc:
-        raise StorageError(f"database error: {exc.orig}") from exc
+        raise StorageError(f"database error: {mask_url(str(exc.orig))}") from exc
     finally:
         session.close()
 

@@ -30,11 +30,12 @@ def validator(name: str) -> Draft202012Validator:
     return Draft202012Validator(schema, format_checker=FormatChecker())
 
 
-def run_json(settings: Settings, capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+def run_json(settings: Settings, capsys: pytest.CaptureFixture[str], *args: str,
+             status: int = 0) -> Any:
     capsys.readouterr()
-    status = main(["--data-dir", str(settings.data_dir), *args, "--json"])
+    returned = main(["--data-dir", str(settings.data_dir), *args, "--json"])
     out, err = capsys.readouterr()
-    assert status == 0, err
+    assert returned == status, err
     return json.loads(out)
 
 
@@ -148,3 +149,18 @@ def test_no_orm_row_leaves_the_service() -> None:
     for name, fn in public:
         returned = typing.get_type_hints(fn)["return"]
         assert not mentions_row(returned), (name, returned)
+
+
+@pytest.mark.parametrize("command", [("check",), ("keys", "check")])
+def test_check_json(settings: Settings, busy: str, capsys: pytest.CaptureFixture[str],
+                    command: tuple[str, ...]) -> None:
+    findings = run_json(settings, capsys, *command)
+    check = validator("Finding.schema.json")
+    for finding in findings:
+        check.validate(finding)
+    assert findings and all(f["ok"] for f in findings), findings
+    (settings.keys_dir / "publisher.pub").unlink()  # now a check fails, still as JSON
+    failed = run_json(settings, capsys, *command, status=10)
+    for finding in failed:
+        check.validate(finding)
+    assert not all(f["ok"] for f in failed)
