@@ -354,7 +354,7 @@ def test_six_concurrent_same_title_queues_on_postgresql(pg_url: str, data_dir: P
     settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
                                                     "database.url": pg_url})
     keyfile.init_keys(settings.keys_dir)
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)
     try:
         spec = load_manifest(write_bundle(tmp_path / "b"), publish_on="2099-01-01")
         barrier = threading.Barrier(6)
