@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,8 @@ from release.publishing import Outcome, Publisher
 from storage import migrate
 from storage.db import make_engine, new_sqlite_file
 from storage.factory import make_public, make_s3_client, make_vault, needs_s3
+
+log = logging.getLogger(__name__)
 
 
 def build_services(settings: Settings, *, clock: Clock | None = None,
@@ -82,8 +85,16 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     name = node_name()
     sched, mail = settings.scheduler, settings.mail
     lease = timedelta(seconds=sched.lease_seconds)
+    max_skew = timedelta(milliseconds=sched.max_skew_ms)
+    monitor = NodeMonitor(services, name, max_skew=max_skew,
+                          skew_every=sched.skew_check_seconds)
     publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop,
-                          workers=sched.publish_workers)
+                          workers=sched.publish_workers,
+                          clock_reading=lambda: monitor.reading, trusted_skew=max_skew)
+    swept = services.public.sweep_staging()
+    if swept:
+        log.warning("removed %d decrypted leftover%s of a publisher that was killed, from %s",
+                    swept, "s" if swept != 1 else "", services.public.staging.root)
     transports = transport_factory(settings)
     relay = OutboxRelay(services, transports(), sender=mail.sender,
                         worker=name, give_up_after=mail.give_up_after,
@@ -91,9 +102,6 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
                         opener=DocumentOpener(services, private_key),
                         workers=mail.workers,
                         make_transport=transports)
-    monitor = NodeMonitor(services, name,
-                          max_skew=timedelta(milliseconds=sched.max_skew_ms),
-                          skew_every=sched.skew_check_seconds)
     scheduler = EmbargoScheduler(
         services, publisher, relay, poll_seconds=sched.poll_seconds,
         workers=sched.workers,

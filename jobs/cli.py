@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from config import errors
-from config.errors import EmbargoError, InputError, StateError, status_for
+from config.errors import EmbargoError, InputError, StateError, StorageError, status_for
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import SealingProgress, Stopper, print_table
@@ -190,9 +192,11 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
           f"\n  embargo  {release.embargo}")
     if release.time_left:
         print(f"  left     {release.time_left}")
+    if release.started_at:
+        print(f"  started  {utc_text(release.started_at.utc)} (first attempt)")
     if release.published_at:
-        print(f"  published {utc_text(release.published_at.utc)} "
-              f"({release.lateness_ms} ms after the instant)")
+        print(f"  published {utc_text(release.published_at.utc)} (the last document public, "
+              f"{release.lateness_ms} ms after the instant by the reference clock)")
     if release.reason:
         print(f"  reason   {release.reason}")
     print()
@@ -277,6 +281,27 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
               "officers' mailboxes; each officer is sent a withdrawal notice")
     elif not removed:
         print("no pre-embargo copy had been delivered")
+    public = service.public_objects(release)
+    if public:
+        print(f"{len(public)} of its objects are public (a partial publication): "
+              f"`embargo unpublish {release.id}` removes them")
+    return 0
+
+
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    release = service.retry(args.id)
+    print(f"{release.id} is queued again; a running scheduler publishes it "
+          f"{'now' if release.instant <= service.s.clock.now() else 'at its instant'} "
+          f"(last failure: {release.reason})")
+    return 0
+
+
+def cmd_unpublish(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    removed = service.unpublish(args.id)
+    print(f"removed {len(removed)} public object{'s' if len(removed) != 1 else ''} of "
+          f"{args.id}" + "".join(f"\n  {url}" for url in removed))
     return 0
 
 
@@ -292,8 +317,9 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_reschedule(settings: Settings, args: argparse.Namespace) -> int:
     _, service = _service(settings)
+    before = service.get(args.id).embargo
     release = service.reschedule(args.id, publish_on=args.publish_on, at=args.at, zone=args.zone)
-    print(f"rescheduled {release.id}: publishes {release.embargo}")
+    print(f"rescheduled {release.id}\n  was  {before}\n  now  {release.embargo}")
     return 0
 
 
@@ -499,6 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", required=True)
     cancel.set_defaults(func=cmd_cancel)
 
+    retry = sub.add_parser("retry", help="put a failed release back in the queue")
+    retry.add_argument("id")
+    retry.set_defaults(func=cmd_retry)
+
+    unpub = sub.add_parser("unpublish",
+                           help="remove the public objects of a cancelled, partly public release")
+    unpub.add_argument("id")
+    unpub.set_defaults(func=cmd_unpublish)
     resend = sub.add_parser("resend", help="send a failed or given-up notice again "
                                            "(same Message-ID)")
     resend.add_argument("id", help="the notice's number (see show), its Message-ID, or a "
@@ -590,6 +624,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbargoError as exc:
         print(f"embargo: {exc}{hint_for(exc)}", file=sys.stderr)
         return status_for(exc, EXIT_STATUS)
+    except DBAPIError as exc:  # e.g. the schema check, before any transaction
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"embargo: the database cannot be used: {first}", file=sys.stderr)
+        return EXIT_STATUS[StorageError]
     except KeyboardInterrupt:
         print("embargo: interrupted; nothing half-done was kept", file=sys.stderr)
         return 130

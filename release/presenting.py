@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -121,10 +122,20 @@ def notice_view(row: OutboxMessage, zone: str) -> NoticeView:
 
 
 def detail(release: Release, now: datetime, *, copies: Iterable[Copy],
-           notices: Iterable[OutboxMessage], events: Iterable[AuditEvent]) -> ReleaseDetail:
+           notices: Iterable[OutboxMessage], events: Iterable[AuditEvent],
+           public_now: Mapping[str, str] | None = None) -> ReleaseDetail:
+    """``public_now``: {document id: public address} of documents found in
+    the public location although not recorded as published (a partial
+    publication of a failed or cancelled release)."""
     zone = release.zone
+    fields = _summary_fields(release, now)
+    if public_now:
+        fields["documents"] = tuple(
+            replace(d, public_url=d.public_url or public_now.get(d.id))
+            for d in fields["documents"])  # type: ignore[attr-defined]
     return ReleaseDetail(
-        **_summary_fields(release, now),  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
+        started_at=moment(release.started_at, zone),
         recipients=tuple(RecipientView(id=r.id, name=r.name, email=r.email,
                                        organisation=r.organisation)
                          for r in release.recipients),

@@ -8,7 +8,7 @@ import logging
 import re
 import secrets
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ from release.vault_keys import dek_key, document_key
 from release.views import (
     AccessEntry,
     Counts,
+    DocumentView,
     NodeStatus,
     NoticeView,
     ReleaseDetail,
@@ -278,9 +279,15 @@ class ReleaseService:
                 OutboxMessage.release_id == release.id).order_by(OutboxMessage.id))
             events = session.scalars(select(AuditEvent).where(
                 AuditEvent.release_id == release.id).order_by(AuditEvent.seq))
+            public_now: dict[str, str] | None = None
+            if release.state in (FAILED, CANCELLED):  # a partial publication, perhaps
+                found = set(self._public_keys(release.slug, release.documents))
+                public_now = {d.id: self.s.public.url(key) for d in release.documents
+                              if (key := f"{release.slug}/{d.filename}") in found}
             return presenting.detail(release, self.s.clock.now(),
                                      copies=tracing.copies_of(session, release.id),
-                                     notices=list(notices), events=list(events))
+                                     notices=list(notices), events=list(events),
+                                     public_now=public_now)
 
     def list_releases(self) -> list[ReleaseSummary]:
         """Every release, soonest embargo first."""
@@ -410,11 +417,15 @@ class ReleaseService:
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
                    zone: str | None) -> ReleaseDetail:
+        """Move a queued release. A date alone, without ``at``, keeps the
+        release's wall time of day (in its zone, or the new one)."""
         publish_on = texts.clean_text(publish_on, field="--publish-on", max_len=texts.FLAG_MAX)
         at = texts.optional_text(at, field="--at", max_len=texts.FLAG_MAX)
         zone = texts.optional_text(zone, field="--zone", max_len=texts.FLAG_MAX)
         release = self._load(release_id)
         now = self.s.clock.now()
+        if at is None and ":" not in publish_on:  # a date alone, not a timestamp
+            at = release.wall.partition("T")[2] or None
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
         old = embargo_of(release)
         if (release.copies_issued_at is None and release.copies_at is not None
@@ -443,6 +454,59 @@ class ReleaseService:
                                   "instant": embargo.instant.isoformat(),
                                   "officers_told": told})
         return self.get(release.id)
+
+    def retry(self, release_id: str) -> ReleaseDetail:
+        """Put a failed release back in the queue: the scheduler publishes it
+        at once if its instant has passed (what an earlier attempt made
+        public is verified and kept, nothing is written twice). The reason
+        stays until a publication succeeds."""
+        release = self.get(release_id)
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            changed = affected(session.execute(
+                update(Release).where(Release.id == release.id, Release.state == FAILED)
+                .values(state=QUEUED, claimant=None, lease_expires_at=None,
+                        failing_since=None, revision=Release.revision + 1)))
+            if not changed:
+                current = session.get(Release, release.id)
+                raise StateError(f"release {release.id} is "
+                                 f"{current.state if current else 'gone'}; only a failed "
+                                 "release can be retried")
+            audit.record(session, action="publication_retried", actor=self.actor, at=now,
+                         release_id=release.id, details={"reason": release.reason})
+        return self.get(release.id)
+
+    def public_objects(self, release: ReleaseSummary) -> list[str]:
+        """The keys of ``release`` (its documents, its manifest) that are
+        public now, read from the public location itself."""
+        return self._public_keys(release.slug, release.documents)
+
+    def _public_keys(self, slug: str, documents: Iterable[DocumentView | Document]
+                     ) -> list[str]:
+        keys = [f"{slug}/{d.filename}" for d in documents]
+        keys.append(f"{slug}/manifest.json")
+        return [key for key in keys if self.s.public.exists(key)]
+
+    def unpublish(self, release_id: str) -> list[str]:
+        """Remove from the public location whatever of a cancelled release
+        is there (a release cancelled after a partial publication). Returns
+        the public addresses removed; audited."""
+        release = self.get(release_id)
+        if release.state != CANCELLED:
+            raise StateError(f"release {release.id} is {release.state}; only a cancelled "
+                             "release can be unpublished (cancel it first)")
+        found = self.public_objects(release)
+        removed = []
+        for key in found:
+            self.s.public.delete(key)
+            removed.append(self.s.public.url(key))
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            session.execute(update(Document).where(Document.release_id == release.id)
+                            .values(published_at=None, public_url=None))
+            audit.record(session, action="release_unpublished", actor=self.actor, at=now,
+                         release_id=release.id, details={"removed": removed})
+        return removed
 
     def verify_audit(self) -> audit.ChainReport:
         with transaction(self.sessions) as session:

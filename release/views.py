@@ -120,8 +120,11 @@ class EventView:
 
 @dataclass(frozen=True, kw_only=True)
 class ReleaseDetail(ReleaseSummary):
-    """One release in full, as ``embargo show`` shows it."""
+    """One release in full, as ``embargo show`` shows it. A failed or
+    cancelled release's documents that are public all the same (a partial
+    publication) carry their ``public_url``."""
 
+    started_at: Moment | None  # the first attempt at publication
     recipients: tuple[RecipientView, ...]
     access_list: tuple[AccessEntry, ...]
     notices: tuple[NoticeView, ...]

@@ -119,7 +119,8 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def server_time(connection: Connection) -> datetime:
-    """The database server's clock, read now (not at transaction start)."""
+    """The database server's clock (the reference clock), read now (not at
+    transaction start)."""
     if connection.dialect.name == "postgresql":
         value = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
     elif connection.dialect.name == "sqlite":
