@@ -8,6 +8,7 @@ import re
 import smtplib
 import ssl
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from email.message import Message
@@ -16,10 +17,11 @@ from pathlib import Path
 from sqlalchemy import select
 
 from config.errors import DeliveryError, DeliveryRefused
+from config.retry import SMTP_RECONNECT
 from config.settings import Settings
 from release import audit
 from release.context import Services
-from release.records import OutboxMessage
+from release.records import OutboxMessage, Purpose
 from storage.db import transaction
 
 
@@ -73,7 +75,8 @@ class SmtpMailTransport(MailTransport):
     def __init__(self, host: str, port: int, *, security: str = "starttls",
                  username: str | None = None, password: str | None = None,
                  timeout: float = 10.0, context: ssl.SSLContext | None = None,
-                 reply_timeout: float = 600.0) -> None:
+                 reply_timeout: float = 600.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         """``context`` may be shared between transports (building one reads
         the system's CA certificates: ~45 ms); by default each builds its own
         on first use, and only for ``tls`` or ``starttls``. ``timeout`` is
@@ -85,6 +88,7 @@ class SmtpMailTransport(MailTransport):
         self.username, self.password, self.timeout = username, password, timeout
         self.reply_timeout = reply_timeout
         self.context = context
+        self.sleep = sleep
         self._smtp: smtplib.SMTP | None = None
 
     def _tls(self) -> ssl.SSLContext:
@@ -109,7 +113,7 @@ class SmtpMailTransport(MailTransport):
 
     def send(self, message: Message) -> str:
         where = f"smtp://{self.host}:{self.port}"
-        for reuse in (True, False):
+        for attempt in (1, 2):  # a connection held since the last send may have been closed
             connecting = self._smtp is None
             try:
                 if self._smtp is None:
@@ -119,8 +123,9 @@ class SmtpMailTransport(MailTransport):
                 return where
             except smtplib.SMTPServerDisconnected:
                 self.close()
-                if not reuse:
+                if attempt == 2:
                     raise DeliveryError(f"{where} closed the connection") from None
+                self.sleep(SMTP_RECONNECT.seconds(attempt))
             except smtplib.SMTPAuthenticationError as exc:
                 self.close()  # a setting to fix, then every notice goes: temporary
                 raise DeliveryError(f"{where} refused the login: {exc.smtp_code}") from None
@@ -171,7 +176,7 @@ def remove_copy_files(services: Services, release_id: str, folder: Path, *,
     with transaction(services.sessions) as session:
         rows = session.execute(select(OutboxMessage.message_id, OutboxMessage.delivered_to)
                                .where(OutboxMessage.release_id == release_id,
-                                      OutboxMessage.purpose == "copy")).all()
+                                      OutboxMessage.purpose == Purpose.COPY)).all()
     files = FileMailTransport(folder)
     removed: list[str] = []
     mailed = 0
@@ -205,11 +210,10 @@ def _answered(where: str, what: str, code: int, words: bytes | str) -> DeliveryE
 def transport_factory(settings: Settings) -> Callable[[], MailTransport]:
     """Makes the configured transport, one per relay worker; SMTP transports
     share one TLS context."""
-    if settings["mail.transport"] != "smtp":
+    mail = settings.mail
+    if mail.transport != "smtp":
         return lambda: FileMailTransport(settings.outbox_dir)
-    context = (ssl.create_default_context() if settings["mail.smtp_security"] != "none"
-               else None)
+    context = ssl.create_default_context() if mail.smtp_security != "none" else None
     return lambda: SmtpMailTransport(
-        settings["mail.smtp_host"], settings["mail.smtp_port"],
-        security=settings["mail.smtp_security"], username=settings["mail.smtp_username"],
-        password=settings["mail.smtp_password"], context=context)
+        mail.smtp_host, mail.smtp_port, security=mail.smtp_security,
+        username=mail.smtp_username, password=mail.smtp_password, context=context)

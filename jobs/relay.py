@@ -37,15 +37,15 @@ from sqlalchemy import ColumnElement, and_, case, exists, or_, select, true, upd
 from sqlalchemy.orm import Session, aliased
 
 from config.errors import DeliveryError, DeliveryRefused, SealError
+from config.retry import NOTICE_DELIVERY
 from jobs.mail import MailTransport
-from jobs.nodes import server_time
 from release import audit
 from release.alerts import ALERT, Alert, raise_alert
 from release.context import Services
 from release.copies import DocumentOpener
 from release.notices import Attachment, Delivery, compose
-from release.records import Copy, Node, OutboxMessage, Recipient, Release, table_of
-from storage.db import affected, transaction
+from release.records import Copy, Node, OutboxMessage, Purpose, Recipient, Release, table_of
+from storage.db import affected, server_time, transaction
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ LEASE = timedelta(seconds=3)
 _OUTBOX = table_of(OutboxMessage)
 _COPIES = table_of(Copy)
 TOO_LATE = "the embargo lifted before this copy could be delivered; it was not sent"
-SUMMARY = "owner_summary"
-
-
-def backoff(attempts: int) -> timedelta:
-    """0.5 s, 1 s, 2 s … capped at five minutes."""
-    return timedelta(seconds=min(300.0, 0.5 * 2 ** max(0, attempts - 1)))
+SUMMARY = Purpose.OWNER_SUMMARY
 
 
 def _waiting_summary() -> ColumnElement[bool]:
@@ -66,7 +61,7 @@ def _waiting_summary() -> ColumnElement[bool]:
     says what happened, so it goes once they are all delivered or failed."""
     other = aliased(OutboxMessage)
     return and_(OutboxMessage.purpose == SUMMARY, exists().where(
-        other.release_id == OutboxMessage.release_id, other.purpose == "published",
+        other.release_id == OutboxMessage.release_id, other.purpose == Purpose.PUBLISHED,
         other.delivered_at.is_(None), other.given_up_at.is_(None)))
 
 
@@ -132,7 +127,7 @@ class OutboxRelay:
             candidates = list(session.scalars(select(OutboxMessage.id).where(
                 self._due(now), free, OutboxMessage.id.notin_(skip) if skip else true(),
             ).order_by(  # notices of publication before (slow, attachment-laden) copies
-                case((OutboxMessage.purpose == "copy", 1), else_=0), OutboxMessage.id,
+                case((OutboxMessage.purpose == Purpose.COPY, 1), else_=0), OutboxMessage.id,
             ).limit(self.workers)))
             for row_id in candidates:
                 won = affected(session.execute(update(OutboxMessage).where(
@@ -208,7 +203,7 @@ class OutboxRelay:
 
     def _attachments(self, row: OutboxMessage, release: Release,
                      dek: Callable[[], bytes]) -> list[Attachment]:
-        if row.purpose != "copy":
+        if row.purpose != Purpose.COPY:
             return []
         if self.opener is None:
             raise DeliveryError("this relay cannot open documents (no private key)")
@@ -226,7 +221,7 @@ class OutboxRelay:
             rows = session.execute(select(
                 OutboxMessage.recipient_id, OutboxMessage.to_addr, OutboxMessage.delivered_at,
                 OutboxMessage.last_error).where(OutboxMessage.release_id == release.id,
-                                                OutboxMessage.purpose == "published")
+                                                OutboxMessage.purpose == Purpose.PUBLISHED)
                 .order_by(OutboxMessage.id)).all()
         names = {r.id: r.name for r in release.recipients}
         return [Delivery(name=names.get(rid or "", addr), address=addr,
@@ -299,12 +294,13 @@ class OutboxRelay:
                 log.error("notice %s to %s was handed to %s after its claim was lost; "
                           "it may arrive twice", row.message_id, row.to_addr, where)
                 details["claim_lost"] = True
-            if row.purpose == "copy":
+            if row.purpose == Purpose.COPY:
                 connection.execute(update(_COPIES).where(
                     _COPIES.c.message_id == row.message_id, _COPIES.c.sent_at.is_(None))
                     .values(sent_at=now))
                 details["copy_id"] = str(message["X-Embargo-Copy-Id"])
-            audit.record(session, action="copy_sent" if row.purpose == "copy" else "notice_sent",
+            audit.record(session,
+                         action="copy_sent" if row.purpose == Purpose.COPY else "notice_sent",
                          actor=self.worker, at=now, release_id=row.release_id, details=details)
         if not recorded:
             return 0
@@ -356,10 +352,11 @@ class OutboxRelay:
         attempts = row.attempts + 1
         since = row.not_before if row.attempts else now
         give_up = now - since >= self.give_up_after
+        wait = NOTICE_DELIVERY.delay(attempts)
         with transaction(self.sessions) as session:
             if not affected(session.execute(update(_OUTBOX).where(self._mine(row, token)).values(
                     attempts=attempts, last_error=reason, claim_expires_at=None,
-                    next_attempt_at=now + backoff(attempts), not_before=since,
+                    next_attempt_at=now + wait, not_before=since,
                     given_up_at=now if give_up else None))):
                 return
             row.last_error = reason
@@ -388,7 +385,7 @@ class OutboxRelay:
                       row.message_id, row.to_addr, attempts, reason)
         else:
             log.warning("notice %s to %s not delivered (attempt %d), retrying in %s: %s",
-                        row.message_id, row.to_addr, attempts, backoff(attempts), reason)
+                        row.message_id, row.to_addr, attempts, wait, reason)
 
     def _give_up(self, row: OutboxMessage, token: str, reason: str) -> None:
         now = self.s.clock.now()

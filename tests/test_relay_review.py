@@ -37,8 +37,9 @@ from jobs.mail import FileMailTransport, SmtpMailTransport
 from jobs.nodes import server_time
 from jobs.relay import OutboxRelay
 from release.alerts import ALERT
+from release.presenting import notice_state
 from release.records import Node, OutboxMessage
-from release.service import ReleaseService, Services, notice_state
+from release.service import ReleaseService, Services
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port
 from tests.test_notify import published  # noqa: F401 - a fixture
 
@@ -271,7 +272,7 @@ def test_resend_to_refuses_an_address_the_queue_would_refuse(
     service = ReleaseService(published, actor="comms")
     with pytest.raises(InputError):
         service.resend(str(row.id), to=to)
-    assert [r.to_addr for r in service.resend(str(row.id), to="fixed@force.example")] \
+    assert [r.to for r in service.resend(str(row.id), to="fixed@force.example")] \
         == ["fixed@force.example"]
 
 
@@ -332,7 +333,7 @@ def test_a_notice_resent_and_refused_again_is_alerted_again(
         (row,) = service.resend(str(first.id))
         relay.run_once()
         with published.sessions() as session:
-            again = session.get(OutboxMessage, row.id)
+            again = session.get(OutboxMessage, row.number)
             assert again is not None and again.failed_at is not None
         assert len(alerts()) == round_, [a.details for a in alerts()]
 
