@@ -14,6 +14,7 @@ from typing import Any
 from config.settings import Settings
 from jobs.mail import transport_factory
 from jobs.nodes import NodeMonitor
+from jobs.outage import DatabaseWatch
 from jobs.relay import OutboxRelay
 from jobs.scheduler import EmbargoScheduler
 from release.clock import Clock
@@ -71,6 +72,7 @@ class RunningNode:
     name: str
     monitor: NodeMonitor
     scheduler: EmbargoScheduler
+    watch: DatabaseWatch  # its ``fatal`` says why the node stopped itself, if it did
 
     def shutdown(self) -> None:
         self.scheduler.shutdown()
@@ -86,8 +88,9 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     sched, mail = settings.scheduler, settings.mail
     lease = timedelta(seconds=sched.lease_seconds)
     max_skew = timedelta(milliseconds=sched.max_skew_ms)
+    watch = DatabaseWatch(stop=stop)
     monitor = NodeMonitor(services, name, max_skew=max_skew,
-                          skew_every=sched.skew_check_seconds)
+                          skew_every=sched.skew_check_seconds, watch=watch)
     publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop,
                           workers=sched.publish_workers,
                           clock_reading=lambda: monitor.reading, trusted_skew=max_skew)
@@ -107,8 +110,8 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
         workers=sched.workers,
         lead=timedelta(seconds=sched.lead_seconds), on_outcome=on_outcome,
         horizon=sched.horizon,
-        guard=lambda: monitor.clock_ok)
+        guard=lambda: monitor.clock_ok, watch=watch)
     monitor.doing = scheduler.doing
     monitor.start()
     scheduler.start()
-    return RunningNode(name=name, monitor=monitor, scheduler=scheduler)
+    return RunningNode(name=name, monitor=monitor, scheduler=scheduler, watch=watch)
