@@ -10,8 +10,10 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
+from config.errors import StorageError
+from jobs.outage import DatabaseWatch, report
 from release.clock import ClockReading, measure_clock
 from release.context import Services
 from release.records import Node
@@ -20,15 +22,14 @@ from storage.db import transaction
 
 log = logging.getLogger(__name__)
 
-LIVE = timedelta(seconds=10)  # a node silent for longer is shown as gone
-
-
 class NodeMonitor:
     """Heartbeat and clock check of one node, in a thread of its own."""
 
     def __init__(self, services: Services, name: str, *, max_skew: timedelta,
                  skew_every: float = 60.0, heartbeat_every: float = 1.0,
-                 doing: Callable[[], str] | None = None) -> None:
+                 doing: Callable[[], str] | None = None,
+                 watch: DatabaseWatch | None = None) -> None:
+        self.watch = watch
         self.s = services
         self.name = name
         self.max_skew = max_skew
@@ -86,8 +87,8 @@ class NodeMonitor:
                     self.measure()
                     next_check = time.monotonic() + self.skew_every
                 self.beat()
-            except Exception:
-                log.exception("node heartbeat failed; will try again")
+            except Exception as exc:
+                report(self.watch, exc, doing="the node's heartbeat", logger=log)
 
     def beat(self) -> None:
         """Record that this node is alive, in the database server's time (so
@@ -102,24 +103,9 @@ class NodeMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        with transaction(self.s.sessions) as session:
-            session.execute(update(Node).where(Node.name == self.name).values(
-                stopped_at=server_time(session.connection()), doing="stopped"))
-
-
-def list_nodes(services: Services) -> list[dict[str, object]]:
-    """Every node that has run against this database, newest first, with
-    its state as seen from the database server's clock."""
-    with services.engine.connect() as connection:
-        server = server_time(connection)
-    with transaction(services.sessions) as session:
-        rows = []
-        for node in session.scalars(select(Node).order_by(Node.heartbeat_at.desc())):
-            silent = server - node.heartbeat_at
-            state = ("stopped" if node.stopped_at else
-                     "live" if silent <= LIVE else "silent (dead?)")
-            rows.append({"name": node.name, "state": state,
-                         "heartbeat_s_ago": round(silent.total_seconds(), 1),
-                         "skew_ms": node.skew_ms, "clock_ok": node.clock_ok,
-                         "doing": node.doing, "started_at": node.started_at})
-        return rows
+        try:
+            with transaction(self.s.sessions) as session:
+                session.execute(update(Node).where(Node.name == self.name).values(
+                    stopped_at=server_time(session.connection()), doing="stopped"))
+        except StorageError as exc:  # the database is down or gone: the lease says it
+            log.warning("could not record that node %s stopped: %s", self.name, exc)

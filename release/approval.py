@@ -17,19 +17,21 @@ from release import audit
 from release import text as texts
 from release.accounts import Role, User
 from release.alerts import Alert, raise_alert
-from release.context import Services, embargo_of
+from release.context import Services
+from release.instants import embargo_of
 from release.records import AWAITING_APPROVAL, DRAFT, QUEUED, Release
+from release.views import ReleaseDetail
 from storage.db import affected, transaction
 
 
-def _current(services: Services, release_id: str) -> Release:
+def _current(services: Services, release_id: str) -> ReleaseDetail:
     from release.service import ReleaseService  # the one lookup, prefixes included
 
     return ReleaseService(services, actor="lookup").get(release_id)
 
 
 def approve(services: Services, release_id: str, *, actor: str,
-            force_reason: str | None = None) -> Release:
+            force_reason: str | None = None) -> ReleaseDetail:
     """Approve a release awaiting approval: it becomes queued and gets its
     timer. The submitter can only force-approve, with ``force_reason``.
 
@@ -64,7 +66,7 @@ def approve(services: Services, release_id: str, *, actor: str,
     return _current(services, release.id)
 
 
-def send_back(services: Services, release_id: str, *, actor: str, comment: str) -> Release:
+def send_back(services: Services, release_id: str, *, actor: str, comment: str) -> ReleaseDetail:
     """Return a release awaiting approval to its editor as a draft, with a comment.
 
     :raises InputError: no comment
@@ -89,7 +91,7 @@ def send_back(services: Services, release_id: str, *, actor: str, comment: str) 
     return _current(services, release.id)
 
 
-def review_forced(services: Services, release_id: str, *, actor: str) -> Release:
+def review_forced(services: Services, release_id: str, *, actor: str) -> ReleaseDetail:
     """Someone other than the submitter confirms a force-approval; the flag goes.
 
     :raises InputError: the submitter reviews their own force-approval

@@ -19,13 +19,16 @@ from typing import BinaryIO
 from sqlalchemy import delete, select, update
 
 from config.errors import InputError, StateError
-from release import audit, copies, sealing, timerules
+from release import audit, copy_timing, sealing, timerules
 from release import text as texts
-from release.context import Services, dek_key, describe_instant, document_key, embargo_of
+from release.context import Services
+from release.instants import embargo_of
 from release.keys import load_public_key
 from release.manifest import RecipientSpec, check_email, safe_filename
 from release.records import AWAITING_APPROVAL, DRAFT, QUEUED, Document, Recipient, Release
 from release.service import ReleaseService, new_id
+from release.vault_keys import dek_key, document_key
+from release.views import ReleaseDetail
 from storage.db import affected, transaction
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ def parse_officers(text: str) -> list[RecipientSpec]:
 
 def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
                  at: str | None, zone: str | None, owner: str | None,
-                 copies_at: str | None, officers: list[RecipientSpec]) -> Release:
+                 copies_at: str | None, officers: list[RecipientSpec]) -> ReleaseDetail:
     """Record a draft with its embargo and officers and no documents yet.
 
     :raises InputError: no title, a date or time that names no single future
@@ -76,7 +79,7 @@ def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
     service = ReleaseService(services, actor=actor)
     now = services.clock.now()
     embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
-    copies_time = (copies.resolve_copies_at(copies_at, embargo=embargo, now=now,
+    copies_time = (copy_timing.resolve_copies_at(copies_at, embargo=embargo, now=now,
                                             max_lead=services.copies_max_lead,
                                             cutoff=services.copies_cutoff)
                    if copies_at else None)
@@ -101,7 +104,7 @@ def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
 
 def edit_draft(services: Services, release_id: str, *, actor: str, title: str,
                publish_on: str, at: str | None, zone: str | None,
-               copies_at: str | None) -> Release:
+               copies_at: str | None) -> ReleaseDetail:
     """Change a draft's title, embargo or copies time (its documents and
     officers stay).
 
@@ -113,7 +116,7 @@ def edit_draft(services: Services, release_id: str, *, actor: str, title: str,
     service = ReleaseService(services, actor=actor)
     now = services.clock.now()
     embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
-    copies_time = (copies.resolve_copies_at(copies_at, embargo=embargo, now=now,
+    copies_time = (copy_timing.resolve_copies_at(copies_at, embargo=embargo, now=now,
                                             max_lead=services.copies_max_lead,
                                             cutoff=services.copies_cutoff)
                    if copies_at else None)
@@ -142,7 +145,7 @@ def _no_twice(new: list[RecipientSpec], existing: list[str]) -> None:
         seen.add(officer.email.lower())
 
 
-def _draft(services: Services, release_id: str) -> Release:
+def _draft(services: Services, release_id: str) -> ReleaseDetail:
     release = ReleaseService(services, actor="lookup").get(release_id)
     if release.state != DRAFT:
         raise StateError(f"release {release.id} is {release.state}; only a draft can be changed")
@@ -150,7 +153,7 @@ def _draft(services: Services, release_id: str) -> Release:
 
 
 def add_officers(services: Services, release_id: str, officers: list[RecipientSpec], *,
-                 actor: str) -> Release:
+                 actor: str) -> ReleaseDetail:
     release = _draft(services, release_id)
     _no_twice(officers, [r.email for r in release.recipients])
     now = services.clock.now()
@@ -165,7 +168,7 @@ def add_officers(services: Services, release_id: str, officers: list[RecipientSp
 
 
 def remove_officer(services: Services, release_id: str, recipient_id: str, *,
-                   actor: str) -> Release:
+                   actor: str) -> ReleaseDetail:
     release = _draft(services, release_id)
     now = services.clock.now()
     with transaction(services.sessions) as session:
@@ -220,7 +223,7 @@ class DocumentSet:
         self.documents.append(document)
         return document
 
-    def commit(self) -> Release:
+    def commit(self) -> ReleaseDetail:
         """Replace the draft's documents with this set."""
         try:
             self.written.append(dek_key(self.release.id))
@@ -268,7 +271,7 @@ class DocumentSet:
             log.exception("could not remove %s", key)
 
 
-def check(services: Services, release: Release, *, now: datetime,
+def check(services: Services, release: ReleaseDetail, *, now: datetime,
           min_lead: timedelta) -> Checks:
     """What blocks submitting ``release`` (errors) and what is worth a look (warnings)."""
     errors: list[str] = []
@@ -293,13 +296,14 @@ def check(services: Services, release: Release, *, now: datetime,
         if (r.organisation or "").strip().lower() not in letter_orgs:
             warnings.append(f"officer {r.name} ({r.organisation}) has no letter for their "
                             "organisation: they get the report alone")
-    if release.copies_at is not None and release.instant - release.copies_at > EARLY_COPIES:
-        warnings.append(f"copies go {describe_instant(release.copies_at, release.zone)}, more "
+    if release.copies_at is not None and release.instant - release.copies_at.utc > EARLY_COPIES:
+        warnings.append(f"copies go {release.copies_at.shown}, more "
                         "than 24 hours before the embargo")
     return Checks(errors=tuple(errors), warnings=tuple(warnings))
 
 
-def submit(services: Services, release_id: str, *, actor: str, min_lead: timedelta) -> Release:
+def submit(services: Services, release_id: str, *, actor: str,
+           min_lead: timedelta) -> ReleaseDetail:
     """Send a draft that passes its checks for approval (or queue it when
     approval is not required).
 
@@ -311,9 +315,9 @@ def submit(services: Services, release_id: str, *, actor: str, min_lead: timedel
     found = check(services, release, now=now, min_lead=min_lead)
     if found.errors:
         raise InputError("cannot submit: " + "; ".join(found.errors))
-    copies_at = release.copies_at
+    copies_at = release.copies_at.utc if release.copies_at else None
     if release.recipients and copies_at is None:
-        copies_at = copies.resolve_copies_at(None, embargo=embargo_of(release), now=now,
+        copies_at = copy_timing.resolve_copies_at(None, embargo=embargo_of(release), now=now,
                                              max_lead=services.copies_max_lead,
                                              cutoff=services.copies_cutoff)
     state = AWAITING_APPROVAL if services.approval_required else QUEUED

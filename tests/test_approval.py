@@ -26,6 +26,7 @@ from release.manifest import load_manifest
 from release.publishing import Publisher
 from release.records import AuditEvent, OutboxMessage, Release
 from release.service import ReleaseService, Services
+from release.views import ReleaseDetail
 from tests.conftest import SEED_INSTANT, FakeClock
 
 SEPT_1 = datetime(2014, 9, 1, tzinfo=UTC)
@@ -43,15 +44,15 @@ def at(services: Services, now: datetime) -> Services:
     return dataclasses.replace(services, clock=FakeClock(now))
 
 
-def queue(services: Services, bundle: Path, actor: str = "comms") -> Release:
+def queue(services: Services, bundle: Path, actor: str = "comms") -> ReleaseDetail:
     return ReleaseService(at(services, SEPT_1), actor=actor).queue(
         load_manifest(bundle, copies_at="2014-09-02 09:00"))
 
 
 def test_the_setting_is_off_by_default_and_takes_yes_or_no(data_dir: Path) -> None:
-    assert load_settings(environ={}, overrides={"data_dir": str(data_dir)})[
-        "approval.required"] is False
-    assert load_settings(environ={"EMBARGO_APPROVAL_REQUIRED": "true"})["approval.required"]
+    assert load_settings(environ={},
+                         overrides={"data_dir": str(data_dir)}).approval.required is False
+    assert load_settings(environ={"EMBARGO_APPROVAL_REQUIRED": "true"}).approval.required
     with pytest.raises(Exception, match="not true or false"):
         load_settings(environ={"EMBARGO_APPROVAL_REQUIRED": "maybe"})
 
@@ -60,6 +61,14 @@ def test_queued_from_the_command_line_waits_when_approval_is_required(
         services: Services, bundle: Path) -> None:
     release = queue(services, bundle)
     assert release.state == "awaiting_approval" and release.submitted_by == "comms"
+
+
+def test_counts_include_the_releases_awaiting_approval(services: Services, bundle: Path) -> None:
+    """What `embargo run` prints at its start: a release awaiting approval
+    is counted as such, and not as active."""
+    queue(services, bundle)
+    counts = ReleaseService(services, actor="t").counts()
+    assert (counts.awaiting_approval, counts.draft, counts.queued, counts.active) == (1, 0, 0, 0)
 
 
 def test_an_awaiting_release_gets_no_timer_no_copies_and_is_never_published(

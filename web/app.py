@@ -6,7 +6,6 @@ checks the Origin and the session's CSRF token. Errors map once: not found
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -18,7 +17,6 @@ from zoneinfo import ZoneInfo
 import anyio
 from jinja2 import Environment, PackageLoader, select_autoescape
 from python_multipart.exceptions import ParseError
-from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -28,56 +26,55 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from config.errors import EmbargoError, InputError, NotFoundError, StateError
+from config.errors import HTTP_STATUS, EmbargoError, InputError, status_for
 from config.settings import Settings
 from release import accounts, approval, drafts, timerules
 from release.accounts import Role, SignedIn
 from release.clock import Clock
-from release.context import Services, describe_instant, embargo_of
-from release.copies import access_list
-from release.records import (
-    AWAITING_APPROVAL,
-    CANCELLED,
-    DRAFT,
-    FAILED,
-    PUBLISHED,
-    PUBLISHING,
-    QUEUED,
-    Node,
-    Release,
-)
+from release.context import Services
+from release.instants import describe_instant, embargo_of
+from release.records import DRAFT, ReleaseState
 from release.service import ReleaseService
+from release.views import ReleaseDetail, ReleaseSummary
 from storage import migrate
-from storage.db import make_engine, transaction
+from storage.db import make_engine, new_sqlite_file
 from storage.factory import make_public, make_s3_client, make_vault, needs_s3
 from web.security import SecurityHeaders, is_plain_localhost, origin_of, same_origin
 from web.upload import DocumentUpload, UploadRefused
 
 log = logging.getLogger(__name__)
 
-STATES = (DRAFT, AWAITING_APPROVAL, QUEUED, PUBLISHING, PUBLISHED, FAILED, CANCELLED)
+STATES = tuple(ReleaseState)
 EDITORS = (Role.EDITOR, Role.APPROVER)
 APPROVERS = (Role.APPROVER,)
 ANYONE = tuple(Role)
 MAX_OFFICERS_CSV = 1 << 20
+TITLES = {404: "Not found", 422: "That cannot be done", 409: "Not in this state"}
 
 
 def build_services(settings: Settings, *, clock: Clock | None = None) -> Services:
     """The console's services: the same stores as the scheduler's, the
-    public key only (the private key is never loaded here)."""
+    public key only (the private key is never loaded here). Like every
+    command but ``db upgrade``, ``run`` and ``demo``, the console migrates
+    nothing: a database not at the latest schema raises SchemaError (a new
+    SQLite file is created with its schema)."""
+    created = new_sqlite_file(settings.database_url)
+    engine = make_engine(settings.database_url)
+    if created:
+        migrate.upgrade(engine)
+    else:
+        migrate.require_current(engine)
     s3_client = make_s3_client(settings) if needs_s3(settings) else None
-    services = Services(
-        engine=make_engine(settings.database_url),
+    return Services(
+        engine=engine,
         vault=make_vault(settings.vault, s3_client=s3_client),
         public=make_public(settings.public, settings, s3_client=s3_client),
-        keys_dir=settings.keys_dir, clock=clock or Clock(), zone=settings["zone"],
-        default_at=settings["default_at"], copies_max_lead=settings["copies.max_lead"],
-        copies_cutoff=settings["copies.cutoff"], alerts_to=settings["alerts.to"],
-        alerts_repeat=settings["alerts.repeat"],
-        approval_required=settings["approval.required"])
-    if migrate.current(services.engine) != migrate.head():
-        migrate.upgrade(services.engine)
-    return services
+        keys_dir=settings.keys_dir, clock=clock or Clock(), zone=settings.zone,
+        default_at=settings.default_at, copies_max_lead=settings.copies.max_lead,
+        copies_cutoff=settings.copies.cutoff,
+        copies_unstampable=settings.copies.unstampable, alerts_to=settings.alerts.to,
+        alerts_repeat=settings.alerts.repeat,
+        approval_required=settings.approval.required)
 
 
 class SignInNeeded(Exception):
@@ -94,10 +91,10 @@ class Console:
     def __init__(self, settings: Settings, services: Services) -> None:
         self.settings = settings
         self.s = services
-        self.idle: timedelta = settings["web.session_idle"]
-        self.absolute: timedelta = settings["web.session_max"]
-        self.min_lead: timedelta = settings["web.min_lead"]
-        base = settings["web.base_url"] or f"http://{settings['web.bind']}"
+        self.idle: timedelta = settings.web.session_idle
+        self.absolute: timedelta = settings.web.session_max
+        self.min_lead: timedelta = settings.web.min_lead
+        base = settings.web.base_url or f"http://{settings.web.bind}"
         self.origin = origin_of(base)
         self.secure = not is_plain_localhost(base)
         self.cookie = "__Host-embargo" if self.secure else "embargo_session"
@@ -162,7 +159,7 @@ def _local(path: str | None) -> str:
     return "/releases"
 
 
-def _facts(release: Release, now: datetime) -> dict[str, Any]:
+def _facts(release: ReleaseSummary, now: datetime) -> dict[str, Any]:
     embargo = embargo_of(release)
     return {"release": release, "embargo": embargo.describe_long(),
             "instant": release.instant.isoformat().replace("+00:00", "Z"),
@@ -228,7 +225,7 @@ def routes(c: Console) -> list[Route | Mount]:
         if state and state not in STATES:
             raise InputError(f"{state!r} is not a state: {', '.join(STATES)}")
         now = c.s.clock.now()
-        rows = [_facts(r, now) for r in c.service(who).all_releases()
+        rows = [_facts(r, now) for r in c.service(who).list_releases()
                 if not state or r.state == state]
         return c.page(request, "releases.html", who, rows=rows, state=state, states=STATES)
 
@@ -281,11 +278,9 @@ def routes(c: Console) -> list[Route | Mount]:
         service = c.service(who)
         release = service.get(request.path_params["id"])
         now = c.s.clock.now()
-        events = [{"seq": e.seq, "at": e.at, "action": e.action, "actor": e.actor,
-                   "details": json.loads(e.details)} for e in service.events(release.id)]
         return c.page(request, "release.html", who, status, **_facts(release, now),
-                      notices=service.outbox(release.id),
-                      access=access_list(c.s, release.id), events=events,
+                      notices=release.notices, access=release.access_list,
+                      events=release.events,
                       checks=drafts.check(c.s, release, now=now, min_lead=c.min_lead)
                       if release.state == DRAFT else None,
                       organisations=sorted({r.organisation or "" for r in release.recipients}),
@@ -421,7 +416,7 @@ def routes(c: Console) -> list[Route | Mount]:
     review_forced = action(APPROVERS, lambda who, rid, form: approval.review_forced(
         c.s, rid, actor=who.account.name))
 
-    def may_cancel(who: SignedIn, release: Release) -> None:
+    def may_cancel(who: SignedIn, release: ReleaseDetail) -> None:
         if who.account.role == Role.APPROVER:
             return
         if release.state != DRAFT or release.created_by != who.account.name:
@@ -464,9 +459,9 @@ def routes(c: Console) -> list[Route | Mount]:
 
     async def access(request: Request) -> Response:
         who = c.need(request)
-        release = c.service(who).get(request.path_params["id"])
+        release, rows = c.service(who).access_list(request.path_params["id"])
         return c.page(request, "access.html", who, **_facts(release, c.s.clock.now()),
-                      rows=access_list(c.s, release.id))
+                      rows=rows)
 
     async def audit_page(request: Request) -> Response:
         who = c.need(request)
@@ -475,13 +470,7 @@ def routes(c: Console) -> list[Route | Mount]:
 
     async def nodes(request: Request) -> Response:
         who = c.need(request)
-        now = c.s.clock.now()
-        with transaction(c.s.sessions) as session:
-            rows = [{"name": n.name, "started_at": n.started_at,
-                     "silent": (now - n.heartbeat_at).total_seconds(), "skew_ms": n.skew_ms,
-                     "clock_ok": n.clock_ok, "doing": n.doing, "stopped": n.stopped_at}
-                    for n in session.scalars(select(Node).order_by(Node.heartbeat_at.desc()))]
-        return c.page(request, "nodes.html", who, rows=rows)
+        return c.page(request, "nodes.html", who, rows=c.service(who).nodes())
 
     async def users(request: Request) -> Response:
         who = c.need(request, (Role.ADMIN,))
@@ -525,13 +514,24 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
     """The console as an ASGI app."""
     console = Console(settings, services or build_services(settings))
 
-    def error_page(status: int, title: str) -> Callable[[Request, Exception],
-                                                        Awaitable[Response]]:
+    def refused(status: int, title: str) -> Callable[[Request, Exception],
+                                                     Awaitable[Response]]:
         async def handler(request: Request, exc: Exception) -> Response:
             return console.page(request, "error.html", console.signed_in(request), status,
                                 title=title, message=str(exc))
 
         return handler
+
+    async def error_page(request: Request, exc: Exception) -> Response:
+        """A domain error, at the status issue 10's one mapping gives it
+        (config.errors.HTTP_STATUS: not found 404, bad input 422, wrong state 409)."""
+        assert isinstance(exc, EmbargoError)
+        status = status_for(exc, HTTP_STATUS)
+        if status >= 500:
+            log.error("%s on %s %s", type(exc).__name__, request.method, request.url.path,
+                      exc_info=exc)
+        return console.page(request, "error.html", console.signed_in(request), status,
+                            title=TITLES.get(status, "Something went wrong"), message=str(exc))
 
     async def sign_in_needed(request: Request, exc: Exception) -> Response:
         if request.method == "GET":
@@ -544,10 +544,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         middleware=[Middleware(SecurityHeaders)],
         exception_handlers={
             SignInNeeded: sign_in_needed,
-            Forbidden: error_page(403, "Not allowed"),
-            NotFoundError: error_page(404, "Not found"),
-            InputError: error_page(422, "That cannot be done"),
-            StateError: error_page(409, "Not in this state"),
+            Forbidden: refused(403, "Not allowed"),
+            EmbargoError: error_page,
         },
     )
     app.state.console = console
