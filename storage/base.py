@@ -4,13 +4,17 @@ implement these and stay terse; the promises are written here, once."""
 from __future__ import annotations
 
 import hashlib
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from config.errors import EmbargoError, StorageError
+
 CHUNK = 1 << 20
+PROBE_PREFIX = ".embargo-probe-"
 
 
 class ObjectExistsError(Exception):
@@ -128,6 +132,39 @@ class PublicTarget(ABC):
         directories once, not once per object). Stores whose writes are
         durable when they return need not override it."""
         return None
+
+    def probe(self) -> str:
+        """Prove that the location takes a write the way the publisher makes
+        one, without publishing anything: a small probe object (key
+        ``.embargo-probe-<random>``) is created with the same conditional
+        create as a document (``writer``), read back and compared, then
+        deleted. Returns the probe's key. Raises StorageError naming the step
+        that failed (create, read back, compare, delete); the probe object is
+        deleted whatever failed after it was created."""
+        key = PROBE_PREFIX + secrets.token_hex(8)
+        data = f"embargo probe {key}\n".encode()
+        try:
+            with self.writer(key, content_type="text/plain") as out:
+                out.write(data)
+        except StorageError as exc:
+            raise StorageError(f"the probe write was refused: {exc}") from exc
+        except (ObjectExistsError, OSError) as exc:
+            raise StorageError(f"the probe write was refused: {exc}") from exc
+        try:
+            try:
+                with self.reader(key) as src:
+                    back = src.read()
+            except (EmbargoError, OSError) as exc:
+                raise StorageError(f"the probe object could not be read back: {exc}") from exc
+            if back != data:
+                raise StorageError(f"the probe object read back differs ({len(back)} bytes, "
+                                   f"{len(data)} written)")
+        finally:
+            try:
+                self.delete(key)
+            except (StorageError, OSError) as exc:
+                raise StorageError(f"the probe object {key} could not be deleted: {exc}") from exc
+        return key
 
     def stat(self, key: str) -> StoredObject:
         """Size and SHA-256 of the stored object, read back from the store."""
