@@ -177,6 +177,46 @@ def _url_or_none(value: Any) -> str | None:
     return text.rstrip("/") if text else None
 
 
+def _leads(value: Any) -> tuple[timedelta, ...]:
+    """Durations before an instant: a TOML array (or one duration), or
+    comma-separated text (the environment); longest first."""
+    if isinstance(value, str):
+        items: list[Any] = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"expected a list of durations like [\"24h\", \"1h\"], got {value!r}")
+    leads = {parse_duration(item) if isinstance(item, str) else _bad_duration(item)
+             for item in items}
+    return tuple(sorted(leads, reverse=True))
+
+
+def _bad_duration(item: Any) -> timedelta:
+    raise ValueError(f"{item!r} is not a duration like 24h, 90m, 1h30m, 2d or 45s")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _bind(value: Any) -> str | None:
+    """``host:port`` to listen on, or empty (off)."""
+    text = _optional_text(value)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port, e.g. 127.0.0.1:9464")
+    return text
+
+
 FIELDS: tuple[Field, ...] = (
     Field(key="data_dir", default="var", check=_text,
           help="folder for the embedded defaults (database, vault, public, outbox, keys)"),
@@ -252,6 +292,23 @@ FIELDS: tuple[Field, ...] = (
           help="an alert about a fault that lasts is sent again this often"),
     Field(key="copies.max_lead", default="", check=_optional_duration,
           help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
+    Field(key="rehearsal.before", default=("1h",), check=_leads,
+          help="each queued release is rehearsed this long before its instant (a list, "
+               "e.g. [\"24h\", \"1h\"]; empty: only `embargo rehearse`)"),
+    Field(key="rehearsal.min_nodes", default=1, check=_number(0, 100, int),
+          help="a rehearsal wants at least this many live nodes with a good clock"),
+    Field(key="rehearsal.mail_passed", default=True, check=_bool,
+          help="mail a short note when a rehearsal passes (a failure is always mailed)"),
+    Field(key="alerts.overdue_after", default="30s", check=parse_duration,
+          help="a release not published this long after its instant is alerted as overdue"),
+    Field(key="alerts.heartbeat_url", default="", check=_url_or_none,
+          help="dead man's switch: each node requests this URL every alerts.heartbeat_every"),
+    Field(key="alerts.heartbeat_every", default=60.0, check=_number(1, 86_400),
+          help="seconds between heartbeat requests"),
+    Field(key="metrics.bind", default="127.0.0.1:9464", check=_bind,
+          help="host:port of /metrics and /healthz on `embargo run`; empty turns it off"),
+    Field(key="log.format", default="text", check=_choice("text", "json"),
+          help="text, or json: one JSON object a line (release id, node, event)"),
 )
 
 
@@ -307,7 +364,7 @@ class Settings:
             elif isinstance(value, timedelta):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) if isinstance(v, timedelta) else v for v in value]
             shown[f.key] = value
         shown["(effective) database.url"] = _mask_url(self.database_url)
         shown["(effective) storage.vault"] = str(self.vault)

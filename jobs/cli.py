@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -17,12 +18,14 @@ from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import Stopper, table
 from jobs.demo import run_demo
+from jobs.mail import mail_probe
 from jobs.nodes import list_nodes
 from release import keys as keyfile
 from release.audit import default_actor
 from release.copies import access_list, trace
 from release.manifest import load_manifest
 from release.records import Release
+from release.rehearsal import Rehearser, latest_reports, lead_text
 from release.service import (
     ReleaseService,
     Services,
@@ -34,6 +37,7 @@ from storage import migrate
 from storage.db import make_engine
 
 log = logging.getLogger("embargo")
+NOT_READY = 11  # `embargo rehearse`: a check failed
 
 
 # -- output helpers ---------------------------------------------------------------
@@ -147,6 +151,10 @@ def _show_facts(service: ReleaseService, release: Release, now: Any) -> dict[str
                          "attempts": m.attempts, "last_error": m.last_error}
                         for m in service.outbox(release.id)]
     facts["access_list"] = access_list(service.s, release.id)
+    facts["rehearsals"] = [{"id": r.id, "at": r.at, "lead": lead_text(r.lead),
+                            "ready": r.ready,
+                            "checks": [dataclasses.asdict(c) for c in r.checks]}
+                           for r in latest_reports(service.s, release)]
     facts["events"] = [{"seq": e.seq, "at": e.at, "action": e.action, "actor": e.actor,
                         "details": json.loads(e.details)} for e in service.events(release.id)]
     return facts
@@ -187,6 +195,12 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print(table([(n["to"], n["purpose"], n["delivered_at"] or "pending", n["via"] or "",
                       n["last_error"] or "") for n in facts["notices"]],
                     ["to", "purpose", "delivered", "via", "last error"]))
+    reports = latest_reports(service.s, release)
+    if reports:
+        last = reports[-1]
+        print(f"\nrehearsal ({lead_text(last.lead)}, {describe_instant(last.at, release.zone)}; "
+              f"{len(reports)} in all)")
+        print("\n".join(f"  {line}" for line in last.lines()))
     print("\naudit")
     print(table([(e["seq"], e["at"], e["action"], e["actor"]) for e in facts["events"]],
                 ["#", "at (UTC)", "event", "by"]))
@@ -268,6 +282,19 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     keyfile.load_public_key(settings.keys_dir)
     print(f"keys    ok  {settings.keys_dir}")
     return 0
+
+
+def cmd_rehearse(settings: Settings, args: argparse.Namespace) -> int:
+    services, service = _service(settings)
+    release = service.get(args.id)
+    rehearser = Rehearser(services, keyfile.load_private_key(settings.keys_dir),
+                          mail=mail_probe(settings),
+                          min_nodes=settings["rehearsal.min_nodes"],
+                          mail_passed=settings["rehearsal.mail_passed"], actor=service.actor)
+    report = rehearser.rehearse(release.id, now=services.clock.now())
+    assert report is not None  # one by hand is always recorded
+    print("\n".join(report.lines()))
+    return 0 if report.ready else NOT_READY
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -416,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="verify access to the vault, public target and keys"
                    ).set_defaults(func=cmd_check)
     sub.add_parser("run", help="run the scheduler until stopped").set_defaults(func=cmd_run)
+
+    rehearse = sub.add_parser("rehearse", help="prove a release would publish, publishing "
+                              "nothing (exit status 11 when a check fails)")
+    rehearse.add_argument("id")
+    rehearse.set_defaults(func=cmd_rehearse)
 
     demo = sub.add_parser("demo", help="queue and publish a demo release, start to finish")
     demo.add_argument("--seconds", type=int, default=10, help="embargo this far ahead")
