@@ -34,6 +34,9 @@ from storage.db import transaction
 log = logging.getLogger(__name__)
 
 _REHEARSALS = table_of(Rehearsal)
+# An automatic rehearsal is not started this close to the instant: the
+# publication then has the node to itself.
+QUIET = timedelta(seconds=5)
 LIVE = timedelta(seconds=10)  # a node silent for longer is not counted (as jobs/nodes.py)
 
 
@@ -268,7 +271,8 @@ class Rehearser:
         """(release, lead) pairs whose rehearsal is due at ``now`` and not yet
         recorded: for each queued release whose instant is still ahead, the
         shortest lead whose time has come (a release queued 30 minutes ahead
-        is rehearsed once, for the 1 h lead, not also for 24 h)."""
+        is rehearsed once, for the 1 h lead, not also for 24 h). None is
+        started within ``QUIET`` of the instant."""
         if not leads:
             return []
         longest = max(leads)
@@ -283,7 +287,7 @@ class Rehearser:
         due: list[tuple[str, timedelta]] = []
         for release_id, instant in rows:
             passed = [lead for lead in leads if instant - lead <= now]
-            if not passed:
+            if not passed or instant - now < QUIET:
                 continue
             lead = min(passed)
             if (release_id, int(lead.total_seconds()), instant) not in done:

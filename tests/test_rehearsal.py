@@ -27,7 +27,7 @@ from release.context import document_key
 from release.keys import load_private_key
 from release.manifest import load_manifest
 from release.records import QUEUED, AuditEvent, Document, Node, OutboxMessage, Rehearsal, Release
-from release.rehearsal import Rehearser
+from release.rehearsal import QUIET, Rehearser
 from release.service import ReleaseService, Services
 from storage.local import LocalPublicTarget
 from storage.s3 import S3PublicTarget
@@ -285,6 +285,15 @@ def test_release_queued_inside_the_longest_lead_is_rehearsed_once(
     reports = rehearser(services, settings).run_due(now=now, leads=LEADS)
     assert [(r.release_id, r.lead) for r in reports] == [(release.id, LEADS[1])]
     assert rehearser(services, settings).run_due(now=now, leads=LEADS) == []
+
+
+def test_no_automatic_rehearsal_starts_within_the_quiet_seconds(
+        services: Services, settings: Settings, release_id: str) -> None:
+    quiet_from = SEED_INSTANT - QUIET
+    live_node(services, quiet_from)
+    assert rehearser(services, settings).run_due(now=quiet_from + US, leads=LEADS) == []
+    [report] = rehearser(services, settings).run_due(now=quiet_from, leads=LEADS)
+    assert report.lead == LEADS[1]
 
 
 def test_a_rescheduled_release_is_rehearsed_again(services: Services, settings: Settings,
