@@ -18,6 +18,7 @@ from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import Stopper, table
 from jobs.demo import run_demo
+from jobs.logs import use_format
 from jobs.mail import mail_probe
 from jobs.nodes import list_nodes
 from release import keys as keyfile
@@ -307,8 +308,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
              "CLOCK SKEWED: this node will not publish")
     print(f"embargo scheduler running as {node.name} ({counts.get('queued', 0)} queued, "
           f"{counts.get('publishing', 0)} publishing; {clock}, skew "
-          f"{node.monitor.skew_ms} ms); Ctrl-C or SIGTERM stops it",
-          file=sys.stderr, flush=True)
+          f"{node.monitor.skew_ms} ms"
+          f"{f'; metrics on http://{node.metrics.address}/metrics' if node.metrics else ''}"
+          "); Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
     try:
         stopper.event.wait()
     finally:
@@ -471,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}
         settings = load_settings(config_file=args.config, overrides=overrides)
+        use_format(settings["log.format"])
         status: int = args.func(settings, args)
         return status
     except EmbargoError as exc:

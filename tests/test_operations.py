@@ -8,6 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
+import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -370,3 +375,51 @@ def test_node_with_its_heartbeat_service_down_still_publishes(data_dir: Path,
         node.shutdown()
         services.engine.dispose()
 
+
+
+# -- logs for machines ----------------------------------------------------------------------
+def test_json_logs_one_object_a_line_with_release_node_and_event(
+        settings: Settings, services: Services, bundle: Path) -> None:
+    release = queue_seed(services, bundle)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBARGO_")}
+    env.update({"EMBARGO_LOG_FORMAT": "json", "EMBARGO_ALERTS_TO": ALERTS_TO,
+                "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "-v", "--data-dir",
+                           str(settings.data_dir), "rehearse", release.id],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 11  # no node is running: the nodes check fails
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert lines, done.stderr
+    rehearsal = [x for x in lines if x["event"].startswith("rehearsal of %s")]
+    assert len(rehearsal) == 1
+    assert rehearsal[0]["release"] == release.id and rehearsal[0]["level"] == "error"
+    assert re.fullmatch(rf"{re.escape(socket.gethostname())}:\d+", rehearsal[0]["node"])
+    assert "FAIL nodes" in rehearsal[0]["message"]
+    assert all({"at", "level", "logger", "node", "event", "message"} <= set(x) for x in lines)
+    plain = subprocess.run([sys.executable, "-m", "jobs.cli", "-v", "--data-dir",
+                            str(settings.data_dir), "rehearse", release.id],
+                           env={**env, "EMBARGO_LOG_FORMAT": "text"}, capture_output=True,
+                           text=True, timeout=60)
+    assert "rehearsal of" in plain.stderr and not plain.stderr.startswith("{")
+
+
+def test_skewed_clock_is_told_per_release_at_risk_once(services: Services, settings: Settings,
+                                                       bundle: Path, tmp_path: Path) -> None:
+    soon = queue_seed(services, bundle)
+    far = ReleaseService(dataclasses.replace(services, clock=FakeClock(
+        SEED_INSTANT - timedelta(days=3))), actor="comms").queue(load_manifest(
+            write_bundle(tmp_path / "far"), publish_on="2014-09-06"))  # beyond 24 h
+    ok = [True]
+    ops = Operations(services, Rehearser(services, load_private_key(settings.keys_dir)),
+                     node="n1", leads=(), overdue_after=timedelta(seconds=30),
+                     clock_ok=lambda: ok[0], skew_ms=lambda: 812.0)
+    now = SEED_INSTANT - timedelta(hours=2)
+    ops.run_once(now)
+    assert alerts(services, "clock_skewed") == []
+    ok[0] = False
+    ops.run_once(now)
+    ops.run_once(now + timedelta(seconds=5))
+    told = alerts(services, "clock_skewed")
+    assert sorted(m.to_addr for m in told) == [ALERTS_TO, OWNER]
+    assert {m.release_id for m in told} == {soon.id} and far.id != soon.id
+    assert "+812 ms off" in (told[0].details or "")
