@@ -423,3 +423,22 @@ def test_skewed_clock_is_told_per_release_at_risk_once(services: Services, setti
     assert sorted(m.to_addr for m in told) == [ALERTS_TO, OWNER]
     assert {m.release_id for m in told} == {soon.id} and far.id != soon.id
     assert "+812 ms off" in (told[0].details or "")
+
+
+def test_example_alert_rules_use_the_metrics_served(services: Services, metrics: MetricsServer,
+                                                    bundle: Path) -> None:
+    """Every metric an example rule names is served (with a node and a
+    rehearsal, so the labelled gauges have a sample)."""
+    import yaml
+
+    rules_file = Path(__file__).resolve().parent.parent / "config" / "embargo.rules.yml"
+    rules = yaml.safe_load(rules_file.read_text())["groups"][0]["rules"]
+    used = {name for rule in rules for name in re.findall(r"\bembargo_[a-z_]+", rule["expr"])}
+    release = queue_seed(services, bundle)
+    live_node(services, services.clock.now())
+    Rehearser(services, X25519PrivateKey.generate()).rehearse(release.id,
+                                                              now=services.clock.now())
+    served = {name for name, _labels in scrape(metrics)}
+    assert used and used <= served, used - served
+    assert {"EmbargoReleaseOverdue", "EmbargoReleaseUnscheduled", "EmbargoRehearsalFailed",
+            "EmbargoClockSkew"} <= {rule["alert"] for rule in rules}
