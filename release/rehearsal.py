@@ -242,8 +242,9 @@ class Rehearser:
             added = connection.execute(dialect.insert(_REHEARSALS).values(
                 id=report.id, release_id=report.release_id, instant=instant,
                 lead_seconds=lead_seconds, at=report.at, actor=self.actor, ready=report.ready,
-                checks=json.dumps(checks, ensure_ascii=False)).on_conflict_do_nothing())
-            if not added.rowcount:
+                checks=json.dumps(checks, ensure_ascii=False)).on_conflict_do_nothing()
+                .returning(_REHEARSALS.c.id))
+            if added.first() is None:  # recorded already (rowcount is -1 on psycopg)
                 return False
             action = "rehearsal_passed" if report.ready else "rehearsal_failed"
             audit.record(session, action=action, actor=self.actor, at=report.at,

@@ -442,3 +442,25 @@ def test_example_alert_rules_use_the_metrics_served(services: Services, metrics:
     assert used and used <= served, used - served
     assert {"EmbargoReleaseOverdue", "EmbargoReleaseUnscheduled", "EmbargoRehearsalFailed",
             "EmbargoClockSkew"} <= {rule["alert"] for rule in rules}
+
+
+def test_operations_settings_are_validated() -> None:
+    from config.errors import ConfigError
+
+    base = load_settings(environ={})
+    assert base["rehearsal.before"] == (timedelta(hours=1),)
+    assert base["metrics.bind"] == "127.0.0.1:9464" and base["log.format"] == "text"
+    assert base["alerts.overdue_after"] == timedelta(seconds=30)
+    both = load_settings(environ={"EMBARGO_REHEARSAL_BEFORE": "1h, 24h",
+                                  "EMBARGO_REHEARSAL_MAIL_PASSED": "false",
+                                  "EMBARGO_METRICS_BIND": ""})
+    assert both["rehearsal.before"] == (timedelta(hours=24), timedelta(hours=1))
+    assert both["rehearsal.mail_passed"] is False and both["metrics.bind"] is None
+    assert both.public_dict()["rehearsal.before"] == ["1 day, 0:00:00", "1:00:00"]
+    for key, bad, words in (("rehearsal.before", "soon", "not a duration"),
+                            ("metrics.bind", "9464", "not host:port"),
+                            ("log.format", "xml", "not one of text, json"),
+                            ("alerts.heartbeat_url", "ftp://x", "not an http.s. URL"),
+                            ("rehearsal.mail_passed", "perhaps", "not true or false")):
+        with pytest.raises(ConfigError, match=f"setting {key} .*{words}"):
+            load_settings(environ={}, overrides={key: bad})

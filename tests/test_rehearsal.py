@@ -338,3 +338,28 @@ def test_embargo_rehearse_prints_the_report_and_show_has_it(
     assert main([*data, "show", release_id, "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert [r["ready"] for r in facts["rehearsals"]] == [True, False]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_a_lead_is_recorded_once_by_any_node_and_by_hand_every_time(
+        data_dir: Path, database: str, bundle: Path, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("pg_url") if database == "postgres" else ""
+    settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
+                                                    "database.url": url,
+                                                    "alerts.to": [ALERTS_TO]})
+    keyfile.init_keys(settings.keys_dir)
+    services = build_services(settings, clock=FakeClock(HOUR_BEFORE))
+    try:
+        release_id = queue_seed(services, bundle).id
+        live_node(services, HOUR_BEFORE)
+        one, two = rehearser(services, settings), rehearser(services, settings)
+        assert one.rehearse(release_id, now=HOUR_BEFORE, lead=LEADS[1]) is not None
+        assert two.rehearse(release_id, now=HOUR_BEFORE, lead=LEADS[1]) is None  # the other node
+        assert one.rehearse(release_id, now=HOUR_BEFORE) is not None
+        assert two.rehearse(release_id, now=HOUR_BEFORE) is not None
+        with services.sessions() as session:
+            assert len(session.scalars(select(Rehearsal)).all()) == 3
+        assert actions(services, release_id).count("rehearsal_passed") == 3
+        assert len(alerts(services)) == 6
+    finally:
+        services.engine.dispose()
