@@ -257,8 +257,9 @@ class Rehearser:
                        else f"REHEARSAL FAILED: {report.title} ({report.embargo})")
             raise_alert(session, Alert(kind=action, subject=subject[:300],
                                        lines=[*report.lines(), "",
-                                              f"Rehearsal {report.id}, {lead_text(report.lead)}"
-                                              " the instant.",
+                                              f"Rehearsal {report.id}, " + (
+                                                  "run by hand." if report.lead is None else
+                                                  f"{lead_text(report.lead)} the instant."),
                                               "A failed rehearsal does not stop the "
                                               "publication: at the instant it is tried anyway."],
                                        key=report.id if lead_seconds is None
