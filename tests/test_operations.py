@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from release import keys as keyfile
 from release.keys import load_private_key
 from release.manifest import load_manifest
 from release.publishing import Publisher
-from release.records import PUBLISHED, AuditEvent, OutboxMessage, Release
+from release.records import PUBLISHED, AuditEvent, OutboxMessage, Rehearsal, Release
 from release.rehearsal import Rehearser
 from release.service import ReleaseService, Services
 from storage.local import LocalPublicTarget
@@ -464,3 +465,39 @@ def test_operations_settings_are_validated() -> None:
                             ("rehearsal.mail_passed", "perhaps", "not true or false")):
         with pytest.raises(ConfigError, match=f"setting {key} .*{words}"):
             load_settings(environ={}, overrides={key: bad})
+
+
+def test_a_live_node_rehearses_once_holds_the_timer_and_not_again_after_restart(
+        data_dir: Path, tmp_path: Path) -> None:
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(data_dir), "alerts.to": [ALERTS_TO], "metrics.bind": "127.0.0.1:0",
+        "scheduler.poll_seconds": 0.1})
+    keyfile.init_keys(settings.keys_dir)
+    services = build_services(settings)
+    instant = (datetime.now(UTC) + timedelta(seconds=40)).replace(microsecond=0)
+    release = ReleaseService(services, actor="comms").queue(load_manifest(
+        write_bundle(tmp_path / "b"), publish_on=instant.isoformat()))
+
+    def recorded() -> list[tuple[int | None, bool]]:
+        with services.sessions() as session:
+            return [(r.lead_seconds, r.ready) for r in session.scalars(select(Rehearsal))]
+
+    try:
+        node = start_node(settings, services, threading.Event())
+        try:
+            assert wait_until(lambda: recorded() == [(3600, True)], 10), recorded()
+            assert node.metrics is not None
+            samples = scrape(node.metrics)
+            assert value(samples, "embargo_rehearsal_ready", release=release.id) == 1
+            assert value(samples, "embargo_releases_unscheduled") == 0  # this node has it
+        finally:
+            node.shutdown()
+        node = start_node(settings, services, threading.Event())
+        time.sleep(2)  # a few passes of the operations loop
+        node.shutdown()
+        assert recorded() == [(3600, True)]
+        assert len(alerts(services, "rehearsal_passed")) == 2  # the owner and alerts.to
+        with services.sessions() as session:
+            assert session.scalars(select(Release.state)).one() == "queued"
+    finally:
+        services.engine.dispose()
