@@ -220,7 +220,7 @@ class MetricsServer:
         self.server = ThreadingHTTPServer((host.strip("[]"), int(port)), self._handler())
         self.server.daemon_threads = True
         self.address = f"{host}:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever,
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                         name="embargo-metrics", daemon=True)
 
     def start(self) -> MetricsServer:
