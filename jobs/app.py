@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from config.settings import Settings
 from jobs.heartbeat import Heartbeat
 from jobs.mail import mail_probe, transport_factory
-from jobs.metrics import MetricsServer, start_metrics
+from jobs.metrics import MetricsServer, database_ok, start_metrics
 from jobs.nodes import NodeMonitor
 from jobs.operations import Operations
 from jobs.relay import OutboxRelay
@@ -130,6 +130,7 @@ def start_operations(settings: Settings, services: Services, private_key: X25519
     heartbeat = None
     if settings["alerts.heartbeat_url"]:
         heartbeat = Heartbeat(settings["alerts.heartbeat_url"],
-                              every=settings["alerts.heartbeat_every"], node=name)
+                              every=settings["alerts.heartbeat_every"], node=name,
+                              healthy=lambda: monitor.clock_ok and database_ok(services))
         heartbeat.start()
     return {"operations": operations, "metrics": metrics, "heartbeat": heartbeat}

@@ -9,14 +9,20 @@ import logging
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
     def __init__(self, url: str, *, every: float = 60.0, timeout: float = 5.0,
-                 node: str = "") -> None:
+                 node: str = "", healthy: Callable[[], bool] = lambda: True) -> None:
+        """``healthy``: whether this node could publish just now (its clock
+        trusted, its database answering); a node that could not stays
+        silent, so the outside service raises the alarm if none can."""
         self.url = url
+        self.healthy = healthy
+        self.skipped = 0
         self.every = every
         self.timeout = min(timeout, every)
         self.node = node
@@ -49,7 +55,12 @@ class Heartbeat:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.ping()
+                if self.healthy():
+                    self.ping()
+                else:
+                    self.skipped += 1
+                    log.warning("heartbeat to %s withheld: this node cannot publish just now",
+                                self.url)
             except Exception:  # never let the switch take the node down
                 log.exception("heartbeat failed unexpectedly; carrying on")
             self._stop.wait(self.every)

@@ -15,8 +15,10 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
     CollectorRegistry,
@@ -28,8 +30,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
+from config.errors import ConfigError
 from release.context import Services
-from release.keys import load_private_key
+from release.keys import PUBLIC_NAME, load_private_key, load_public_key
 from release.records import (
     CANCELLED,
     FAILED,
@@ -205,8 +208,31 @@ def readiness(services: Services) -> dict[str, str]:
     attempt("database", database)
     attempt("vault", services.vault.check)
     attempt("public", services.public.check)
-    attempt("key", lambda: load_private_key(services.keys_dir))
+    attempt("key", lambda: check_key_pair(services.keys_dir))
     return results
+
+
+def database_ok(services: Services) -> bool:
+    """The database answers (the heartbeat pings only then)."""
+    try:
+        with services.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        log.warning("the database does not answer: %s", exc)
+        return False
+    return True
+
+
+def check_key_pair(keys_dir: Path) -> None:
+    """The private key loads and, where ``publisher.pub`` is beside it,
+    matches it (what is queued is sealed to that one)."""
+    private = load_private_key(keys_dir)
+    if not (keys_dir / PUBLIC_NAME).exists():
+        return
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    if private.public_key().public_bytes(*raw) != load_public_key(keys_dir).public_bytes(*raw):
+        raise ConfigError(f"the private key in {keys_dir} does not match {PUBLIC_NAME}: "
+                          "releases queued with that public key cannot be opened")
 
 
 class MetricsServer:

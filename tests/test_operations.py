@@ -355,6 +355,42 @@ def test_heartbeat_pings_and_carries_on_while_the_service_is_down() -> None:
         server.stop()
 
 
+def test_heartbeat_is_withheld_while_the_node_cannot_publish() -> None:
+    port = free_port()
+    server = PingServer(port)
+    healthy = threading.Event()
+    beat = Heartbeat(f"http://127.0.0.1:{port}/ping", every=1, timeout=0.5,
+                     healthy=healthy.is_set)
+    beat.every = 0.05
+    beat.start()
+    try:
+        assert wait_until(lambda: beat.skipped >= 3, 5)
+        assert server.pings == []
+        healthy.set()
+        assert wait_until(lambda: len(server.pings) >= 2, 5)
+    finally:
+        beat.stop()
+        server.stop()
+
+
+def test_ready_names_a_private_key_that_does_not_match_the_public_one(
+        services: Services, settings: Settings) -> None:
+    from release.keys import PRIVATE_NAME
+
+    other = settings.keys_dir.parent / "other-keys"
+    keyfile.init_keys(other)
+    (settings.keys_dir / PRIVATE_NAME).write_bytes((other / PRIVATE_NAME).read_bytes())
+    server = start_metrics("127.0.0.1:0", services, overdue_after=timedelta(seconds=30))
+    assert server is not None
+    try:
+        status, body = get(f"http://{server.address}/healthz/ready")
+    finally:
+        server.stop()
+    report = json.loads(body)
+    assert status == 503 and report["failed"] == ["key"]
+    assert "does not match publisher.pub" in report["checks"]["key"]
+
+
 def test_node_with_its_heartbeat_service_down_still_publishes(data_dir: Path,
                                                               tmp_path: Path) -> None:
     settings = load_settings(environ={}, overrides={
