@@ -81,6 +81,9 @@ def public_entries(services: Services) -> list[str]:
 
 
 def assert_nothing_published(services: Services, release_id: str) -> None:
+    """No document public, no notice of publication, the release still
+    queued and unclaimed; and the public folder as empty as it was."""
+    assert public_entries(services) == []
     with services.sessions() as session:
         release = session.get(Release, release_id)
         assert release is not None and release.state == QUEUED
