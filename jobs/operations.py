@@ -35,6 +35,7 @@ class Operations:
         self.every = every
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing: dict[str, str] = {}
 
     def run_once(self, now: datetime) -> None:
         """One pass; each part is tried even when another fails."""
@@ -44,8 +45,13 @@ class Operations:
                 return
             try:
                 part(now)
-            except Exception:
-                log.exception("%s failed; will try again", name)
+                self._failing.pop(name, None)
+            except Exception as exc:
+                if self._failing.get(name) == str(exc):  # said already: not every second
+                    log.debug("%s still failing: %s", name, exc)
+                else:
+                    self._failing[name] = str(exc)
+                    log.exception("%s failed; will try again", name)
 
     def _rehearse(self, now: datetime) -> None:
         self.rehearser.run_due(now=now, leads=self.leads, stop=self._stop.is_set)

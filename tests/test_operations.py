@@ -537,3 +537,19 @@ def test_a_live_node_rehearses_once_holds_the_timer_and_not_again_after_restart(
             assert session.scalars(select(Release.state)).one() == "queued"
     finally:
         services.engine.dispose()
+
+
+def test_operations_say_a_lasting_failure_once(services: Services, settings: Settings,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    ops = Operations(services, Rehearser(services, load_private_key(settings.keys_dir)),
+                     node="n1", leads=(timedelta(hours=1),),
+                     overdue_after=timedelta(seconds=30))
+    with services.engine.begin() as connection:
+        connection.execute(text("DROP TABLE rehearsals"))
+    now = SEED_INSTANT
+    with caplog.at_level(logging.DEBUG, logger="jobs.operations"):
+        for second in range(3):
+            ops.run_once(now + timedelta(seconds=second))  # the overdue part still runs
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["rehearsals failed; will try again"]
+    assert sum("still failing" in r.getMessage() for r in caplog.records) == 2
