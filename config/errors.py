@@ -62,3 +62,8 @@ class DeliveryError(EmbargoError):
     """A message could not be handed to the mail server; worth retrying."""
 
     exit_status = 7
+
+
+class DeliveryRefused(DeliveryError):
+    """The mail server refused the message for good (a 5xx reply, a refused
+    recipient): retrying the same message to the same address cannot help."""

@@ -244,7 +244,8 @@ FIELDS: tuple[Field, ...] = (
     Field(key="s3.cache_control", default="public, max-age=300", check=_text,
           help="Cache-Control of published objects"),
     Field(key="mail.transport", default="file", check=_choice("file", "smtp"),
-          help="file: .eml files in mail.outbox_dir; smtp: a mail server"),
+          help="file: .eml files in mail.outbox_dir, for trying Embargo out (a copy "
+               "delivered there is plaintext on this disk); smtp: a mail server"),
     Field(key="mail.sender", default="Embargo <embargo@localhost>", check=_text,
           help="From: address of notices"),
     Field(key="mail.outbox_dir", default="", check=_optional_text,
@@ -258,8 +259,10 @@ FIELDS: tuple[Field, ...] = (
           help="SMTP password (set EMBARGO_MAIL_SMTP_PASSWORD, not the file)"),
     Field(key="mail.workers", default=4, check=_number(1, 32, int),
           help="notices handed to the mail server at once (one connection each)"),
-    Field(key="mail.max_attempts", default=20, check=_number(1, 1000, int),
-          help="delivery attempts before a notice is given up and alerted"),
+    Field(key="mail.give_up_after", default="24h", check=parse_duration,
+          help="a notice the mail server cannot take (4xx, no connection) is retried with "
+               "backoff this long, then given up and alerted (`embargo resend` sends it "
+               "again); a 5xx or refused recipient fails at once, alerted"),
     Field(key="scheduler.poll_seconds", default=0.5, check=_number(0.05, 60),
           help="how often the scheduler re-reads the database for changes"),
     Field(key="scheduler.lease_seconds", default=3.0, check=_number(1, 3600),
@@ -309,6 +312,9 @@ FIELDS: tuple[Field, ...] = (
           help="host:port of /metrics and /healthz on `embargo run`; empty turns it off"),
     Field(key="log.format", default="text", check=_choice("text", "json"),
           help="text, or json: one JSON object a line (release id, node, event)"),
+    Field(key="copies.unstampable", default="refuse", check=_choice("refuse", "send-unmarked"),
+          help="a PDF that cannot be stamped with the embargo and copy id: refuse it at "
+               "queue, or send-unmarked (the copy id then travels in the message only)"),
 )
 
 
@@ -374,8 +380,18 @@ class Settings:
         return shown
 
 
-def _mask_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+_SECRET_PARAMS = r"(?:password|passwd|pwd|pass|secret|token|sslpassword|access_key|secret_key)"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: in the user part
+    (``user:pw@host``) and in query parameters (``?password=pw``)."""
+    url = re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", url)
+    return re.sub(rf"((?:^|[?&;\s]){_SECRET_PARAMS}\s*=\s*)[^&;#\s]*", r"\1***", url,
+                  flags=re.IGNORECASE)
+
+
+_mask_url = mask_url
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

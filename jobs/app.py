@@ -45,6 +45,7 @@ def build_services(settings: Settings, *, clock: Clock | None = None,
         default_at=settings["default_at"],
         copies_max_lead=settings["copies.max_lead"],
         copies_cutoff=settings["copies.cutoff"],
+        copies_unstampable=settings["copies.unstampable"],
         alerts_to=settings["alerts.to"],
         alerts_repeat=settings["alerts.repeat"],
     )
@@ -89,7 +90,8 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
                           workers=settings["scheduler.publish_workers"])
     transports = transport_factory(settings)
     relay = OutboxRelay(services, transports(), sender=settings["mail.sender"],
-                        worker=name, max_attempts=settings["mail.max_attempts"],
+                        worker=name, give_up_after=settings["mail.give_up_after"],
+                        lease=lease,
                         opener=DocumentOpener(services, private_key),
                         workers=settings["mail.workers"],
                         make_transport=transports)

@@ -7,20 +7,23 @@ import dataclasses
 import json
 import logging
 import os
+import smtplib
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config.errors import EmbargoError, InputError
+from config.errors import EmbargoError, InputError, StateError
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import Stopper, table
 from jobs.demo import run_demo
 from jobs.logs import use_format
-from jobs.mail import mail_probe
+from jobs.mail import mail_probe, remove_copy_files
 from jobs.nodes import list_nodes
+from release import custody
 from release import keys as keyfile
 from release.audit import default_actor
 from release.copies import access_list, trace
@@ -32,12 +35,14 @@ from release.service import (
     Services,
     describe_instant,
     embargo_of,
+    notice_state,
     release_facts,
 )
 from storage import migrate
 from storage.db import make_engine
 
 log = logging.getLogger("embargo")
+CHECK_FAILED = 10
 NOT_READY = 11  # `embargo rehearse`: a check failed
 
 
@@ -73,10 +78,61 @@ def _json(data: Any) -> None:
 
 
 # -- commands -----------------------------------------------------------------------
+def _dependents(settings: Settings) -> int:
+    """Releases whose data key is sealed to the current public key."""
+    if not (settings.keys_dir / keyfile.PUBLIC_NAME).exists():
+        return 0
+    services = build_services(settings)
+    return len(custody.active_releases(services))
+
+
 def cmd_keys_init(settings: Settings, args: argparse.Namespace) -> int:
-    private, public = keyfile.init_keys(settings.keys_dir)
+    private, public = keyfile.init_keys(settings.keys_dir, force=args.force,
+                                        dependents=_dependents(settings))
     print(f"created the publisher key pair:\n  private {private} (mode 0600: keep it on the "
-          f"publishing side only)\n  public  {public}")
+          f"publishing side only, and back it up)\n  public  {public}")
+    return 0
+
+
+def _print_findings(findings: list[custody.Finding], as_json: bool) -> int:
+    if as_json:
+        _json([{"what": f.what, "ok": f.ok, "detail": f.detail} for f in findings])
+    else:
+        for finding in findings:
+            print(finding.line(), file=sys.stdout if finding.ok else sys.stderr)
+    return 0 if all(f.ok for f in findings) else CHECK_FAILED
+
+
+def _release_findings(services: Services, private: Any) -> list[custody.Finding]:
+    releases = custody.active_releases(services)
+    findings = [f for r in releases for f in custody.check_release(services, r, private)]
+    if not releases:
+        findings.append(custody.Finding(what="release", ok=True,
+                                        detail="no queued release to check"))
+    return findings
+
+
+def cmd_keys_check(settings: Settings, args: argparse.Namespace) -> int:
+    services = build_services(settings)
+    findings, private = custody.check_keys(services, settings.keys_dir)
+    if private is not None:
+        findings += _release_findings(services, private)
+    return _print_findings(findings, args.json)
+
+
+def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    services = build_services(settings)
+    live = [n["name"] for n in list_nodes(services) if n["state"] == "live"]
+    if live:
+        raise StateError(f"{len(live)} scheduler node{'s are' if len(live) > 1 else ' is'} "
+                         f"running ({', '.join(map(str, live))}): they hold the old private key "
+                         "in memory; stop them, rotate, then start them again")
+    rotation = custody.rotate(services, settings.keys_dir, actor=default_actor())
+    print(f"rotated the publisher key pair: {rotation.old} -> {rotation.new}\n"
+          f"  {len(rotation.resealed)} queued release data keys re-sealed to the new key; "
+          f"the old pair is removed\n"
+          f"  back up the new {settings.keys_dir / keyfile.PRIVATE_NAME} now, and copy "
+          f"{keyfile.PUBLIC_NAME} to every machine that queues")
     return 0
 
 
@@ -147,7 +203,8 @@ def _show_facts(service: ReleaseService, release: Release, now: Any) -> dict[str
                           for d in release.documents]
     facts["recipients"] = [{"id": r.id, "name": r.name, "email": r.email,
                             "organisation": r.organisation} for r in release.recipients]
-    facts["notices"] = [{"to": m.to_addr, "purpose": m.purpose, "message_id": m.message_id,
+    facts["notices"] = [{"id": m.id, "to": m.to_addr, "purpose": m.purpose,
+                         "message_id": m.message_id, "state": notice_state(m),
                          "delivered_at": m.delivered_at, "via": m.delivered_to,
                          "attempts": m.attempts, "last_error": m.last_error}
                         for m in service.outbox(release.id)]
@@ -193,9 +250,10 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print("  none")
     if facts["notices"]:
         print("\nnotices")
-        print(table([(n["to"], n["purpose"], n["delivered_at"] or "pending", n["via"] or "",
+        print(table([(n["id"], n["to"], n["purpose"], n["state"],
+                      n["delivered_at"] or "", n["via"] or "",
                       n["last_error"] or "") for n in facts["notices"]],
-                    ["to", "purpose", "delivered", "via", "last error"]))
+                    ["#", "to", "purpose", "state", "delivered", "via", "last error"]))
     reports = latest_reports(service.s, release)
     if reports:
         last = reports[-1]
@@ -251,9 +309,28 @@ def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    _, service = _service(settings)
+    services, service = _service(settings)
     release = service.cancel(args.id, reason=args.reason)
     print(f"cancelled {release.id}; its data key is destroyed and it can never be published")
+    removed, mailed = remove_copy_files(services, release.id, settings.outbox_dir,
+                                        actor=service.actor)
+    if removed:
+        print(f"removed {removed} pre-embargo copy file(s) from {settings.outbox_dir}")
+    if mailed:
+        print(f"{mailed} pre-embargo copy(ies) were delivered by mail and remain in the "
+              "officers' mailboxes; each officer is sent a withdrawal notice")
+    elif not removed:
+        print("no pre-embargo copy had been delivered")
+    return 0
+
+
+def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    rows = service.resend(args.id, to=args.to)
+    for row in rows:
+        print(f"notice {row.id} ({row.purpose}) to {row.to_addr} will be sent again as "
+              f"{row.message_id}")
+    print("a running `embargo run` node delivers it" if rows else "nothing to resend")
     return 0
 
 
@@ -274,15 +351,63 @@ def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 8
 
 
+def _check_mail(settings: Settings) -> custody.Finding:
+    if settings["mail.transport"] != "smtp":
+        folder = settings.outbox_dir
+
+        def write() -> None:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".probe-")
+            os.close(fd)
+            os.unlink(name)
+
+        return custody.probe("mail", write, f"file outbox {folder}")
+    host, port = settings["mail.smtp_host"], settings["mail.smtp_port"]
+    where = f"smtp://{host}:{port}"
+    try:
+        smtp: smtplib.SMTP
+        if settings["mail.smtp_security"] == "tls":
+            smtp = smtplib.SMTP_SSL(host, port, timeout=10)
+        else:
+            smtp = smtplib.SMTP(host, port, timeout=10)
+            if settings["mail.smtp_security"] == "starttls":
+                smtp.starttls()
+        if settings["mail.smtp_username"]:
+            smtp.login(settings["mail.smtp_username"], settings["mail.smtp_password"] or "")
+        code, _ = smtp.noop()
+        smtp.quit()
+    except (OSError, smtplib.SMTPException) as exc:
+        return custody.Finding(what="mail", ok=False, detail=f"{where} cannot be reached: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if code != 250:
+        return custody.Finding(what="mail", ok=False, detail=f"{where} answered NOOP with {code}")
+    return custody.Finding(what="mail", ok=True, detail=f"{where} answers")
+
+
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     services, _ = _service(settings)
-    services.vault.check()
-    print(f"vault   ok  {settings.vault}")
-    services.public.check()
-    print(f"public  ok  {settings.public}")
-    keyfile.load_public_key(settings.keys_dir)
-    print(f"keys    ok  {settings.keys_dir}")
-    return 0
+
+    def vault() -> None:
+        services.vault.check()
+        custody.probe_vault(services.vault)
+
+    def public() -> None:
+        services.public.check()
+        custody.probe_public(services.public)
+
+    findings = [custody.probe("vault", vault, settings.vault),
+                custody.probe("public", public, settings.public)]
+    key_findings, private = custody.check_keys(services, settings.keys_dir)
+    findings += key_findings
+    findings += _release_findings(services, private)
+    findings.append(_check_mail(settings))
+    if args.repair:
+        swept = custody.sweep_orphans(services, now=services.clock.now(), actor=default_actor())
+        findings.append(custody.Finding(what="repair", ok=True, detail=(
+            f"removed {swept.objects} orphaned sealed objects ({swept.bytes} bytes) of "
+            f"{len(swept.releases)} unfinished queues and {swept.partials} partial files "
+            f"({swept.partial_bytes} bytes); kept {len(swept.kept)} younger than an hour")))
+    return _print_findings(findings, args.json)
 
 
 def cmd_rehearse(settings: Settings, args: argparse.Namespace) -> int:
@@ -300,6 +425,10 @@ def cmd_rehearse(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     services = build_services(settings)
+    try:  # leftovers of killed queues; never a reason not to start
+        custody.sweep_orphans(services, now=services.clock.now(), actor="scheduler")
+    except EmbargoError as exc:
+        log.warning("could not sweep what killed queues left: %s", exc)
     stopper = Stopper()
     stopper.install()
     node = start_node(settings, services, stopper.event)
@@ -311,6 +440,10 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
           f"{node.monitor.skew_ms} ms"
           f"{f'; metrics on http://{node.metrics.address}/metrics' if node.metrics else ''}"
           "); Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+    if settings["mail.transport"] == "file":
+        print(f"notices are .eml files in {settings.outbox_dir} (mail.transport = \"file\", "
+              "for trying Embargo out): a pre-embargo copy there is plaintext on this disk",
+              file=sys.stderr, flush=True)
     try:
         stopper.event.wait()
     finally:
@@ -375,7 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="the publisher's key pair")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    keys_sub.add_parser("init", help="create the key pair").set_defaults(func=cmd_keys_init)
+    init = keys_sub.add_parser("init", help="create the key pair (never over an existing key)")
+    init.add_argument("--force", action="store_true",
+                      help="replace a public key whose private key is gone, when no release "
+                           "depends on it")
+    init.set_defaults(func=cmd_keys_init)
+    kcheck = keys_sub.add_parser("check", help="prove the private key matches the public key "
+                                               "and opens every queued release")
+    kcheck.add_argument("--json", action="store_true")
+    kcheck.set_defaults(func=cmd_keys_check)
+    keys_sub.add_parser("rotate", help="a new key pair; every queued release's data key "
+                                       "re-sealed to it (scheduler nodes stopped)"
+                        ).set_defaults(func=cmd_keys_rotate)
 
     config = sub.add_parser("config", help="settings")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -413,6 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", required=True)
     cancel.set_defaults(func=cmd_cancel)
 
+    resend = sub.add_parser("resend", help="send a failed or given-up notice again "
+                                           "(same Message-ID)")
+    resend.add_argument("id", help="the notice's number (see show), its Message-ID, or a "
+                                   "release id (all its failed notices)")
+    resend.add_argument("--to", metavar="EMAIL", help="send it to this address instead")
+    resend.set_defaults(func=cmd_resend)
+
     resched = sub.add_parser("reschedule", help="move a queued release to a new instant")
     resched.add_argument("id")
     when(resched, True)
@@ -442,8 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("current", help="show the schema revision"
                       ).set_defaults(func=cmd_db_current)
 
-    sub.add_parser("check", help="verify access to the vault, public target and keys"
-                   ).set_defaults(func=cmd_check)
+    check = sub.add_parser("check", help="keys, every queued release's sealed objects, probe "
+                                         "writes to the vault and public location, the mail "
+                                         "server")
+    check.add_argument("--json", action="store_true")
+    check.add_argument("--repair", action="store_true",
+                       help="also remove what killed queues left (older than an hour)")
+    check.set_defaults(func=cmd_check)
     sub.add_parser("run", help="run the scheduler until stopped").set_defaults(func=cmd_run)
 
     rehearse = sub.add_parser("rehearse", help="prove a release would publish, publishing "
@@ -464,11 +620,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UTCFormatter(logging.Formatter):
+    """Log timestamps in UTC, marked ``Z``, whatever the machine's TZ."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def configure_logging(level: int) -> None:
+    """A handler on standard error with UTC timestamps (unless logging is
+    already set up, as ``basicConfig`` does), and Python warnings
+    (``warnings.warn`` in libraries) routed through logging as WARNING
+    records of the ``py.warnings`` logger rather than printed raw."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     try:
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}

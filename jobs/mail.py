@@ -1,4 +1,5 @@
-"""Mail transports: ``.eml`` files (the embedded default) and SMTP."""
+"""Mail transports: ``.eml`` files (the embedded default, for trying Embargo
+out: a copy delivered there is plaintext on this disk) and SMTP."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
 
-from config.errors import DeliveryError
+from sqlalchemy import select
+
+from config.errors import DeliveryError, DeliveryRefused
 from config.settings import Settings
+from release import audit
+from release.context import Services
+from release.records import OutboxMessage
+from storage.db import transaction
 
 
 class MailTransport(ABC):
@@ -23,7 +30,8 @@ class MailTransport(ABC):
     def send(self, message: Message) -> str:
         """Deliver ``message``; return where it went (a path or a server).
         Sending the same Message-ID twice must not make two copies where the
-        transport can prevent it. Raises DeliveryError when it may be retried."""
+        transport can prevent it. Raises DeliveryRefused when the server refused it
+        for good (5xx, a refused recipient), DeliveryError when it may be retried."""
 
     def close(self) -> None:
         """Release any connection held between sends."""
@@ -35,19 +43,29 @@ class FileMailTransport(MailTransport):
         self.folder = folder
 
     def send(self, message: Message) -> str:
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", str(message["Message-ID"]).strip("<>"))
-        path = self.folder / f"{name}.eml"
+        path = self.path_of(str(message["Message-ID"]))
+        data = message.as_bytes()  # a message that cannot be flattened leaves no file
+        tmp: str | None = None
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".part-")
             with os.fdopen(fd, "wb") as handle:
-                handle.write(message.as_bytes())
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+            tmp = None
         except OSError as exc:
             raise DeliveryError(f"cannot write {path}: {exc.strerror}") from None
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         return str(path)
+
+    def path_of(self, message_id: str) -> Path:
+        """Where the message with ``message_id`` is (or would be) written."""
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", message_id.strip().strip("<>"))
+        return self.folder / f"{name}.eml"
 
 
 class SmtpMailTransport(MailTransport):
@@ -93,12 +111,15 @@ class SmtpMailTransport(MailTransport):
                 if not reuse:
                     raise DeliveryError(f"{where} closed the connection") from None
             except smtplib.SMTPAuthenticationError as exc:
-                self.close()
+                self.close()  # a setting to fix, then every notice goes: temporary
                 raise DeliveryError(f"{where} refused the login: {exc.smtp_code}") from None
+            except smtplib.SMTPRecipientsRefused as exc:
+                self.close()
+                code, words = next(iter(exc.recipients.values()), (0, b""))
+                raise _answered(where, "refused the recipient", code, words) from None
             except smtplib.SMTPResponseException as exc:
                 self.close()
-                raise DeliveryError(f"{where} answered {exc.smtp_code} "
-                                    f"{exc.smtp_error!r}") from None
+                raise _answered(where, "answered", exc.smtp_code, exc.smtp_error) from None
             except (OSError, smtplib.SMTPException) as exc:
                 self.close()
                 raise DeliveryError(f"{where} cannot be reached: {exc}") from None
@@ -142,6 +163,42 @@ def mail_probe(settings: Settings) -> SmtpMailTransport | None:
         settings["mail.smtp_host"], settings["mail.smtp_port"],
         security=settings["mail.smtp_security"], username=settings["mail.smtp_username"],
         password=settings["mail.smtp_password"])
+
+
+def remove_copy_files(services: Services, release_id: str, folder: Path, *,
+                      actor: str) -> tuple[int, int]:
+    """After a cancellation: delete the release's pre-embargo copies left as
+    files in the file outbox (plaintext documents, base64), delivered or
+    not. Returns (files removed, copies delivered by mail, which remain in
+    the officers' mailboxes). Audited when a file was removed."""
+    with transaction(services.sessions) as session:
+        rows = session.execute(select(OutboxMessage.message_id, OutboxMessage.delivered_to)
+                               .where(OutboxMessage.release_id == release_id,
+                                      OutboxMessage.purpose == "copy")).all()
+    files = FileMailTransport(folder)
+    removed: list[str] = []
+    mailed = 0
+    for message_id, delivered_to in rows:
+        path = files.path_of(message_id)
+        if path.exists():
+            path.unlink()
+            removed.append(path.name)
+        elif delivered_to and delivered_to.startswith("smtp://"):
+            mailed += 1
+    if removed:
+        with transaction(services.sessions) as session:
+            audit.record(session, action="copy_files_removed", actor=actor,
+                         at=services.clock.now(), release_id=release_id,
+                         details={"folder": str(folder), "files": removed})
+    return len(removed), mailed
+
+
+def _answered(where: str, what: str, code: int, words: bytes | str) -> DeliveryError:
+    """The error for a server's reply: a 5xx is permanent (DeliveryRefused),
+    anything else may be retried. Carries the server's own words."""
+    text = words.decode("utf-8", "replace") if isinstance(words, bytes) else str(words)
+    error = DeliveryRefused if 500 <= code < 600 else DeliveryError
+    return error(f"{where} {what}: {code} {text}")
 
 
 def transport_factory(settings: Settings) -> Callable[[], MailTransport]:

@@ -145,15 +145,19 @@ class EmbargoCollector(Collector):
         row = session.execute(select(
             func.count().filter(pending),
             func.count().filter(OutboxMessage.delivered_at.is_not(None)),
-            func.count().filter(OutboxMessage.given_up_at.is_not(None)),
+            func.count().filter(OutboxMessage.given_up_at.is_not(None)
+                                & OutboxMessage.failed_at.is_(None)),
+            func.count().filter(OutboxMessage.failed_at.is_not(None)),
             func.count().filter(pending & (OutboxMessage.purpose == "copy")),
             func.min(OutboxMessage.not_before).filter(
                 pending & (OutboxMessage.not_before <= now)))).one()
-        notices = GaugeMetricFamily("embargo_notices", "Outbox messages by status",
+        notices = GaugeMetricFamily("embargo_notices", "Outbox messages by status (given_up: "
+                                    "after retrying; failed: refused for good)",
                                     labels=["status"])
-        for status, n in zip(("pending", "delivered", "given_up"), row[:3], strict=True):
+        for status, n in zip(("pending", "delivered", "given_up", "failed"), row[:4],
+                             strict=True):  # failed: refused for good (not retried)
             notices.add_metric([status], int(n))
-        oldest = row[4]
+        oldest = row[5]
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=UTC)
         age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
@@ -162,7 +166,7 @@ class EmbargoCollector(Collector):
                                   "Age of the oldest message due and not yet delivered",
                                   value=age),
                 GaugeMetricFamily("embargo_copies_pending",
-                                  "Pre-embargo copies not yet delivered", value=int(row[3]))]
+                                  "Pre-embargo copies not yet delivered", value=int(row[4]))]
 
     def _skew(self, session: Any, now: datetime) -> Metric:
         skew = GaugeMetricFamily("embargo_node_clock_skew_seconds",

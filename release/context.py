@@ -51,6 +51,7 @@ class Services:
     default_at: str = "00:01"
     copies_max_lead: timedelta | None = None
     copies_cutoff: timedelta = timedelta(seconds=60)
+    copies_unstampable: str = "refuse"  # or "send-unmarked"
     alerts_to: tuple[str, ...] = ()
     alerts_repeat: timedelta = timedelta(minutes=15)
 

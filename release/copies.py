@@ -160,9 +160,13 @@ class DocumentOpener:
         self.s = services
         self.key = private_key
 
-    def read(self, release_id: str, document: Document) -> bytes:
-        dek = sealing.open_dek(self.s.vault.get_bytes(dek_key(release_id)), self.key,
-                               release_id)
+    def dek(self, release_id: str) -> bytes:
+        """The release's data key, opened (to read several documents with it)."""
+        return sealing.open_dek(self.s.vault.get_bytes(dek_key(release_id)), self.key,
+                                release_id)
+
+    def read(self, release_id: str, document: Document, *, dek: bytes | None = None) -> bytes:
+        dek = self.dek(release_id) if dek is None else dek
         return sealing.open_bytes(dek, document.id,
                                   self.s.vault.get_bytes(document_key(release_id, document.id)))
 

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from config.errors import InputError
+from release import text as texts
 
 TOP_KEYS = {"title", "publish_on", "at", "zone", "owner", "copies_at", "documents", "recipients"}
 DOCUMENT_KEYS = {"path", "kind", "organisation", "name", "content_type"}
@@ -55,35 +56,91 @@ class ReleaseSpec:
     warnings: tuple[str, ...] = field(default=())
 
 
+# Deeper than any manifest needs: [[documents]] is a list of tables of text.
+MAX_DEPTH = 4
+_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+# Limits per field: (maximum characters). See release/text.py.
+_LIMITS = {"title": texts.TITLE_MAX, "name": texts.NAME_MAX,
+           "organisation": texts.ORGANISATION_MAX, "email": texts.EMAIL_MAX,
+           "owner": texts.EMAIL_MAX, "content_type": texts.CONTENT_TYPE_MAX,
+           "path": 4096}
+
+
 def check_email(email: str, where: str) -> str:
+    # The pattern is ASCII without controls: stricter than release.text.
+    if not isinstance(email, str):
+        raise InputError(f"{where}: an email address must be text")
     email = email.strip()
-    if len(email) > 320 or not _EMAIL.match(email):
+    if len(email) > texts.EMAIL_MAX or not _EMAIL.match(email):
         raise InputError(f"{where}: {email!r} is not a valid email address")
     return email
 
 
 def safe_filename(name: str) -> str:
     """The last part of ``name`` as a file name: ``../../x.pdf`` becomes
-    ``x.pdf``. Raises InputError if nothing usable is left."""
-    base = PureWindowsPath(PurePosixPath(name.replace("\\", "/")).name).name
-    base = re.sub(r"[\x00-\x1f/]", "", base).strip()
+    ``x.pdf``. Raises InputError if nothing usable is left, or if the name
+    cannot be published (see :func:`release.text.clean_filename`)."""
+    base = PureWindowsPath(PurePosixPath(name.replace("\\", "/")).name).name.strip()
     if base in ("", ".", ".."):
         raise InputError(f"{name!r} does not name a file")
-    return base
+    return texts.clean_filename(base, field="file name")
 
 
-def _text(table: dict[str, Any], key: str, where: str, *, required: bool) -> str | None:
+def _text(table: dict[str, Any], key: str, where: str, *, required: bool,
+          max_len: int | None = None) -> str | None:
     value = table.get(key)
     if value is None:
         if required:
             raise InputError(f"{where}: {key!r} is required")
         return None
-    if not isinstance(value, str):
-        raise InputError(f"{where}: {key!r} must be text, not {type(value).__name__}")
-    value = value.strip()
-    if required and not value:
-        raise InputError(f"{where}: {key!r} must not be empty")
-    return value or None
+    return texts.clean_text(value, field=f"{where}: {key!r}",
+                            max_len=max_len or _LIMITS.get(key, texts.FLAG_MAX),
+                            required=required) or None
+
+
+def _flag(value: str | None, name: str) -> str | None:
+    """A command-line value, through the same validator as the file's."""
+    return texts.optional_text(value, field=name, max_len=texts.FLAG_MAX)
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and tables (without recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def _document_path(base: Path, rel: str, here: str) -> Path:
+    """The document's file, checked to exist, be a regular file and be
+    readable; every problem (a part too long for the file system included)
+    is one InputError."""
+    for part in PurePosixPath(rel.replace("\\", "/")).parts:
+        if len(part.encode("utf-8")) > texts.FILENAME_MAX_BYTES:
+            raise InputError(f"{here}: a part of the path {part[:40]!r}… is longer than "
+                             f"{texts.FILENAME_MAX_BYTES} bytes, more than a file system allows")
+    try:
+        file_path = (base / rel).expanduser() if not Path(rel).is_absolute() else Path(rel)
+        if not file_path.exists():
+            raise InputError(f"{here}: file {file_path} does not exist")
+        if not file_path.is_file():
+            raise InputError(f"{here}: {file_path} is not a regular file")
+        if not os.access(file_path, os.R_OK):
+            raise InputError(f"{here}: file {file_path} is not readable")
+        file_path.stat()
+    except OSError as exc:
+        raise InputError(f"{here}: path {rel[:80]!r} cannot be used: "
+                         f"{exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise InputError(f"{here}: path {rel[:80]!r} cannot be used: {exc}") from None
+    return file_path
 
 
 def _unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -113,7 +170,17 @@ def load_manifest(path: Path, *, publish_on: str | None = None, at: str | None =
         raise InputError(f"manifest {path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise InputError(f"manifest {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise InputError(f"manifest {path} nests values more deeply than a manifest "
+                         f"needs (at most {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. a NUL in the path
+        raise InputError(f"manifest {str(path)[:80]!r} cannot be read: {exc}") from None
     where = str(path)
+    if _depth(table) > MAX_DEPTH:
+        raise InputError(f"{where}: values nest more deeply than a manifest needs "
+                         f"(at most {MAX_DEPTH} levels)")
+    publish_on, at = _flag(publish_on, "--publish-on"), _flag(at, "--at")
+    zone, copies_at = _flag(zone, "--zone"), _flag(copies_at, "--copies-at")
     _unknown(table, TOP_KEYS, where)
     title = _text(table, "title", where, required=True)
     assert title is not None
@@ -141,20 +208,23 @@ def load_manifest(path: Path, *, publish_on: str | None = None, at: str | None =
         if kind not in KINDS:
             raise InputError(f"{here}: kind {kind!r} is not one of {', '.join(KINDS)}")
         organisation = _text(raw, "organisation", here, required=kind == "letter")
-        file_path = (base / rel).expanduser() if not Path(rel).is_absolute() else Path(rel)
-        if not file_path.exists():
-            raise InputError(f"{here}: file {file_path} does not exist")
-        if not file_path.is_file():
-            raise InputError(f"{here}: {file_path} is not a regular file")
-        if not os.access(file_path, os.R_OK):
-            raise InputError(f"{here}: file {file_path} is not readable")
-        filename = safe_filename(_text(raw, "name", here, required=False) or file_path.name)
-        if filename.lower() in names:
+        file_path = _document_path(base, rel, here)
+        given = _text(raw, "name", here, required=False, max_len=4 * texts.FILENAME_MAX_BYTES)
+        try:
+            filename = safe_filename(given or file_path.name)
+        except InputError as exc:
+            raise InputError(f"{here}: {exc}") from None
+        folded = texts.fold(filename)
+        if folded in names:
             raise InputError(f"{here}: two documents are named {filename!r} "
-                             f"(document {names[filename.lower()]} too)")
-        names[filename.lower()] = number
+                             f"(document {names[folded]} too; names that differ only in "
+                             "case collide on case-insensitive stores)")
+        names[folded] = number
         content_type = (_text(raw, "content_type", here, required=False)
                         or mimetypes.guess_type(filename)[0] or "application/octet-stream")
+        if not _CONTENT_TYPE.match(content_type):
+            raise InputError(f"{here}: content_type {content_type!r} is not a media type "
+                             "like application/pdf")
         documents.append(DocumentSpec(path=file_path, filename=filename, kind=kind,
                                       organisation=organisation, content_type=content_type,
                                       size=file_path.stat().st_size))

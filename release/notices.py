@@ -23,7 +23,6 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import format_datetime, formataddr, getaddresses
 
-from config.errors import InputError
 from release.alerts import ALERT, alert_text
 from release.context import embargo_of
 from release.marking import COPY_ID, stamp_line, stamp_pdf
@@ -47,10 +46,29 @@ class Attachment:
     copy_id: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Delivery:
+    """What became of one officer's notice of publication, for the owner's
+    summary."""
+
+    name: str
+    address: str
+    delivered: bool
+    error: str | None = None
+
+
 def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
-            *, sender: str, attachments: Sequence[Attachment] = ()) -> Message:
+            *, sender: str, attachments: Sequence[Attachment] = (),
+            summary: Sequence[Delivery] | None = None,
+            unstampable: str = "refuse") -> Message:
     """The message for one outbox row, with its stable Message-ID. A
-    pre-embargo copy carries its documents, PDFs stamped with the copy id."""
+    pre-embargo copy carries its documents, PDFs stamped with the copy id.
+    The owner's summary says what became of each officer's notice
+    (``summary``, once they are all done). Raises whatever a record that
+    cannot be composed, or a PDF that cannot be stamped, raises: the relay
+    records it against this notice. With ``unstampable="send-unmarked"``
+    (``copies.unstampable``) such a PDF is attached unmarked instead, its
+    copy id in the headers and body only."""
     embargo = embargo_of(release)
     # The headers first; the MIME structure is built at the end, around the body.
     message = Message()
@@ -108,7 +126,7 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                 f"Publication started {release.lateness_ms or 0:.1f} ms after the instant.", "",
                 "Documents:", *[f"- {d.filename} ({d.size} bytes): {d.public_url}"
                                 for d in release.documents], "",
-                f"{len(release.recipients)} liaison officers are being notified."]
+                *_summary_lines(summary or [])]
     elif row.purpose == ALERT:
         subject, text = alert_text(row.details)
         text = [*text, "", f"Release {release.id}: \"{release.title}\", due "
@@ -122,17 +140,32 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                 f"Run `embargo show {release.id}` for the details."]
     message["Subject"] = subject  # the generator encodes non-ASCII (RFC 2047)
     body = "\n".join(text) + "\n"
+    links = frozenset(d.public_url for d in release.documents if d.public_url)
     alternative = MIMEMultipart("alternative", None, [_text(body, "plain"),
-                                                     _text(_html(body), "html")])
+                                                     _text(_html(body, links), "html")])
     if attachments:
         root = MIMEMultipart("mixed", None, [alternative, *(
-            _attachment(a, embargo.headline()) for a in attachments)])
+            _attachment(a, embargo.headline(), unstampable) for a in attachments)])
         del alternative["MIME-Version"]
     else:
         root = alternative
     for name, value in message.items():
         root[name] = value
     return root
+
+
+def _summary_lines(summary: Sequence[Delivery]) -> list[str]:
+    delivered = [d for d in summary if d.delivered]
+    failed = [d for d in summary if not d.delivered]
+    lines = [f"Notices of publication: delivered {len(delivered)}, failed {len(failed)} "
+             f"(of {len(summary)} liaison officers)."]
+    if failed:
+        lines += ["", "Not delivered (see `embargo show`; `embargo resend` sends again):",
+                  *[f"- {d.name} <{d.address}>: {d.error or 'no reason recorded'}"
+                    for d in failed]]
+    if delivered:
+        lines += ["", "Delivered:", *[f"- {d.name} <{d.address}>" for d in delivered]]
+    return lines
 
 
 _UTF8_QP = Charset("utf-8")
@@ -158,15 +191,18 @@ def _copy_id(row: OutboxMessage) -> str:
     return match.group(0) if match else "unknown"
 
 
-def _attachment(attachment: Attachment, headline: str) -> MIMEBase:
+def _attachment(attachment: Attachment, headline: str, unstampable: str) -> MIMEBase:
     document = attachment.document
     data = attachment.data
     if document.content_type == "application/pdf":
         try:
             data = stamp_pdf(data, line=stamp_line(headline, attachment.copy_id),
                              copy_id=attachment.copy_id)
-        except InputError:
-            log.warning("%s is not a readable PDF; attached unmarked", document.filename)
+        except Exception:  # pypdf raises many classes on a malformed PDF
+            if unstampable != "send-unmarked":
+                raise
+            log.warning("%s cannot be stamped; attached unmarked (copies.unstampable = "
+                        "send-unmarked: the copy id is in the message only)", document.filename)
     maintype, _, subtype = document.content_type.partition("/")
     part = MIMEBase(maintype or "application", subtype or "octet-stream")
     del part["MIME-Version"]  # once, at the top of the message
@@ -178,12 +214,15 @@ def _attachment(attachment: Attachment, headline: str) -> MIMEBase:
     return part
 
 
-def _html(text: str) -> str:
+def _html(text: str, links: frozenset[str] = frozenset()) -> str:
+    """The HTML part: every line escaped; only the release's own public
+    addresses (``links``) become links, never text that came from a name,
+    a title or a file name."""
     parts = []
     for line in text.splitlines():
         escaped = html.escape(line)
-        if line.startswith("- ") and "://" in line:
-            label, _, url = line[2:].rpartition(": ")
+        label, _, url = line[2:].rpartition(": ")
+        if line.startswith("- ") and url in links:
             escaped = (f'&bull; {html.escape(label)}: '
                        f'<a href="{html.escape(url, quote=True)}">{html.escape(url)}</a>')
         parts.append(f"{escaped}<br>")

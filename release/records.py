@@ -154,7 +154,11 @@ class OutboxMessage(Base):
     claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     delivered_to: Mapped[str | None] = mapped_column(Text)
+    # Set when the notice will not be delivered without a resend; with
+    # ``failed_at`` too when that was a permanent failure (refused recipient,
+    # a message that cannot be built), not a temporary one given up.
     given_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     # The message's own facts, as JSON, where it is not rebuilt from the
     # release's records (an alert: {"subject": ..., "lines": [...]}).

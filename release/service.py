@@ -3,6 +3,7 @@ call this; it owns no clock, engine or storage of its own: all are passed in."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -11,15 +12,19 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import selectinload
 
-from config.errors import InputError, NotFoundError, StateError
-from release import audit, copies, sealing, timerules
+from config.errors import InputError, NotFoundError, StateError, StorageError
+from release import audit, copies, custody, sealing, timerules
+from release import text as texts
 from release.context import Services, dek_key, describe_instant, document_key, embargo_of
 from release.keys import load_public_key
-from release.manifest import ReleaseSpec
+from release.manifest import DocumentSpec, ReleaseSpec
+from release.marking import stamp_line, stamp_pdf
 from release.records import (
     CANCELLED,
     FAILED,
@@ -37,6 +42,39 @@ from storage.db import affected, transaction
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
+PDF = "application/pdf"
+_SLUG_TRIES = 20
+
+
+def trial_stamp(doc: DocumentSpec, headline: str, *, unstampable: str) -> str | None:
+    """Stamp ``doc`` in memory as a pre-embargo copy would be; return the
+    SHA-256 of the bytes read. A PDF that cannot be stamped is refused
+    (InputError with pypdf's reason) unless ``unstampable`` is
+    ``"send-unmarked"``. Other files are not read (None)."""
+    if doc.content_type != PDF:
+        return None
+    try:
+        data = doc.path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"file {doc.path} cannot be read: {exc.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    copy_id = "CPY-0000-0000-0000"
+    try:
+        stamp_pdf(data, line=stamp_line(headline, copy_id), copy_id=copy_id)
+    except Exception as exc:  # pypdf raises ValueError, AttributeError,
+        # TypeError, KeyError, RecursionError, its own PdfError tree incl. LimitReachedError…
+        # on malformed files: any of them means "cannot be stamped"
+        if unstampable != "send-unmarked":
+            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise InputError(
+                f"{doc.filename} cannot be stamped as a pre-embargo copy "
+                f"({type(exc).__name__}{': ' + reason if reason else ''}); repair the PDF, "
+                "or set copies.unstampable = \"send-unmarked\" to send it unmarked with the "
+                "copy id in the message only") from None
+        log.warning("%s cannot be stamped (%s); its copies go unmarked",
+                    doc.filename, type(exc).__name__)
+    return digest
+_ADDRESS = re.compile(r"[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+")
 
 
 def new_id(prefix: str) -> str:
@@ -77,18 +115,24 @@ class ReleaseService:
         if not spec.recipients:
             copies_at = None  # nobody to send copies to: no copies job either
         public_key = load_public_key(self.s.keys_dir)
+        checked = [trial_stamp(doc, embargo.headline(), unstampable=self.s.copies_unstampable)
+                   for doc in spec.documents]
         release_id = new_id("rel")
-        written: list[str] = []
+        # Written first and removed last: objects under a release folder with
+        # neither a row nor a young marker are a killed queue's (custody.sweep_orphans).
+        written: list[str] = [custody.pending_key(release_id)]
         try:
+            custody.mark_pending(self.s.vault, release_id, now)
             dek = sealing.new_dek()
-            documents: list[Document] = []
-            for position, doc in enumerate(spec.documents):
+            documents: list[dict[str, Any]] = []
+            for position, (doc, digest) in enumerate(zip(spec.documents, checked, strict=True)):
                 document_id = new_id("doc")
                 key = document_key(release_id, document_id)
                 written.append(key)
                 result = self._seal_file(dek, document_id, doc.path, doc.filename, doc.size,
                                          key, progress)
-                documents.append(Document(
+                _same_as_checked(doc, result, digest)
+                documents.append(dict(
                     id=document_id, position=position, kind=doc.kind,
                     organisation=doc.organisation, filename=doc.filename,
                     content_type=doc.content_type, size=result.size, sha256=result.sha256))
@@ -96,28 +140,25 @@ class ReleaseService:
             self.s.vault.put_bytes(dek_key(release_id),
                                    sealing.seal_dek(dek, public_key, release_id))
             del dek
-            with transaction(self.sessions) as session:
-                release = Release(
-                    id=release_id, slug=self._free_slug(session, embargo, spec.title),
-                    title=spec.title, owner=spec.owner, state=QUEUED,
-                    instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
-                    copies_at=copies_at,
-                    created_at=now, created_by=self.actor, revision=1, attempts=0,
-                    documents=documents,
-                    recipients=[Recipient(id=new_id("rcp"), position=i, name=r.name,
-                                          email=r.email, organisation=r.organisation)
-                                for i, r in enumerate(spec.recipients)],
-                )
-                session.add(release)
-                session.flush()
-                audit.record(session, action="release_queued", actor=self.actor, at=now,
-                             release_id=release_id, details={
-                                 "title": spec.title, "embargo": embargo.describe(),
-                                 "instant": embargo.instant.isoformat(),
-                                 "copies_at": copies_at.isoformat() if copies_at else None,
-                                 "documents": [{"id": d.id, "name": d.filename,
-                                                "sha256": d.sha256} for d in documents],
-                                 "recipients": [r.email for r in spec.recipients]})
+            recipients = [dict(id=new_id("rcp"), position=i, name=r.name, email=r.email,
+                               organisation=r.organisation)
+                          for i, r in enumerate(spec.recipients)]
+            tried: set[str] = set()
+            for attempt in range(_SLUG_TRIES):
+                slug = self._free_slug(embargo, spec.title, tried)
+                try:
+                    self._record_queued(release_id, slug, spec, embargo, copies_at, now,
+                                        documents, recipients)
+                    break
+                except StorageError as exc:
+                    # Another queue took the slug between our look and our insert
+                    # (PostgreSQL, READ COMMITTED): try the next suffix.
+                    if not (isinstance(exc.__cause__, IntegrityError)
+                            and "slug" in str(exc.__cause__.orig)) \
+                            or attempt == _SLUG_TRIES - 1:
+                        raise
+                    tried.add(slug)
+            self.s.vault.delete(custody.pending_key(release_id))
         except BaseException:
             for key in written:
                 try:
@@ -127,6 +168,31 @@ class ReleaseService:
             raise
         log.info("queued %s for %s", release_id, embargo.describe())
         return self.get(release_id)
+
+    def _record_queued(self, release_id: str, slug: str, spec: ReleaseSpec,
+                       embargo: timerules.Embargo, copies_at: datetime | None, now: datetime,
+                       documents: list[dict[str, Any]],
+                       recipients: list[dict[str, Any]]) -> None:
+        with transaction(self.sessions) as session:
+            release = Release(
+                id=release_id, slug=slug,
+                title=spec.title, owner=spec.owner, state=QUEUED,
+                instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
+                copies_at=copies_at,
+                created_at=now, created_by=self.actor, revision=1, attempts=0,
+                documents=[Document(**d) for d in documents],
+                recipients=[Recipient(**r) for r in recipients],
+            )
+            session.add(release)
+            session.flush()
+            audit.record(session, action="release_queued", actor=self.actor, at=now,
+                         release_id=release_id, details={
+                             "title": spec.title, "embargo": embargo.describe(),
+                             "instant": embargo.instant.isoformat(),
+                             "copies_at": copies_at.isoformat() if copies_at else None,
+                             "documents": [{"id": d["id"], "name": d["filename"],
+                                            "sha256": d["sha256"]} for d in documents],
+                             "recipients": [r.email for r in spec.recipients]})
 
     def _seal_file(self, dek: bytes, document_id: str, path: Path, name: str, size: int,
                    key: str, progress: Progress | None) -> sealing.StreamResult:
@@ -145,9 +211,11 @@ class ReleaseService:
         with src, self.s.vault.writer(key) as out:
             return sealing.seal_stream(dek, document_id, src, out, on_progress=step)
 
-    def _free_slug(self, session: Session, embargo: timerules.Embargo, title: str) -> str:
+    def _free_slug(self, embargo: timerules.Embargo, title: str, tried: set[str]) -> str:
         base = f"{embargo.wall[:10]}-{slugify(title)}"
-        taken = set(session.scalars(select(Release.slug).where(Release.slug.like(f"{base}%"))))
+        with transaction(self.sessions) as session:
+            taken = tried | set(session.scalars(
+                select(Release.slug).where(Release.slug.like(f"{base}%"))))
         slug, n = base, 2
         while slug in taken:
             slug, n = f"{base}-{n}", n + 1
@@ -194,8 +262,9 @@ class ReleaseService:
     # -- change ------------------------------------------------------------
     def cancel(self, release_id: str, *, reason: str) -> Release:
         """Cancel a queued (or failed) release and shred its data key."""
-        if not reason.strip():
+        if not isinstance(reason, str) or not reason.strip():
             raise InputError("a cancellation needs a --reason")
+        reason = texts.clean_text(reason, field="--reason", max_len=texts.REASON_MAX)
         release = self.get(release_id)
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
@@ -224,8 +293,57 @@ class ReleaseService:
         self.s.vault.delete(dek_key(release.id))
         return self.get(release.id)
 
+    def resend(self, notice: str, *, to: str | None = None) -> list[OutboxMessage]:
+        """Send failed or given-up notices again, under the same Message-ID.
+        ``notice`` is a notice's number (as ``show`` lists them), its
+        Message-ID, or a release id (then every failed or given-up notice of
+        it). ``to`` sends one notice to another address. Returns the notices
+        queued again. Raises NotFoundError, StateError, InputError."""
+        if to is not None and not _ADDRESS.fullmatch(to.strip()):
+            raise InputError(f"{to!r} is not an e-mail address")
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            where = (OutboxMessage.id == int(notice) if notice.strip().isdigit()
+                     else OutboxMessage.message_id == notice.strip()
+                     if notice.strip().startswith("<") else OutboxMessage.release_id == notice)
+            rows = list(session.scalars(select(OutboxMessage).where(where)
+                                        .order_by(OutboxMessage.id)))
+            if not rows:
+                raise NotFoundError(f"no notice or release {notice!r}")
+            if len(rows) > 1:
+                rows = [r for r in rows if r.given_up_at is not None and r.delivered_at is None]
+                if to is not None and len(rows) != 1:
+                    raise InputError("--to sends one notice to another address: name the "
+                                     "notice by its number (see `embargo show`)")
+            for row in rows:
+                if row.delivered_at is not None or row.given_up_at is None:
+                    state = "delivered" if row.delivered_at is not None else "still being sent"
+                    raise StateError(f"notice {row.id} to {row.to_addr} is {state}; only a "
+                                     "failed or given-up notice can be resent")
+                if row.not_after is not None and now >= row.not_after:
+                    raise StateError(f"notice {row.id} is a pre-embargo copy and the embargo "
+                                     "has lifted: it can no longer be sent")
+                release = session.get(Release, row.release_id)
+                if row.purpose == "copy" and (release is None or release.state != QUEUED):
+                    raise StateError(f"notice {row.id} is a pre-embargo copy of a release "
+                                     "that is not queued; it cannot be sent")
+                before = row.to_addr
+                row.to_addr = to.strip() if to is not None else row.to_addr
+                row.given_up_at = row.failed_at = row.claimed_by = None
+                row.claim_expires_at = None
+                row.not_before = row.next_attempt_at = now  # a fresh give_up_after
+                audit.record(session, action="notice_resent", actor=self.actor, at=now,
+                             release_id=row.release_id,
+                             details={"to": row.to_addr, "was_to": before,
+                                      "purpose": row.purpose, "message_id": row.message_id,
+                                      "last_error": row.last_error})
+            return rows
+
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
                    zone: str | None) -> Release:
+        publish_on = texts.clean_text(publish_on, field="--publish-on", max_len=texts.FLAG_MAX)
+        at = texts.optional_text(at, field="--at", max_len=texts.FLAG_MAX)
+        zone = texts.optional_text(zone, field="--zone", max_len=texts.FLAG_MAX)
         release = self.get(release_id)
         now = self.s.clock.now()
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
@@ -262,6 +380,48 @@ class ReleaseService:
             return audit.verify(session)
 
 
+def _same_as_checked(doc: DocumentSpec, result: sealing.StreamResult,
+                     digest: str | None) -> None:
+    """What was sealed is what was checked: the size seen at validation (and
+    the SHA-256 of the trial stamp's read), and the file's size now."""
+    try:
+        size_now = doc.path.stat().st_size
+    except OSError:
+        size_now = -1
+    if result.size != doc.size or size_now != result.size or (
+            digest is not None and digest != result.sha256):
+        raise InputError(f"{doc.filename} changed while being queued ({doc.size} bytes when "
+                         f"checked, {result.size} sealed, {max(size_now, 0)} now); nothing "
+                         "was queued: queue it again once the file is final")
+
+
+def time_left(release: Release, now: datetime) -> str | None:
+    """What `list` and `show` say about the time to the instant: the time
+    left, or once it has passed "retrying since HH:MM (n attempts)" (local
+    time of the first attempt) or "due since HH:MM"; None when inactive."""
+    if release.state not in (QUEUED, PUBLISHING):
+        return None
+    if now <= release.instant:
+        return timerules.format_delta(release.instant - now)
+    zone = ZoneInfo(release.zone)
+    if release.attempts:
+        since = (release.started_at or release.instant).astimezone(zone)
+        return (f"retrying since {since:%H:%M} ({release.attempts} attempt"
+                f"{'s' if release.attempts != 1 else ''})")
+    return f"due since {release.instant.astimezone(zone):%H:%M}"
+
+
+def notice_state(row: OutboxMessage) -> str:
+    """delivered; failed (refused for good, or the message could not be
+    built); given up (retried until mail.give_up_after, or too late for a
+    copy); or pending (waiting, or being retried: see its last error)."""
+    if row.delivered_at is not None:
+        return "delivered"
+    if row.failed_at is not None:
+        return "failed"
+    return "given up" if row.given_up_at is not None else "pending"
+
+
 def release_facts(release: Release, now: datetime) -> dict[str, Any]:
     """The facts about a release that `list` and `show` print, as plain data."""
     embargo = embargo_of(release)
@@ -274,8 +434,7 @@ def release_facts(release: Release, now: datetime) -> dict[str, Any]:
         "instant_utc": release.instant.isoformat().replace("+00:00", "Z"),
         "zone": release.zone,
         "local": embargo.local.isoformat(),
-        "time_left": timerules.format_delta(release.instant - now)
-        if release.state in (QUEUED, PUBLISHING) else None,
+        "time_left": time_left(release, now),
         "owner": release.owner,
         "published_at": release.published_at.isoformat() if release.published_at else None,
         "lateness_ms": release.lateness_ms,

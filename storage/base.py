@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO
 
 from config.errors import EmbargoError, StorageError
@@ -83,6 +84,20 @@ class Vault(ABC):
         """Verify that the location exists and is readable and writable,
         without writing a real object. Raises StorageError saying what is
         wrong."""
+
+    def size(self, key: str) -> int:
+        """Bytes stored at ``key``. Raises NotFoundError when there is none."""
+        total = 0
+        with self.reader(key) as src:
+            while chunk := src.read(CHUNK):
+                total += len(chunk)
+        return total
+
+    def sweep_partials(self, older_than: datetime) -> tuple[int, int]:
+        """Remove partial writes (left by a killed writer) last touched before
+        ``older_than``; return how many and their bytes. Stores whose writes
+        leave nothing behind need not override it."""
+        return 0, 0
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self.writer(key) as out:

@@ -3,6 +3,7 @@ passed in; nothing here is global."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -16,6 +17,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.errors import ConfigError, StorageError
+from config.settings import mask_url
 
 # SQLite has one writer at a time, and a connection that finds the database
 # locked sleeps in growing steps (1, 2, 5, 10 … 100 ms) before it tries again.
@@ -35,10 +37,11 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(f"database URL {url!r} is not a valid SQLAlchemy URL") from None
+        raise ConfigError(f"database URL {mask_url(url)!r} is not a valid SQLAlchemy URL"
+                          ) from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(parsed.database))
         engine = create_engine(parsed, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -60,8 +63,22 @@ def make_engine(url: str) -> Engine:
     try:
         return create_engine(parsed, pool_pre_ping=True)
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"database URL {url!r} needs the driver {exc.name!r}: "
+        raise ConfigError(f"database URL {mask_url(url)!r} needs the driver {exc.name!r}: "
                           "pip install it") from None
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file mode 0600 (its folder 0700 when we make it), or
+    tighten an existing one: it holds titles, officers and the audit trail.
+    SQLite gives its -wal and -shm files the database file's mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"database file {path} cannot be created: {exc.strerror}") from None
 
 
 def affected(result: Result[Any]) -> int:
@@ -84,6 +101,6 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         with writer if writer is not None else nullcontext(), session.begin():
             yield session
     except DBAPIError as exc:
-        raise StorageError(f"database error: {exc.orig}") from exc
+        raise StorageError(f"database error: {mask_url(str(exc.orig))}") from exc
     finally:
         session.close()

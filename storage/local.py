@@ -7,6 +7,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,7 +35,7 @@ def _staged(root: Path, target: Path, *, create_only: bool,
     ``sync_dir`` false the caller fsyncs the folder later (see ``flush``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = root / ".staging"
-    staging.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=staging, prefix=".part-")
     tmp = Path(tmp_name)
     try:
@@ -113,6 +114,28 @@ class LocalVault(Vault):
 
     def check(self) -> None:
         _check_folder(self.root, "vault")
+
+    def size(self, key: str) -> int:
+        try:
+            return _safe_path(self.root, key).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"no stored object {key}") from None
+
+    def sweep_partials(self, older_than: datetime) -> tuple[int, int]:
+        count = size = 0
+        staging = self.root / ".staging"
+        if not staging.is_dir():
+            return 0, 0
+        for path in staging.glob(".part-*"):
+            try:
+                info = path.stat()
+                if info.st_mtime >= older_than.timestamp():
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            count, size = count + 1, size + info.st_size
+        return count, size
 
 
 class LocalPublicTarget(PublicTarget):

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime
 from typing import IO, Any, BinaryIO, cast
 from urllib.parse import quote, urlsplit
 
@@ -353,6 +354,30 @@ class S3Vault(_S3Location, Vault):
 
     def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
         return self._write(key)
+
+    def size(self, key: str) -> int:
+        return int(self._object_call(key, "look up", self.client.head_object)["ContentLength"])
+
+    def sweep_partials(self, older_than: datetime) -> tuple[int, int]:
+        # A writer killed mid-upload leaves its multipart upload (and the parts'
+        # storage, billed) until it is aborted.
+        count = size = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    if upload["Initiated"] >= older_than:
+                        continue
+                    parts = self.client.list_parts(Bucket=self.bucket, Key=upload["Key"],
+                                                   UploadId=upload["UploadId"])
+                    size += sum(int(part["Size"]) for part in parts.get("Parts", ()))
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                       UploadId=upload["UploadId"])
+                    count += 1
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "remove unfinished uploads") from exc
+        return count, size
 
 
 class S3PublicTarget(_S3Location, PublicTarget):

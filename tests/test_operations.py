@@ -151,6 +151,13 @@ def test_metrics_while_queued_then_published(services: Services, settings: Setti
     assert value(after, "embargo_relay_backlog_age_seconds") == 0
     clock.set(late + timedelta(seconds=5))
     assert value(scrape(metrics), "embargo_relay_backlog_age_seconds") == 5
+    with services.sessions.begin() as session:  # one given up after retrying, one refused
+        first, second = session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)
+                                        .limit(2)).all()
+        first.given_up_at = second.given_up_at = second.failed_at = clock.now()
+    counted = scrape(metrics)
+    assert [value(counted, "embargo_notices", status=s)
+            for s in ("pending", "delivered", "given_up", "failed")] == [2, 0, 1, 1]
 
 
 def test_rehearsal_result_and_node_skew_are_on_the_metrics(

@@ -134,7 +134,7 @@ BAD_VALUES = [
     ("mail.smtp_port", "70000"),
     ("mail.smtp_port", "smtp"),
     ("mail.transport", "pigeon"),
-    ("mail.max_attempts", "0"),
+    ("mail.give_up_after", "soon"),
     ("scheduler.poll_seconds", "0"),
     ("scheduler.horizon", "30s"),
     ("scheduler.horizon", "soon"),
