@@ -164,7 +164,8 @@ class PublicTarget(ABC):
         except StorageError as exc:
             raise StorageError(f"the probe write was refused: {exc}") from exc
         except (ObjectExistsError, OSError) as exc:
-            raise StorageError(f"the probe write was refused: {exc}") from exc
+            words = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StorageError(f"the probe write was refused: {words}") from exc
         try:
             try:
                 with self.reader(key) as src:
