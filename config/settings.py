@@ -230,6 +230,10 @@ FIELDS: tuple[Field, ...] = (
     Field(key="storage.public", default="", check=_optional_text,
           help="published documents: a folder or s3://bucket/prefix; "
                "empty means <data_dir>/public"),
+    Field(key="storage.staging", default="", check=_optional_text,
+          help="the publishing node's private folder for documents decrypted before the "
+               "instant; empty means beside a public folder (<public>.staging, same "
+               "filesystem), or <data_dir>/staging for S3"),
     Field(key="storage.public_base_url", default="", check=_url_or_none,
           help="web address the public location is served at (links in notices)"),
     Field(key="keys.dir", default="", check=_optional_text,
@@ -280,8 +284,9 @@ FIELDS: tuple[Field, ...] = (
     Field(key="scheduler.horizon", default="1h", check=_horizon,
           help="releases due within this get a timer; the rest are looked at again every "
                "half horizon (so start-up grows with what is due soon, not all queued)"),
-    Field(key="scheduler.lead_seconds", default=0.5, check=_number(0, 10),
-          help="the job wakes this early, prepares, then waits for the exact instant"),
+    Field(key="scheduler.lead_seconds", default=0.5, check=_number(0, 600),
+          help="the job wakes this early, decrypts and verifies every document into private "
+               "staging, then waits for the exact instant"),
     Field(key="testing.clock_offset_ms", default=0.0, check=_number(-86_400_000, 86_400_000),
           help="shift this node's clock (rehearsals of clock trouble only; the skew check "
                "stops such a node from publishing)"),
@@ -349,6 +354,15 @@ class Settings:
     @property
     def public(self) -> Location:
         return Location.parse(self.values["storage.public"] or "public", base=self.data_dir)
+
+    @property
+    def staging_dir(self) -> Path:
+        if self.values["storage.staging"]:
+            return self._under_data("storage.staging", "staging")
+        public = self.public
+        if public.kind != "s3" and public.path is not None:
+            return public.path.with_name(public.path.name + ".staging")
+        return self.data_dir / "staging"
 
     @property
     def keys_dir(self) -> Path:

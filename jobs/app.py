@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -29,6 +30,8 @@ from release.rehearsal import Rehearser
 from storage import migrate
 from storage.db import make_engine
 from storage.factory import make_public, make_s3_client, make_vault, needs_s3
+
+log = logging.getLogger(__name__)
 
 
 def build_services(settings: Settings, *, clock: Clock | None = None,
@@ -86,8 +89,16 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     private_key = load_private_key(settings.keys_dir)
     name = node_name()
     lease = timedelta(seconds=settings["scheduler.lease_seconds"])
+    max_skew = timedelta(milliseconds=settings["scheduler.max_skew_ms"])
+    monitor = NodeMonitor(services, name, max_skew=max_skew,
+                          skew_every=settings["scheduler.skew_check_seconds"])
     publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop,
-                          workers=settings["scheduler.publish_workers"])
+                          workers=settings["scheduler.publish_workers"],
+                          clock_reading=lambda: monitor.reading, trusted_skew=max_skew)
+    swept = services.public.sweep_staging()
+    if swept:
+        log.warning("removed %d decrypted leftover%s of a publisher that was killed, from %s",
+                    swept, "s" if swept != 1 else "", services.public.staging.root)
     transports = transport_factory(settings)
     relay = OutboxRelay(services, transports(), sender=settings["mail.sender"],
                         worker=name, give_up_after=settings["mail.give_up_after"],
@@ -95,9 +106,6 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
                         opener=DocumentOpener(services, private_key),
                         workers=settings["mail.workers"],
                         make_transport=transports)
-    monitor = NodeMonitor(services, name,
-                          max_skew=timedelta(milliseconds=settings["scheduler.max_skew_ms"]),
-                          skew_every=settings["scheduler.skew_check_seconds"])
     scheduler = EmbargoScheduler(
         services, publisher, relay, poll_seconds=settings["scheduler.poll_seconds"],
         workers=settings["scheduler.workers"],

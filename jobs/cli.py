@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config.errors import EmbargoError, InputError, StateError
+from sqlalchemy.exc import DBAPIError
+
+from config.errors import EmbargoError, InputError, StateError, StorageError
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import Stopper, table
@@ -196,11 +198,19 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 
 def _show_facts(service: ReleaseService, release: Release, now: Any) -> dict[str, Any]:
     facts = release_facts(release, now)
+    # A release that failed, or was cancelled, part-way: links to what is public all the same.
+    partly = (set(service.public_objects(release)) if release.state in ("failed", "cancelled")
+              else set())
+    public = service.s.public
     facts["documents"] = [{"id": d.id, "name": d.filename, "kind": d.kind,
                            "organisation": d.organisation, "content_type": d.content_type,
                            "size": d.size, "sha256": d.sha256,
-                           "published_at": d.published_at, "url": d.public_url}
+                           "published_at": d.published_at,
+                           "url": d.public_url or (public.url(f"{release.slug}/{d.filename}")
+                                                   if f"{release.slug}/{d.filename}" in partly
+                                                   else None)}
                           for d in release.documents]
+    facts["started_at"] = release.started_at
     facts["recipients"] = [{"id": r.id, "name": r.name, "email": r.email,
                             "organisation": r.organisation} for r in release.recipients]
     facts["notices"] = [{"id": m.id, "to": m.to_addr, "purpose": m.purpose,
@@ -229,9 +239,11 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
           f"\n  embargo  {facts['embargo']}")
     if facts["time_left"]:
         print(f"  left     {facts['time_left']}")
+    if release.started_at:
+        print(f"  started  {release.started_at.isoformat()} (first attempt)")
     if release.published_at:
-        print(f"  published {release.published_at.isoformat()} "
-              f"({release.lateness_ms} ms after the instant)")
+        print(f"  published {release.published_at.isoformat()} (the last document public, "
+              f"{release.lateness_ms} ms after the instant by the reference clock)")
     if release.reason:
         print(f"  reason   {release.reason}")
     print("\ndocuments")
@@ -321,6 +333,27 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
               "officers' mailboxes; each officer is sent a withdrawal notice")
     elif not removed:
         print("no pre-embargo copy had been delivered")
+    public = service.public_objects(release)
+    if public:
+        print(f"{len(public)} of its objects are public (a partial publication): "
+              f"`embargo unpublish {release.id}` removes them")
+    return 0
+
+
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    release = service.retry(args.id)
+    print(f"{release.id} is queued again; a running scheduler publishes it "
+          f"{'now' if release.instant <= service.s.clock.now() else 'at its instant'} "
+          f"(last failure: {release.reason})")
+    return 0
+
+
+def cmd_unpublish(settings: Settings, args: argparse.Namespace) -> int:
+    _, service = _service(settings)
+    removed = service.unpublish(args.id)
+    print(f"removed {len(removed)} public object{'s' if len(removed) != 1 else ''} of "
+          f"{args.id}" + "".join(f"\n  {url}" for url in removed))
     return 0
 
 
@@ -336,8 +369,9 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_reschedule(settings: Settings, args: argparse.Namespace) -> int:
     _, service = _service(settings)
+    before = embargo_of(service.get(args.id)).describe()
     release = service.reschedule(args.id, publish_on=args.publish_on, at=args.at, zone=args.zone)
-    print(f"rescheduled {release.id}: publishes {embargo_of(release).describe()}")
+    print(f"rescheduled {release.id}\n  was  {before}\n  now  {embargo_of(release).describe()}")
     return 0
 
 
@@ -557,6 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", required=True)
     cancel.set_defaults(func=cmd_cancel)
 
+    retry = sub.add_parser("retry", help="put a failed release back in the queue")
+    retry.add_argument("id")
+    retry.set_defaults(func=cmd_retry)
+
+    unpub = sub.add_parser("unpublish",
+                           help="remove the public objects of a cancelled, partly public release")
+    unpub.add_argument("id")
+    unpub.set_defaults(func=cmd_unpublish)
     resend = sub.add_parser("resend", help="send a failed or given-up notice again "
                                            "(same Message-ID)")
     resend.add_argument("id", help="the notice's number (see show), its Message-ID, or a "
@@ -653,6 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbargoError as exc:
         print(f"embargo: {exc}", file=sys.stderr)
         return exc.exit_status
+    except DBAPIError as exc:  # e.g. the schema check, before any transaction
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"embargo: the database cannot be used: {first}", file=sys.stderr)
+        return StorageError.exit_status
     except KeyboardInterrupt:
         print("embargo: interrupted; nothing half-done was kept", file=sys.stderr)
         return 130

@@ -8,31 +8,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import select, text, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import select, update
 
+from release.clock import ClockReading, measure_clock
 from release.context import Services
 from release.records import Node
+from storage.db import server_time as server_time  # re-exported: jobs.nodes.server_time
 from storage.db import transaction
 
 log = logging.getLogger(__name__)
 
 LIVE = timedelta(seconds=10)  # a node silent for longer is shown as gone
-
-
-def server_time(connection: Connection) -> datetime:
-    """The database server's clock, read now (not at transaction start)."""
-    if connection.dialect.name == "postgresql":
-        value = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
-    elif connection.dialect.name == "sqlite":
-        raw = connection.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
-        value = datetime.fromisoformat(raw).replace(tzinfo=UTC)
-    else:
-        value = connection.execute(text("SELECT CURRENT_TIMESTAMP")).scalar_one()
-    assert isinstance(value, datetime)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class NodeMonitor:
@@ -48,6 +36,7 @@ class NodeMonitor:
         self.heartbeat_every = heartbeat_every
         self.doing = doing or (lambda: "")
         self.skew_ms: float | None = None
+        self.reading: ClockReading | None = None  # None until measured: no publishing
         self._ok = False  # until measured, a node does not publish
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -60,20 +49,9 @@ class NodeMonitor:
         """Skew of our clock against the server's in ms (positive: ours is
         ahead), from the midpoint of the round trip; keeps the best of three
         tries so a slow round trip does not look like skew."""
-        best: tuple[float, float] | None = None
-        for _ in range(3):
-            with self.s.engine.connect() as connection:
-                start_real = time.perf_counter()
-                before = self.s.clock.now()
-                server = server_time(connection)
-                after = self.s.clock.now()
-                trip = time.perf_counter() - start_real
-            ours = before + (after - before) / 2
-            skew = (ours - server).total_seconds() * 1000
-            if best is None or trip < best[1]:
-                best = (skew, trip)
-        assert best is not None
-        self.skew_ms = round(best[0], 3)
+        reading = measure_clock(self.s.engine, self.s.clock)
+        self.reading = reading
+        self.skew_ms = reading.skew_ms
         ok = abs(self.skew_ms) <= self.max_skew.total_seconds() * 1000
         if ok != self._ok or not ok:
             if ok:

@@ -55,6 +55,8 @@ class EmbargoScheduler:
         self._known: dict[str, tuple[int, datetime]] = {}
         self._copies: dict[str, datetime] = {}
         self._running: set[str] = set()
+        self._due: dict[str, datetime] = {}  # publish timers not yet run: when each is due
+        self._kicked: set[str] = set()  # overdue ones started by the poll itself
         self._fingerprint: tuple[int, int] | None = None
         self._refresh_at = datetime.min.replace(tzinfo=UTC)  # when to look past the horizon
         self._active = 0  # queued or publishing, due within the horizon or not
@@ -114,6 +116,7 @@ class EmbargoScheduler:
                 func.count().filter(Release.state.in_((QUEUED, PUBLISHING))))).one()
             fp = (int(fingerprint[0]), int(fingerprint[1]))
             if not force and fp == self._fingerprint and now < self._refresh_at:
+                self._start_overdue(now)
                 with self._lock:
                     return self._active
             within = now + self.horizon
@@ -134,6 +137,7 @@ class EmbargoScheduler:
         with self._lock:
             active: set[str] = set()
             copies_due: set[str] = set()
+            timed: set[str] = set()  # timers set just now, from the clock as it is
             for release_id, state, instant, revision, lease, copies_at, issued in rows:
                 active.add(release_id)
                 if state == QUEUED and copies_at is not None and issued is None:
@@ -157,6 +161,9 @@ class EmbargoScheduler:
                 if self._known.get(release_id) == key:
                     continue
                 self._known[release_id] = key
+                self._due[release_id] = run_at
+                self._kicked.discard(release_id)
+                timed.add(release_id)
                 self.scheduler.add_job(self._publish, "date", run_date=run_at,
                                        id=f"publish:{release_id}", args=[release_id],
                                        replace_existing=True, name=f"publish {release_id}")
@@ -168,13 +175,32 @@ class EmbargoScheduler:
                     pass
             for gone in set(self._known) - active:
                 del self._known[gone]
+                self._due.pop(gone, None)
                 try:
                     self.scheduler.remove_job(f"publish:{gone}")
                 except JobLookupError:
                     pass
             self._fingerprint = fresh
             self._active = active_count
-            return active_count
+        self._start_overdue(now, skip=timed)
+        return active_count
+
+    def _start_overdue(self, now: datetime, *, skip: set[str] | None = None) -> None:
+        """Start at once every publication whose time has come by our clock,
+        whatever APScheduler's timers think: after a forward step of the wall
+        clock (NTP, a resumed VM) a timer still sleeps for the old interval.
+        A release is then late by at most one poll."""
+        with self._lock:
+            late = [release_id for release_id, run_at in self._due.items()
+                    if run_at <= now and release_id not in self._running
+                    and release_id not in self._kicked and release_id not in (skip or ())]
+            for release_id in late:
+                self._kicked.add(release_id)
+                log.info("publication of %s is due by the clock but its timer has not "
+                         "fired (a clock step?): starting it now", release_id)
+                self.scheduler.add_job(self._publish, "date", id=f"publish:{release_id}",
+                                       args=[release_id], replace_existing=True,
+                                       name=f"publish {release_id}")
 
     def _skipped(self, event: JobSubmissionEvent) -> None:
         """APScheduler dropped a run because the job's previous run had not
@@ -215,6 +241,8 @@ class EmbargoScheduler:
             if release_id in self._running:
                 return
             self._running.add(release_id)
+            self._due.pop(release_id, None)
+            self._kicked.discard(release_id)
         try:
             outcome = self.publisher.publish(release_id,
                                              wait_up_to=self.lead + timedelta(seconds=1))

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from storage.db import server_time
 
 
 class Clock:
@@ -36,3 +41,54 @@ class Clock:
                 stop.wait(pause)
             else:
                 time.sleep(pause)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClockReading:
+    """This node's clock against the reference clock (the database
+    server's): ``skew`` is ours minus theirs (positive: ours is ahead), known
+    to within ``uncertainty`` (half the best round trip of the measurement)."""
+
+    skew: timedelta
+    uncertainty: timedelta
+
+    def __post_init__(self) -> None:
+        if self.uncertainty < timedelta(0):
+            raise ValueError("a measurement's uncertainty is never negative")
+
+    @property
+    def skew_ms(self) -> float:
+        return round(self.skew.total_seconds() * 1000, 3)
+
+    def safe_local(self, instant: datetime) -> datetime:
+        """The local time from which the true time is surely at or past
+        ``instant``: the true skew lies within ``skew ± uncertainty``, so ours
+        must read ``instant + skew + uncertainty``; never earlier than the
+        instant itself (a clock behind the reference's waits for its own)."""
+        return instant + max(timedelta(0), self.skew + self.uncertainty)
+
+    def reference(self, local: datetime, *, trusted: timedelta) -> datetime:
+        """The reference clock's time when ours reads ``local``, if the skew
+        is within ``trusted`` (a node further off is refused publishing; a
+        rehearsal with a fake clock keeps its own time)."""
+        return local - self.skew if abs(self.skew) <= trusted else local
+
+
+def measure_clock(engine: Engine, clock: Clock, *, tries: int = 3) -> ClockReading:
+    """Measure ``clock`` against the database server's, from the midpoint of
+    each round trip; keeps the best of ``tries`` so a slow round trip does not
+    look like skew. Raises StorageError (or a DBAPIError) if the database
+    cannot be reached."""
+    best: tuple[timedelta, float] | None = None
+    for _ in range(max(1, tries)):
+        with engine.connect() as connection:
+            start_real = time.perf_counter()
+            before = clock.now()
+            server = server_time(connection)
+            after = clock.now()
+            trip = time.perf_counter() - start_real
+        skew = before + (after - before) / 2 - server
+        if best is None or trip < best[1]:
+            best = (skew, trip)
+    assert best is not None
+    return ClockReading(skew=best[0], uncertainty=timedelta(seconds=best[1] / 2))

@@ -84,6 +84,7 @@ class Release(Base):
     lateness_ms: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str | None] = mapped_column(Text)
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Pre-embargo copies: when they go (always before ``instant``), and when
     # they were issued to the outbox (once).
     copies_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -341,11 +341,15 @@ class ReleaseService:
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
                    zone: str | None) -> Release:
+        """Move a queued release. A date alone, without ``at``, keeps the
+        release's wall time of day (in its zone, or the new one)."""
         publish_on = texts.clean_text(publish_on, field="--publish-on", max_len=texts.FLAG_MAX)
         at = texts.optional_text(at, field="--at", max_len=texts.FLAG_MAX)
         zone = texts.optional_text(zone, field="--zone", max_len=texts.FLAG_MAX)
         release = self.get(release_id)
         now = self.s.clock.now()
+        if at is None and ":" not in publish_on:  # a date alone, not a timestamp
+            at = release.wall.partition("T")[2] or None
         embargo = self.resolve_embargo(publish_on, at, zone or release.zone, now)
         old = embargo_of(release)
         if (release.copies_issued_at is None and release.copies_at is not None
@@ -374,6 +378,55 @@ class ReleaseService:
                                   "instant": embargo.instant.isoformat(),
                                   "officers_told": told})
         return self.get(release.id)
+
+    def retry(self, release_id: str) -> Release:
+        """Put a failed release back in the queue: the scheduler publishes it
+        at once if its instant has passed (what an earlier attempt made
+        public is verified and kept, nothing is written twice). The reason
+        stays until a publication succeeds."""
+        release = self.get(release_id)
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            changed = affected(session.execute(
+                update(Release).where(Release.id == release.id, Release.state == FAILED)
+                .values(state=QUEUED, claimant=None, lease_expires_at=None,
+                        failing_since=None, revision=Release.revision + 1)))
+            if not changed:
+                current = session.get(Release, release.id)
+                raise StateError(f"release {release.id} is "
+                                 f"{current.state if current else 'gone'}; only a failed "
+                                 "release can be retried")
+            audit.record(session, action="publication_retried", actor=self.actor, at=now,
+                         release_id=release.id, details={"reason": release.reason})
+        return self.get(release.id)
+
+    def public_objects(self, release: Release) -> list[str]:
+        """The keys of ``release`` (its documents, its manifest) that are
+        public now, read from the public location itself."""
+        keys = [f"{release.slug}/{d.filename}" for d in release.documents]
+        keys.append(f"{release.slug}/manifest.json")
+        return [key for key in keys if self.s.public.exists(key)]
+
+    def unpublish(self, release_id: str) -> list[str]:
+        """Remove from the public location whatever of a cancelled release
+        is there (a release cancelled after a partial publication). Returns
+        the public addresses removed; audited."""
+        release = self.get(release_id)
+        if release.state != CANCELLED:
+            raise StateError(f"release {release.id} is {release.state}; only a cancelled "
+                             "release can be unpublished (cancel it first)")
+        found = self.public_objects(release)
+        removed = []
+        for key in found:
+            self.s.public.delete(key)
+            removed.append(self.s.public.url(key))
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            session.execute(update(Document).where(Document.release_id == release.id)
+                            .values(published_at=None, public_url=None))
+            audit.record(session, action="release_unpublished", actor=self.actor, at=now,
+                         release_id=release.id, details={"removed": removed})
+        return removed
 
     def verify_audit(self) -> audit.ChainReport:
         with transaction(self.sessions) as session:

@@ -3,13 +3,18 @@ implement these and stay terse; the promises are written here, once."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import secrets
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import BinaryIO
 
 from config.errors import EmbargoError, StorageError
@@ -110,7 +115,13 @@ class Vault(ABC):
 
 class PublicTarget(ABC):
     """Where published documents go: readable by anyone once written. The
-    publisher writes here only after the embargo instant."""
+    publisher writes here only after the embargo instant.
+
+    ``staging`` is the publishing node's private folder for decrypted
+    documents before the instant (outside the public tree; for a folder
+    target on the same filesystem, so that publishing is a rename)."""
+
+    staging: StagingArea
 
     @abstractmethod
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
@@ -141,6 +152,21 @@ class PublicTarget(ABC):
     def check(self) -> None:
         """Verify access to the location without publishing anything.
         Raises StorageError saying what is wrong."""
+
+    def publish_file(self, key: str, source: Path, *, content_type: str) -> None:
+        """Make the verified file ``source`` (in this target's ``staging``)
+        public at ``key``, create-only as :meth:`writer`: ObjectExistsError if
+        an object is there already, which is left untouched. A folder moves
+        the file into place (a rename: the bytes verified are the bytes
+        published, in microseconds); other stores copy it."""
+        with source.open("rb") as src, self.writer(key, content_type=content_type) as out:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+
+    def sweep_staging(self) -> int:
+        """Remove what killed publishers left in ``staging`` (at node start);
+        returns how many leftovers were removed."""
+        return self.staging.sweep()
 
     def flush(self) -> None:
         """Make every object written so far durable (a folder fsyncs its
@@ -187,3 +213,66 @@ class PublicTarget(ABC):
         with self.reader(key) as src:
             found = hash_stream(src)
         return StoredObject(key=key, size=found.size, sha256=found.sha256)
+
+
+class StagingArea:
+    """The publishing node's private folder (mode 0700) for documents
+    decrypted before the instant, outside the public tree. Each publication
+    stages into a folder of its own, locked while in use, and removed when
+    the publication ends however it ends; :meth:`sweep` removes what a
+    killed publisher left (folders nobody holds the lock of)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @contextmanager
+    def folder(self, name: str) -> Iterator[Path]:
+        """A fresh private folder for one publication, removed at exit."""
+        self._make_root()
+        path = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root))
+        lock = os.open(path / ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            os.close(lock)
+
+    def sweep(self) -> int:
+        """Remove every staged folder that no running publication holds;
+        returns how many were removed."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        for entry in self.root.iterdir():
+            if entry.is_symlink() or not entry.is_dir():
+                entry.unlink(missing_ok=True)
+                removed += 1
+                continue
+            try:
+                lock = os.open(entry / ".lock", os.O_RDONLY)
+            except FileNotFoundError:
+                lock = None
+            try:
+                if lock is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use by a live publication
+            finally:
+                if lock is not None:
+                    os.close(lock)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+        return removed
+
+    def _make_root(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.root.is_symlink():
+            raise StorageError(f"staging folder {self.root} is a symbolic link; refusing it")
+        os.chmod(self.root, 0o700)
+
+
+def write_private(path: Path) -> BinaryIO:
+    """A new file of mode 0600 (never an existing one, never through a link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "wb")

@@ -7,12 +7,13 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import CursorResult, Result, make_url
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import Connection, CursorResult, Result, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -104,3 +105,17 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise StorageError(f"database error: {mask_url(str(exc.orig))}") from exc
     finally:
         session.close()
+
+
+def server_time(connection: Connection) -> datetime:
+    """The database server's clock (the reference clock), read now (not at
+    transaction start)."""
+    if connection.dialect.name == "postgresql":
+        value = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
+    elif connection.dialect.name == "sqlite":
+        raw = connection.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        value = datetime.fromisoformat(raw).replace(tzinfo=UTC)
+    else:
+        value = connection.execute(text("SELECT CURRENT_TIMESTAMP")).scalar_one()
+    assert isinstance(value, datetime)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

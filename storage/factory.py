@@ -41,7 +41,8 @@ def make_public(location: Location, settings: Settings, *, s3_client: Any = None
             raise ConfigError("an S3 public target needs an S3 client")
         target: PublicTarget = S3PublicTarget(
             s3_client, bucket=location.bucket, prefix=location.prefix, base_url=base_url,
-            acl=settings["s3.acl"], cache_control=settings["s3.cache_control"])
+            acl=settings["s3.acl"], cache_control=settings["s3.cache_control"],
+            staging=settings.staging_dir)
         return target
     assert location.path is not None
-    return LocalPublicTarget(location.path, base_url=base_url)
+    return LocalPublicTarget(location.path, base_url=base_url, staging=settings.staging_dir)

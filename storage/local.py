@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from config.errors import NotFoundError, StorageError
-from storage.base import ObjectExistsError, PublicTarget, Vault, check_key
+from storage.base import ObjectExistsError, PublicTarget, StagingArea, Vault, check_key
 
 
 def _safe_path(root: Path, key: str) -> Path:
@@ -139,17 +141,84 @@ class LocalVault(Vault):
 
 
 class LocalPublicTarget(PublicTarget):
-    def __init__(self, root: Path, *, base_url: str | None = None) -> None:
+    def __init__(self, root: Path, *, base_url: str | None = None,
+                 staging: Path | None = None) -> None:
         self.root = root
         self.base_url = base_url
+        # Beside the public folder, not in it: same filesystem, so a rename publishes.
+        self.staging = StagingArea(staging or root.with_name(root.name + ".staging"))
         self._unsynced: set[Path] = set()
         self._lock = threading.Lock()
 
-    def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
-        path = _safe_path(self.root, key)
+    @contextmanager
+    def _folder(self, parts: list[str], *, create: bool) -> Iterator[int]:
+        """An open descriptor of the folder ``parts`` below the root, walked
+        one step at a time without following a symbolic link."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            walked = self.root
+            for part in parts:
+                walked = walked / part
+                if create:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                try:
+                    inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                    dir_fd=fd)
+                except OSError:
+                    if os.path.islink(walked):
+                        raise StorageError(f"{walked} is a symbolic link: refusing to publish "
+                                           "through it (remove it)") from None
+                    raise
+                os.close(fd)
+                fd = inner
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _place(self, key: str, source: Path) -> None:
+        """Link ``source`` in at ``key`` if nothing is there (create-only)."""
+        parts = check_key(key).split("/")
+        with self._folder(parts[:-1], create=True) as fd:
+            try:
+                os.link(source, parts[-1], dst_dir_fd=fd)
+            except FileExistsError:
+                raise ObjectExistsError(key) from None
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    raise StorageError(f"staging folder {self.staging.root} is not on the "
+                                       f"filesystem of the public folder {self.root}: set "
+                                       "storage.staging to a folder beside it") from None
+                raise StorageError(f"cannot publish {key} in {self.root}: "
+                                   f"{exc.strerror}") from None
         with self._lock:
-            self._unsynced.add(path.parent)
-        return _staged(self.root, path, create_only=True, sync_dir=False)
+            self._unsynced.add(self.root.joinpath(*parts[:-1]))
+
+    @contextmanager
+    def _create(self, key: str) -> Iterator[BinaryIO]:
+        self.staging._make_root()
+        fd, name = tempfile.mkstemp(dir=self.staging.root, prefix="manifest.")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            self._place(key, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
+        return self._create(key)
+
+    def publish_file(self, key: str, source: Path, *, content_type: str) -> None:
+        os.chmod(source, 0o644)  # still private: its folder is 0700
+        self._place(key, source)
+        source.unlink()
 
     def flush(self) -> None:
         with self._lock:
@@ -158,6 +227,14 @@ class LocalPublicTarget(PublicTarget):
             if folder.is_dir():
                 _fsync_dir(folder)
 
+    def sweep_staging(self) -> int:
+        legacy = self.root / ".staging"  # where earlier versions staged, inside the served tree
+        removed = 0
+        if legacy.is_dir() and not legacy.is_symlink():
+            shutil.rmtree(legacy, ignore_errors=True)
+            removed += 1
+        return removed + super().sweep_staging()
+
     def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
         return _open(_safe_path(self.root, key), key)
 
@@ -165,7 +242,12 @@ class LocalPublicTarget(PublicTarget):
         return _safe_path(self.root, key).is_file()
 
     def delete(self, key: str) -> None:
-        _safe_path(self.root, key).unlink(missing_ok=True)
+        parts = check_key(key).split("/")
+        try:
+            with self._folder(parts[:-1], create=False) as fd:
+                os.unlink(parts[-1], dir_fd=fd)
+        except FileNotFoundError:
+            pass
 
     def url(self, key: str) -> str:
         if self.base_url:

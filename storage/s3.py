@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 from urllib.parse import quote, urlsplit
 
@@ -48,6 +49,7 @@ from config.settings import Settings
 from storage.base import (
     ObjectExistsError,
     PublicTarget,
+    StagingArea,
     StoredObject,
     Vault,
     check_key,
@@ -387,8 +389,10 @@ class S3PublicTarget(_S3Location, PublicTarget):
                  acl: str | None = None, cache_control: str | None = None,
                  multipart_threshold: int = PART_SIZE, part_size: int = PART_SIZE,
                  part_concurrency: int = PART_CONCURRENCY, attempts: int = 5,
-                 backoff: float = 0.05, sleep: Callable[[float], None] = time.sleep) -> None:
+                 backoff: float = 0.05, sleep: Callable[[float], None] = time.sleep,
+                 staging: Path | None = None) -> None:
         super().__init__(client, bucket=bucket, prefix=prefix)
+        self.staging = StagingArea(staging or Path(tempfile.gettempdir()) / "embargo-staging")
         self.base_url = base_url.rstrip("/") if base_url else None
         self.acl = acl or None
         self.cache_control = cache_control or None
