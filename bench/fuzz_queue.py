@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 
 from jobs.cli import main  # noqa: E402
 from release import keys  # noqa: E402
-from release.marking import text_pdf  # noqa: E402
+from release.pdf_text import text_pdf  # noqa: E402
 
 NASTY = ["\x00", "\r\n", "\n", "\x7f", "\ufeff", "\u2028", "\u202e", "\x85", "\t", "\x1b[31m",
          "\ud800", "é", "e\u0301", "𝔈", "💥", " ", "", "../", "/", "\\", ":", "%", "'", '"',

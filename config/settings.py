@@ -3,7 +3,10 @@ environment variables. Built once by :func:`load_settings` and passed in.
 
 One table, :data:`FIELDS`, drives all three sources, the validation and
 ``embargo config show``, so a setting cannot be documented in one place and
-forgotten in another.
+forgotten in another. Code reads the validated values as typed attributes,
+one frozen dataclass per section (``settings.mail.smtp_port`` is an ``int``);
+:func:`load_settings` refuses to build settings whose table and attributes
+disagree.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -266,7 +269,7 @@ FIELDS: tuple[Field, ...] = (
     Field(key="mail.give_up_after", default="24h", check=parse_duration,
           help="a notice the mail server cannot take (4xx, no connection) is retried with "
                "backoff this long, then given up and alerted (`embargo resend` sends it "
-               "again); a 5xx or refused recipient fails at once, alerted"),
+               "again); a 5xx about the message or its recipient fails at once, alerted"),
     Field(key="scheduler.poll_seconds", default=0.5, check=_number(0.05, 60),
           help="how often the scheduler re-reads the database for changes"),
     Field(key="scheduler.lease_seconds", default=3.0, check=_number(1, 3600),
@@ -323,42 +326,151 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
+# One frozen dataclass per section of FIELDS; each attribute is the key after
+# the section's dot, typed as its check returns it.
+@dataclass(frozen=True, kw_only=True)
+class DatabaseSettings:
+    url: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageSettings:
+    vault: str | None
+    public: str | None
+    staging: str | None
+    public_base_url: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeysSettings:
+    dir: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Settings:
+    region: str | None
+    endpoint_url: str | None
+    addressing_style: str
+    acl: str | None
+    cache_control: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailSettings:
+    transport: str
+    sender: str
+    outbox_dir: str | None
+    smtp_host: str
+    smtp_port: int
+    smtp_security: str
+    smtp_username: str | None
+    smtp_password: str | None
+    workers: int
+    give_up_after: timedelta
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerSettings:
+    poll_seconds: float
+    lease_seconds: float
+    max_skew_ms: float
+    skew_check_seconds: float
+    workers: int
+    publish_workers: int
+    horizon: timedelta
+    lead_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class TestingSettings:
+    clock_offset_ms: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CopiesSettings:
+    cutoff: timedelta
+    max_lead: timedelta | None
+    unstampable: str  # refuse or send-unmarked
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertsSettings:
+    to: tuple[str, ...]
+    repeat: timedelta
+    overdue_after: timedelta
+    heartbeat_url: str | None
+    heartbeat_every: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RehearsalSettings:
+    before: tuple[timedelta, ...]
+    min_nodes: int
+    mail_passed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    bind: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSettings:
+    format: str  # text or json
+
+
+SECTIONS: Mapping[str, type] = {
+    "database": DatabaseSettings, "storage": StorageSettings, "keys": KeysSettings,
+    "s3": S3Settings, "mail": MailSettings, "scheduler": SchedulerSettings,
+    "testing": TestingSettings, "copies": CopiesSettings, "alerts": AlertsSettings,
+    "rehearsal": RehearsalSettings, "metrics": MetricsSettings, "log": LogSettings,
+}
+TOP_LEVEL = ("data_dir", "zone", "default_at")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Validated, effective settings. Build with :func:`load_settings`."""
 
-    values: Mapping[str, Any]
+    data_dir: Path
+    zone: str
+    default_at: str
+    database: DatabaseSettings
+    storage: StorageSettings
+    keys: KeysSettings
+    s3: S3Settings
+    mail: MailSettings
+    scheduler: SchedulerSettings
+    testing: TestingSettings
+    copies: CopiesSettings
+    alerts: AlertsSettings
+    rehearsal: RehearsalSettings
+    metrics: MetricsSettings
+    log: LogSettings
+    values: Mapping[str, object]  # by dotted key, for ``config show``
     sources: Mapping[str, str] = field(default_factory=dict)
     config_file: Path | None = None
 
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.values["data_dir"])
-
-    def _under_data(self, key: str, default: str) -> Path:
-        text = self.values[key]
+    def _under_data(self, text: str | None, default: str) -> Path:
         path = Path(text).expanduser() if text else self.data_dir / default
         return path if path.is_absolute() else self.data_dir / path
 
     @property
     def database_url(self) -> str:
-        return str(self.values["database.url"] or f"sqlite:///{self.data_dir / 'embargo.db'}")
+        return self.database.url or f"sqlite:///{self.data_dir / 'embargo.db'}"
 
     @property
     def vault(self) -> Location:
-        return Location.parse(self.values["storage.vault"] or "vault", base=self.data_dir)
+        return Location.parse(self.storage.vault or "vault", base=self.data_dir)
 
     @property
     def public(self) -> Location:
-        return Location.parse(self.values["storage.public"] or "public", base=self.data_dir)
+        return Location.parse(self.storage.public or "public", base=self.data_dir)
 
     @property
     def staging_dir(self) -> Path:
-        if self.values["storage.staging"]:
-            return self._under_data("storage.staging", "staging")
+        if self.storage.staging:
+            return self._under_data(self.storage.staging, "staging")
         public = self.public
         if public.kind != "s3" and public.path is not None:
             return public.path.with_name(public.path.name + ".staging")
@@ -366,20 +478,20 @@ class Settings:
 
     @property
     def keys_dir(self) -> Path:
-        return self._under_data("keys.dir", "keys")
+        return self._under_data(self.keys.dir, "keys")
 
     @property
     def outbox_dir(self) -> Path:
-        return self._under_data("mail.outbox_dir", "outbox")
+        return self._under_data(self.mail.outbox_dir, "outbox")
 
-    def public_dict(self) -> dict[str, Any]:
+    def public_dict(self) -> dict[str, object]:
         """Every setting with secrets masked, for ``embargo config show``."""
-        shown: dict[str, Any] = {}
+        shown: dict[str, object] = {}
         for f in FIELDS:
             value = self.values[f.key]
             if f.secret and value:
                 value = "(set)"
-            elif f.key == "database.url" and value:
+            elif f.key == "database.url" and isinstance(value, str) and value:
                 value = _mask_url(value)
             elif isinstance(value, timedelta):
                 value = str(value)
@@ -479,10 +591,28 @@ def load_settings(
             raise ConfigError(f"setting {f.key} (from {sources[f.key]}): {exc}") from None
     data_dir = Path(values["data_dir"]).expanduser()
     values["data_dir"] = str(data_dir if data_dir.is_absolute() else base / data_dir)
-    settings = Settings(values=values, sources=sources, config_file=path)
+    settings = _typed(values, sources, path)
     for key in ("storage.vault", "storage.public"):
         try:
             getattr(settings, key.split(".")[1])
         except ValueError as exc:
             raise ConfigError(f"setting {key} (from {sources[key]}): {exc}") from None
     return settings
+
+
+def _typed(values: Mapping[str, Any], sources: Mapping[str, str],
+           config_file: Path | None) -> Settings:
+    """The validated values as typed sections. A key of FIELDS without an
+    attribute (or the reverse) is a programming error, raised here."""
+    sections: dict[str, Any] = {}
+    expected = set(TOP_LEVEL)
+    for name, cls in SECTIONS.items():
+        names = [f.name for f in fields(cls)]
+        expected.update(f"{name}.{attr}" for attr in names)
+        sections[name] = cls(**{attr: values[f"{name}.{attr}"] for attr in names})
+    if expected != set(values):
+        raise AssertionError("FIELDS and the Settings attributes disagree: "
+                             f"{sorted(expected ^ set(values))}")
+    return Settings(data_dir=Path(values["data_dir"]), zone=values["zone"],
+                    default_at=values["default_at"], values=dict(values), sources=sources,
+                    config_file=config_file, **sections)

@@ -28,32 +28,41 @@ from release.keys import load_private_key
 from release.publishing import Outcome, Publisher
 from release.rehearsal import Rehearser
 from storage import migrate
-from storage.db import make_engine
+from storage.db import make_engine, new_sqlite_file
 from storage.factory import make_public, make_s3_client, make_vault, needs_s3
 
 log = logging.getLogger(__name__)
 
 
 def build_services(settings: Settings, *, clock: Clock | None = None,
-                   s3_client: Any = None, create_schema: bool = True) -> Services:
+                   s3_client: Any = None, migrate_schema: bool = False) -> Services:
+    """Everything the domain needs, from the settings. The schema is
+    migrated only when ``migrate_schema`` is set (``db upgrade``, ``run``,
+    ``demo``) or when the database is an SQLite file that does not exist yet;
+    otherwise a database not at the latest schema raises SchemaError before
+    anything is read or written."""
+    created = new_sqlite_file(settings.database_url)
+    engine = make_engine(settings.database_url)
+    if migrate_schema or created:
+        migrate.upgrade(engine)
+    else:
+        migrate.require_current(engine)
     if s3_client is None and needs_s3(settings):
         s3_client = make_s3_client(settings)
     services = Services(
-        engine=make_engine(settings.database_url),
+        engine=engine,
         vault=make_vault(settings.vault, s3_client=s3_client),
         public=make_public(settings.public, settings, s3_client=s3_client),
         keys_dir=settings.keys_dir,
-        clock=clock or Clock(timedelta(milliseconds=settings["testing.clock_offset_ms"])),
-        zone=settings["zone"],
-        default_at=settings["default_at"],
-        copies_max_lead=settings["copies.max_lead"],
-        copies_cutoff=settings["copies.cutoff"],
-        copies_unstampable=settings["copies.unstampable"],
-        alerts_to=settings["alerts.to"],
-        alerts_repeat=settings["alerts.repeat"],
+        clock=clock or Clock(timedelta(milliseconds=settings.testing.clock_offset_ms)),
+        zone=settings.zone,
+        default_at=settings.default_at,
+        copies_max_lead=settings.copies.max_lead,
+        copies_cutoff=settings.copies.cutoff,
+        copies_unstampable=settings.copies.unstampable,
+        alerts_to=settings.alerts.to,
+        alerts_repeat=settings.alerts.repeat,
     )
-    if create_schema and migrate.current(services.engine) != migrate.head():
-        migrate.upgrade(services.engine)
     return services
 
 
@@ -88,29 +97,30 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     release, publish, issue copies and deliver notices until ``stop``."""
     private_key = load_private_key(settings.keys_dir)
     name = node_name()
-    lease = timedelta(seconds=settings["scheduler.lease_seconds"])
-    max_skew = timedelta(milliseconds=settings["scheduler.max_skew_ms"])
+    sched, mail = settings.scheduler, settings.mail
+    lease = timedelta(seconds=sched.lease_seconds)
+    max_skew = timedelta(milliseconds=sched.max_skew_ms)
     monitor = NodeMonitor(services, name, max_skew=max_skew,
-                          skew_every=settings["scheduler.skew_check_seconds"])
+                          skew_every=sched.skew_check_seconds)
     publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop,
-                          workers=settings["scheduler.publish_workers"],
+                          workers=sched.publish_workers,
                           clock_reading=lambda: monitor.reading, trusted_skew=max_skew)
     swept = services.public.sweep_staging()
     if swept:
         log.warning("removed %d decrypted leftover%s of a publisher that was killed, from %s",
                     swept, "s" if swept != 1 else "", services.public.staging.root)
     transports = transport_factory(settings)
-    relay = OutboxRelay(services, transports(), sender=settings["mail.sender"],
-                        worker=name, give_up_after=settings["mail.give_up_after"],
+    relay = OutboxRelay(services, transports(), sender=mail.sender,
+                        worker=name, give_up_after=mail.give_up_after,
                         lease=lease,
                         opener=DocumentOpener(services, private_key),
-                        workers=settings["mail.workers"],
-                        make_transport=transports)
+                        workers=mail.workers,
+                        make_transport=transports, stop=stop)
     scheduler = EmbargoScheduler(
-        services, publisher, relay, poll_seconds=settings["scheduler.poll_seconds"],
-        workers=settings["scheduler.workers"],
-        lead=timedelta(seconds=settings["scheduler.lead_seconds"]), on_outcome=on_outcome,
-        horizon=settings["scheduler.horizon"],
+        services, publisher, relay, poll_seconds=sched.poll_seconds,
+        workers=sched.workers,
+        lead=timedelta(seconds=sched.lead_seconds), on_outcome=on_outcome,
+        horizon=sched.horizon,
         guard=lambda: monitor.clock_ok)
     monitor.doing = scheduler.doing
     monitor.start()
@@ -126,21 +136,21 @@ def start_operations(settings: Settings, services: Services, private_key: X25519
     Called before the scheduler starts, so that a release that went overdue
     while every node was down is alerted before this node publishes it."""
     rehearser = Rehearser(services, private_key, mail=mail_probe(settings),
-                          min_nodes=settings["rehearsal.min_nodes"],
-                          mail_passed=settings["rehearsal.mail_passed"], actor=name)
+                          min_nodes=settings.rehearsal.min_nodes,
+                          mail_passed=settings.rehearsal.mail_passed, actor=name)
     operations = Operations(services, rehearser, node=name,
-                            leads=settings["rehearsal.before"],
-                            overdue_after=settings["alerts.overdue_after"],
+                            leads=settings.rehearsal.before,
+                            overdue_after=settings.alerts.overdue_after,
                             clock_ok=lambda: monitor.clock_ok,
                             skew_ms=lambda: monitor.skew_ms)
     operations.start()
-    metrics = start_metrics(settings["metrics.bind"], services,
-                            overdue_after=settings["alerts.overdue_after"],
+    metrics = start_metrics(settings.metrics.bind, services,
+                            overdue_after=settings.alerts.overdue_after,
                             timers=scheduler.timers)
     heartbeat = None
-    if settings["alerts.heartbeat_url"]:
-        heartbeat = Heartbeat(settings["alerts.heartbeat_url"],
-                              every=settings["alerts.heartbeat_every"], node=name,
+    if settings.alerts.heartbeat_url:
+        heartbeat = Heartbeat(settings.alerts.heartbeat_url,
+                              every=settings.alerts.heartbeat_every, node=name,
                               healthy=lambda: monitor.clock_ok and database_ok(services))
         heartbeat.start()
     return {"operations": operations, "metrics": metrics, "heartbeat": heartbeat}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -17,29 +16,22 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from config.errors import EmbargoError, InputError, StateError, StorageError
+from config import errors
+from config.errors import EmbargoError, InputError, StateError, StorageError, status_for
 from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
-from jobs.console import Stopper, table
+from jobs.console import SealingProgress, Stopper, print_table
 from jobs.demo import run_demo
 from jobs.logs import use_format
 from jobs.mail import mail_probe, remove_copy_files
-from jobs.nodes import list_nodes
 from release import custody
 from release import keys as keyfile
 from release.audit import default_actor
-from release.copies import access_list, trace
 from release.manifest import load_manifest
-from release.records import Release
+from release.records import ReleaseState
 from release.rehearsal import Rehearser, latest_reports, lead_text
-from release.service import (
-    ReleaseService,
-    Services,
-    describe_instant,
-    embargo_of,
-    notice_state,
-    release_facts,
-)
+from release.service import ReleaseService, Services
+from release.views import AccessEntry, Finding, Moment, to_json, utc_text
 from storage import migrate
 from storage.db import make_engine
 
@@ -48,35 +40,39 @@ CHECK_FAILED = 10
 NOT_READY = 11  # `embargo rehearse`: a check failed
 
 
+# -- errors: the one mapping of the error tree for the command line ---------------------
+EXIT_STATUS: dict[type[EmbargoError], int] = {
+    errors.EmbargoError: 1,
+    errors.ConfigError: 2,
+    errors.InputError: 2,
+    errors.NotFoundError: 3,
+    errors.StateError: 4,
+    errors.SealError: 5,
+    errors.StorageError: 6,
+    errors.DeliveryError: 7,
+    errors.SchemaError: 9,  # as `embargo db current` on a schema that is not the latest
+}
+
+# What to do next, in this interface's words, added to the domain's message
+# (which has the facts).
+HINTS: dict[type[EmbargoError], str] = {
+    errors.ReleaseNotFoundError: " (see `embargo list`)",
+    errors.AmbiguousIdError: " (see `embargo list`)",
+    errors.SchemaError: ": run `embargo db upgrade`",
+}
+
+
+def hint_for(error: EmbargoError) -> str:
+    return next((HINTS[cls] for cls in type(error).__mro__ if cls in HINTS), "")
+
+
 # -- output helpers ---------------------------------------------------------------
-class ProgressBar:
-    """A one-line progress display on standard error, only on a terminal and
-    only for files big enough to take a moment."""
-
-    def __init__(self, stream: Any = sys.stderr, min_size: int = 8 << 20) -> None:
-        self.stream = stream
-        self.min_size = min_size
-        self.enabled = bool(getattr(stream, "isatty", lambda: False)())
-        self._last = 0.0
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        if not self.enabled or total < self.min_size:
-            return
-        now = time.monotonic()
-        if done < total and now - self._last < 0.1:
-            return
-        self._last = now
-        width = 30
-        filled = int(width * done / total) if total else width
-        self.stream.write(f"\rsealing {name[:30]:30} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{done / 1048576:7.1f}/{total / 1048576:.1f} MiB")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
+def _json(data: object) -> None:
+    print(to_json(data))
 
 
-def _json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+def _shown(moment: Moment | None, missing: str = "") -> str:
+    return moment.shown if moment is not None else missing
 
 
 # -- commands -----------------------------------------------------------------------
@@ -96,20 +92,20 @@ def cmd_keys_init(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_findings(findings: list[custody.Finding], as_json: bool) -> int:
+def _print_findings(findings: list[Finding], as_json: bool) -> int:
     if as_json:
-        _json([{"what": f.what, "ok": f.ok, "detail": f.detail} for f in findings])
+        _json(findings)
     else:
         for finding in findings:
             print(finding.line(), file=sys.stdout if finding.ok else sys.stderr)
     return 0 if all(f.ok for f in findings) else CHECK_FAILED
 
 
-def _release_findings(services: Services, private: Any) -> list[custody.Finding]:
+def _release_findings(services: Services, private: Any) -> list[Finding]:
     releases = custody.active_releases(services)
     findings = [f for r in releases for f in custody.check_release(services, r, private)]
     if not releases:
-        findings.append(custody.Finding(what="release", ok=True,
+        findings.append(Finding(what="release", ok=True,
                                         detail="no queued release to check"))
     return findings
 
@@ -124,7 +120,8 @@ def cmd_keys_check(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
     services = build_services(settings)
-    live = [n["name"] for n in list_nodes(services) if n["state"] == "live"]
+    live = [n.name for n in ReleaseService(services, actor=default_actor()).nodes()
+            if n.state == "live"]
     if live:
         raise StateError(f"{len(live)} scheduler node{'s are' if len(live) > 1 else ' is'} "
                          f"running ({', '.join(map(str, live))}): they hold the old private key "
@@ -141,10 +138,10 @@ def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_config_show(settings: Settings, args: argparse.Namespace) -> int:
     shown = settings.public_dict()
     if args.json:
-        _json(shown)
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
     else:
-        print(table([(k, v, settings.sources.get(k, "derived")) for k, v in shown.items()],
-                    ["setting", "value", "from"]))
+        print_table([(k, v, settings.sources.get(k, "derived")) for k, v in shown.items()],
+                    ["setting", "value", "from"])
     return 0
 
 
@@ -157,166 +154,126 @@ def cmd_queue(settings: Settings, args: argparse.Namespace) -> int:
     spec = load_manifest(Path(args.manifest), publish_on=args.publish_on, at=args.at,
                          zone=args.zone, copies_at=args.copies_at)
     _, service = _service(settings)
-    release = service.queue(spec, progress=ProgressBar())
+    with SealingProgress() as progress:
+        release = service.queue(spec, progress=progress)
     for warning in spec.warnings:  # after success: a failed queue prints one line
         print(f"warning: {warning}", file=sys.stderr)
     print(release.id)
     print(f"queued \"{release.title}\": {len(release.documents)} documents sealed, "
-          f"{len(release.recipients)} recipients; publishes {embargo_of(release).describe()}",
+          f"{release.recipient_count} recipients; publishes {release.embargo}",
           file=sys.stderr)
-    if release.recipients and release.copies_at is not None:
-        print(f"pre-embargo copies go {describe_instant(release.copies_at, release.zone)}",
-              file=sys.stderr)
-    elif release.recipients:
+    if release.recipient_count and release.copies_at is not None:
+        print(f"pre-embargo copies go {release.copies_at.shown}", file=sys.stderr)
+    elif release.recipient_count:
         print("no pre-embargo copies: the embargo is too close for them to arrive before it "
               "(copies.cutoff)", file=sys.stderr)
     return 0
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
-    services, service = _service(settings)
-    now = services.clock.now()
-    releases = service.all_releases()
-    facts = [release_facts(r, now) for r in releases]
+    _, service = _service(settings)
+    releases = service.list_releases()
     if args.json:
-        for release, fact in zip(releases, facts, strict=True):
-            fact["documents"] = [{"id": d.id, "name": d.filename, "kind": d.kind,
-                                  "organisation": d.organisation, "size": d.size,
-                                  "sha256": d.sha256} for d in release.documents]
-        _json(facts)
+        _json(releases)
         return 0
     if not releases:
         print("no releases; queue one with `embargo queue MANIFEST.toml`")
         return 0
-    rows = []
-    for r, f in zip(releases, facts, strict=True):
-        rows.append((r.id, r.title if len(r.title) <= 40 else r.title[:39] + "…", r.state,
-                     f["embargo"], f["time_left"] or ""))
-    print(table(rows, ["id", "title", "state", "embargo (local and UTC)", "time left"]))
+    print_table([(r.id, r.title if len(r.title) <= 40 else r.title[:39] + "…", r.state,
+                  r.embargo, r.time_left or "") for r in releases],
+                ["id", "title", "state", "embargo (local and UTC)", "time left"])
     return 0
-
-
-def _show_facts(service: ReleaseService, release: Release, now: Any) -> dict[str, Any]:
-    facts = release_facts(release, now)
-    # A release that failed, or was cancelled, part-way: links to what is public all the same.
-    partly = (set(service.public_objects(release)) if release.state in ("failed", "cancelled")
-              else set())
-    public = service.s.public
-    facts["documents"] = [{"id": d.id, "name": d.filename, "kind": d.kind,
-                           "organisation": d.organisation, "content_type": d.content_type,
-                           "size": d.size, "sha256": d.sha256,
-                           "published_at": d.published_at,
-                           "url": d.public_url or (public.url(f"{release.slug}/{d.filename}")
-                                                   if f"{release.slug}/{d.filename}" in partly
-                                                   else None)}
-                          for d in release.documents]
-    facts["started_at"] = release.started_at
-    facts["recipients"] = [{"id": r.id, "name": r.name, "email": r.email,
-                            "organisation": r.organisation} for r in release.recipients]
-    facts["notices"] = [{"id": m.id, "to": m.to_addr, "purpose": m.purpose,
-                         "message_id": m.message_id, "state": notice_state(m),
-                         "delivered_at": m.delivered_at, "via": m.delivered_to,
-                         "attempts": m.attempts, "last_error": m.last_error}
-                        for m in service.outbox(release.id)]
-    facts["access_list"] = access_list(service.s, release.id)
-    facts["rehearsals"] = [{"id": r.id, "at": r.at, "lead": lead_text(r.lead),
-                            "ready": r.ready,
-                            "checks": [dataclasses.asdict(c) for c in r.checks]}
-                           for r in latest_reports(service.s, release)]
-    facts["events"] = [{"seq": e.seq, "at": e.at, "action": e.action, "actor": e.actor,
-                        "details": json.loads(e.details)} for e in service.events(release.id)]
-    return facts
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    services, service = _service(settings)
+    _, service = _service(settings)
     release = service.get(args.id)
-    facts = _show_facts(service, release, services.clock.now())
     if args.json:
-        _json(facts)
+        _json(release)
         return 0
     print(f"{release.title}\n  id       {release.id}\n  state    {release.state}"
-          f"\n  embargo  {facts['embargo']}")
-    if facts["time_left"]:
-        print(f"  left     {facts['time_left']}")
+          f"\n  embargo  {release.embargo}")
+    if release.time_left:
+        print(f"  left     {release.time_left}")
     if release.started_at:
-        print(f"  started  {release.started_at.isoformat()} (first attempt)")
+        print(f"  started  {utc_text(release.started_at.utc)} (first attempt)")
     if release.published_at:
-        print(f"  published {release.published_at.isoformat()} (the last document public, "
+        print(f"  published {utc_text(release.published_at.utc)} (the last document public, "
               f"{release.lateness_ms} ms after the instant by the reference clock)")
     if release.reason:
         print(f"  reason   {release.reason}")
-    print("\ndocuments")
-    print(table([(d["id"], d["name"], d["kind"], d["organisation"] or "", d["size"],
-                  d["sha256"][:12], d["url"] or "") for d in facts["documents"]],
-                ["id", "name", "kind", "organisation", "bytes", "sha256", "public at"]))
-    print("\nrecipients")
-    print(table([(r["name"], r["email"], r["organisation"] or "") for r in facts["recipients"]],
-                ["name", "email", "organisation"]))
-    print("\npre-release access (copies)")
-    if facts["access_list"]:
-        _print_access(facts["access_list"], release.zone)
-    elif release.copies_at is not None and release.state == "queued":
-        print(f"  none sent yet; due {describe_instant(release.copies_at, release.zone)}")
+    print()
+    print_table([(d.id, d.filename, d.kind, d.organisation or "", d.size, d.sha256[:12],
+                  d.public_url or "") for d in release.documents],
+                ["id", "name", "kind", "organisation", "bytes", "sha256", "public at"],
+                title="documents")
+    print()
+    print_table([(r.name, r.email, r.organisation or "") for r in release.recipients],
+                ["name", "email", "organisation"], title="recipients")
+    print()
+    if release.access_list:
+        _print_access(release.access_list, title="pre-release access (copies)")
+    elif release.copies_at is not None and release.state == ReleaseState.QUEUED:
+        print(f"pre-release access (copies)\n  none sent yet; due {release.copies_at.shown}")
     else:
-        print("  none")
-    if facts["notices"]:
-        print("\nnotices")
-        print(table([(n["id"], n["to"], n["purpose"], n["state"],
-                      n["delivered_at"] or "", n["via"] or "",
-                      n["last_error"] or "") for n in facts["notices"]],
-                    ["#", "to", "purpose", "state", "delivered", "via", "last error"]))
-    reports = latest_reports(service.s, release)
+        print("pre-release access (copies)\n  none")
+    if release.notices:
+        print()
+        print_table([(n.number, n.to, n.purpose, n.state, _shown(n.delivered_at), n.via or "",
+                      n.last_error or "") for n in release.notices],
+                    ["#", "to", "purpose", "state", "delivered", "via", "last error"],
+                    title="notices")
+    reports = latest_reports(service.s, release.id)
     if reports:
         last = reports[-1]
-        print(f"\nrehearsal ({lead_text(last.lead)}, {describe_instant(last.at, release.zone)}; "
+        print(f"\nrehearsal ({lead_text(last.lead)}, {utc_text(last.at)} UTC; "
               f"{len(reports)} in all)")
         print("\n".join(f"  {line}" for line in last.lines()))
-    print("\naudit")
-    print(table([(e["seq"], e["at"], e["action"], e["actor"]) for e in facts["events"]],
-                ["#", "at (UTC)", "event", "by"]))
+    print()
+    print_table([(e.seq, utc_text(e.at), e.action, e.actor) for e in release.events],
+                ["#", "at (UTC)", "event", "by"], title="audit")
     return 0
 
 
-def _print_access(rows: list[dict[str, Any]], zone: str) -> None:
-    print(table([(r["name"], r["email"], r["organisation"] or "", ", ".join(r["documents"]),
-                  r["copy_id"],
-                  describe_instant(r["sent_at"], zone) if r["sent_at"] else "not yet delivered")
-                 for r in rows],
-                ["name", "email", "organisation", "documents", "copy", "sent"]))
+def _print_access(rows: Sequence[AccessEntry], title: str | None = None) -> None:
+    print_table([(r.name, r.email, r.organisation or "", ", ".join(r.documents), r.copy_id,
+                  _shown(r.sent_at, "not yet delivered")) for r in rows],
+                ["name", "email", "organisation", "documents", "copy", "sent"], title=title)
 
 
 def cmd_access_list(settings: Settings, args: argparse.Namespace) -> int:
-    services, service = _service(settings)
-    release = service.get(args.id)
-    rows = access_list(services, release.id)
+    _, service = _service(settings)
+    release, rows = service.access_list(args.id)
     if args.json:
         _json(rows)
         return 0
     print(f"Pre-release access: {release.title}\n"
-          f"embargoed until {embargo_of(release).describe()}\n")
+          f"embargoed until {release.embargo}\n")
     if rows:
-        _print_access(rows, release.zone)
+        _print_access(rows)
     else:
         print("no pre-embargo copies have been issued")
     return 0
 
 
 def cmd_trace(settings: Settings, args: argparse.Namespace) -> int:
-    services, _ = _service(settings)
+    _, service = _service(settings)
     path = Path(args.what)
     if path.is_file():
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise InputError(f"{path} cannot be read: {exc.strerror}") from None
-        found = trace(services, str(path), data)
+        found = service.trace(str(path), data)
     else:
-        found = trace(services, args.what)
+        found = service.trace(args.what)
+    if args.json:
+        _json(found)
+        return 0
     print(f"copy {found.copy_id} of \"{found.title}\" ({found.release_id})\n"
           f"  sent to  {found.name} <{found.email}>, {found.organisation or '-'}\n"
-          f"  issued   {found.issued_at.isoformat()}\n"
-          f"  delivered {found.sent_at.isoformat() if found.sent_at else 'not delivered'}")
+          f"  issued   {utc_text(found.issued_at.utc)}\n"
+          f"  delivered {utc_text(found.sent_at.utc) if found.sent_at else 'not delivered'}")
     return 0
 
 
@@ -361,7 +318,7 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     _, service = _service(settings)
     rows = service.resend(args.id, to=args.to)
     for row in rows:
-        print(f"notice {row.id} ({row.purpose}) to {row.to_addr} will be sent again as "
+        print(f"notice {row.number} ({row.purpose}) to {row.to} will be sent again as "
               f"{row.message_id}")
     print("a running `embargo run` node delivers it" if rows else "nothing to resend")
     return 0
@@ -369,9 +326,9 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_reschedule(settings: Settings, args: argparse.Namespace) -> int:
     _, service = _service(settings)
-    before = embargo_of(service.get(args.id)).describe()
+    before = service.get(args.id).embargo
     release = service.reschedule(args.id, publish_on=args.publish_on, at=args.at, zone=args.zone)
-    print(f"rescheduled {release.id}\n  was  {before}\n  now  {embargo_of(release).describe()}")
+    print(f"rescheduled {release.id}\n  was  {before}\n  now  {release.embargo}")
     return 0
 
 
@@ -385,8 +342,8 @@ def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 8
 
 
-def _check_mail(settings: Settings) -> custody.Finding:
-    if settings["mail.transport"] != "smtp":
+def _check_mail(settings: Settings) -> Finding:
+    if settings.mail.transport != "smtp":
         folder = settings.outbox_dir
 
         def write() -> None:
@@ -396,26 +353,26 @@ def _check_mail(settings: Settings) -> custody.Finding:
             os.unlink(name)
 
         return custody.probe("mail", write, f"file outbox {folder}")
-    host, port = settings["mail.smtp_host"], settings["mail.smtp_port"]
+    host, port = settings.mail.smtp_host, settings.mail.smtp_port
     where = f"smtp://{host}:{port}"
     try:
         smtp: smtplib.SMTP
-        if settings["mail.smtp_security"] == "tls":
+        if settings.mail.smtp_security == "tls":
             smtp = smtplib.SMTP_SSL(host, port, timeout=10)
         else:
             smtp = smtplib.SMTP(host, port, timeout=10)
-            if settings["mail.smtp_security"] == "starttls":
+            if settings.mail.smtp_security == "starttls":
                 smtp.starttls()
-        if settings["mail.smtp_username"]:
-            smtp.login(settings["mail.smtp_username"], settings["mail.smtp_password"] or "")
+        if settings.mail.smtp_username:
+            smtp.login(settings.mail.smtp_username, settings.mail.smtp_password or "")
         code, _ = smtp.noop()
         smtp.quit()
     except (OSError, smtplib.SMTPException) as exc:
-        return custody.Finding(what="mail", ok=False, detail=f"{where} cannot be reached: "
+        return Finding(what="mail", ok=False, detail=f"{where} cannot be reached: "
                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     if code != 250:
-        return custody.Finding(what="mail", ok=False, detail=f"{where} answered NOOP with {code}")
-    return custody.Finding(what="mail", ok=True, detail=f"{where} answers")
+        return Finding(what="mail", ok=False, detail=f"{where} answered NOOP with {code}")
+    return Finding(what="mail", ok=True, detail=f"{where} answers")
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
@@ -437,7 +394,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     findings.append(_check_mail(settings))
     if args.repair:
         swept = custody.sweep_orphans(services, now=services.clock.now(), actor=default_actor())
-        findings.append(custody.Finding(what="repair", ok=True, detail=(
+        findings.append(Finding(what="repair", ok=True, detail=(
             f"removed {swept.objects} orphaned sealed objects ({swept.bytes} bytes) of "
             f"{len(swept.releases)} unfinished queues and {swept.partials} partial files "
             f"({swept.partial_bytes} bytes); kept {len(swept.kept)} younger than an hour")))
@@ -449,8 +406,8 @@ def cmd_rehearse(settings: Settings, args: argparse.Namespace) -> int:
     release = service.get(args.id)
     rehearser = Rehearser(services, keyfile.load_private_key(settings.keys_dir),
                           mail=mail_probe(settings),
-                          min_nodes=settings["rehearsal.min_nodes"],
-                          mail_passed=settings["rehearsal.mail_passed"], actor=service.actor)
+                          min_nodes=settings.rehearsal.min_nodes,
+                          mail_passed=settings.rehearsal.mail_passed, actor=service.actor)
     report = rehearser.rehearse(release.id, now=services.clock.now())
     assert report is not None  # one by hand is always recorded
     print("\n".join(report.lines()))
@@ -458,7 +415,7 @@ def cmd_rehearse(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)  # locked: nodes may start at once
     try:  # leftovers of killed queues; never a reason not to start
         custody.sweep_orphans(services, now=services.clock.now(), actor="scheduler")
     except EmbargoError as exc:
@@ -469,12 +426,12 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     counts = ReleaseService(services, actor="scheduler").counts()
     clock = ("clock ok" if node.monitor.clock_ok else
              "CLOCK SKEWED: this node will not publish")
-    print(f"embargo scheduler running as {node.name} ({counts.get('queued', 0)} queued, "
-          f"{counts.get('publishing', 0)} publishing; {clock}, skew "
+    print(f"embargo scheduler running as {node.name} ({counts.queued} queued, "
+          f"{counts.publishing} publishing; {clock}, skew "
           f"{node.monitor.skew_ms} ms"
           f"{f'; metrics on http://{node.metrics.address}/metrics' if node.metrics else ''}"
           "); Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
-    if settings["mail.transport"] == "file":
+    if settings.mail.transport == "file":
         print(f"notices are .eml files in {settings.outbox_dir} (mail.transport = \"file\", "
               "for trying Embargo out): a pre-embargo copy there is plaintext on this disk",
               file=sys.stderr, flush=True)
@@ -486,18 +443,18 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(settings: Settings, args: argparse.Namespace) -> int:
-    services, _ = _service(settings)
-    rows = list_nodes(services)
+    _, service = _service(settings)
+    rows = service.nodes()
     if args.json:
         _json(rows)
     elif not rows:
         print("no node has run against this database")
     else:
-        print(table([(r["name"], r["state"], r["heartbeat_s_ago"],
-                      "" if r["skew_ms"] is None else f"{r['skew_ms']:+.1f}",
-                      "yes" if r["clock_ok"] else "NO", r["doing"]) for r in rows],
+        print_table([(r.name, r.state, r.heartbeat_s_ago,
+                      "" if r.skew_ms is None else f"{r.skew_ms:+.1f}",
+                      "yes" if r.clock_ok else "NO", r.doing) for r in rows],
                     ["node", "state", "heartbeat (s ago)", "clock skew (ms)", "clock ok",
-                     "doing"]))
+                     "doing"])
     return 0
 
 
@@ -618,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trc = sub.add_parser("trace", help="whose copy a leaked file (or copy id) is")
     trc.add_argument("what", metavar="FILE|COPY-ID")
+    trc.add_argument("--json", action="store_true")
     trc.set_defaults(func=cmd_trace)
 
     aud = sub.add_parser("audit", help="the audit chain")
@@ -689,16 +647,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}
         settings = load_settings(config_file=args.config, overrides=overrides)
-        use_format(settings["log.format"])
+        use_format(settings.log.format)
         status: int = args.func(settings, args)
         return status
     except EmbargoError as exc:
-        print(f"embargo: {exc}", file=sys.stderr)
-        return exc.exit_status
+        print(f"embargo: {exc}{hint_for(exc)}", file=sys.stderr)
+        return status_for(exc, EXIT_STATUS)
     except DBAPIError as exc:  # e.g. the schema check, before any transaction
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         print(f"embargo: the database cannot be used: {first}", file=sys.stderr)
-        return StorageError.exit_status
+        return EXIT_STATUS[StorageError]
     except KeyboardInterrupt:
         print("embargo: interrupted; nothing half-done was kept", file=sys.stderr)
         return 130

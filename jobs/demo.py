@@ -12,12 +12,13 @@ from pathlib import Path
 
 from config.settings import Settings
 from jobs.app import build_services, start_node
-from jobs.console import Stopper, table
+from jobs.console import Countdown, Stopper, print_table
 from release import keys as keyfile
 from release.manifest import load_manifest
-from release.marking import text_pdf
+from release.pdf_text import text_pdf
+from release.publishing import PublishStatus
 from release.records import PUBLISHED
-from release.service import ReleaseService, embargo_of
+from release.service import ReleaseService
 
 TITLE = "Open all hours? An inspection of out-of-hours access to public library services"
 
@@ -126,9 +127,9 @@ def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = Fa
         for location in (settings.vault, settings.public):
             if ensure_bucket(client, location.bucket):
                 print(f"created bucket {location.bucket}", file=out)
-        services = build_services(settings, s3_client=client)
+        services = build_services(settings, s3_client=client, migrate_schema=True)
     else:
-        services = build_services(settings)
+        services = build_services(settings, migrate_schema=True)
     # The demo's embargo is seconds away, well inside the usual copies.cutoff:
     # let its copies start up to 1 s before the instant so the officers'
     # marked copies can be seen going out first.
@@ -146,34 +147,27 @@ def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = Fa
     scheduler = start_node(settings, services, stopper.event,
                            on_outcome=lambda o: published.set()
                            if o.release_id in release_id and o.status in
-                           ("published", "failed") else None)
+                           (PublishStatus.PUBLISHED, PublishStatus.FAILED) else None)
     try:
         now = services.clock.now()
         instant = (now + timedelta(seconds=max(2, seconds) + 1)).replace(microsecond=0)
-        spec = load_manifest(manifest, publish_on=instant.isoformat(), zone=settings["zone"])
+        spec = load_manifest(manifest, publish_on=instant.isoformat(), zone=settings.zone)
         release = service.queue(spec)
     except BaseException:
         scheduler.shutdown()
         raise
     release_id.append(release.id)
     print(f"queued {release.id}: \"{release.title}\"\n  {len(release.documents)} documents "
-          f"sealed into {settings.vault}, {len(release.recipients)} liaison officers", file=out)
-    print(f"  embargo {embargo_of(release).describe()}", file=out)
-    live = out.isatty()
-    if not live:
-        print("  waiting for the instant…", file=out, flush=True)
+          f"sealed into {settings.vault}, {release.recipient_count} liaison officers", file=out)
+    print(f"  embargo {release.embargo}", file=out)
     try:
-        while not published.is_set() and not stopper.event.is_set():
-            left = (release.instant - services.clock.now()).total_seconds()
-            if live:
-                out.write(f"\r  publishing in {max(left, 0):5.1f} s ")
-                out.flush()
-            published.wait(0.1)
-        if live:
-            out.write("\n")
+        with Countdown(out) as countdown:
+            while not published.is_set() and not stopper.event.is_set():
+                countdown.show((release.instant - services.clock.now()).total_seconds())
+                published.wait(0.1)
         deadline = services.clock.now() + timedelta(seconds=10)
         while not stopper.event.is_set() and services.clock.now() < deadline:
-            pending = [m for m in service.outbox(release.id) if m.delivered_at is None]
+            pending = [m for m in service.get(release.id).notices if m.delivered_at is None]
             if not pending:
                 break
             stopper.event.wait(0.05)
@@ -190,11 +184,10 @@ def run_demo(settings: Settings, *, seconds: int = 10, create_buckets: bool = Fa
         print(f"embargo: demo release ended {release.state}: {release.reason}", file=sys.stderr)
         return 1
     print(f"published {release.lateness_ms:.1f} ms after the instant:", file=out)
-    print(table([(d.filename, d.size, d.public_url) for d in release.documents],
-                ["document", "bytes", "public at"]), file=out)
-    notices = service.outbox(release.id)
+    print_table([(d.filename, d.size, d.public_url) for d in release.documents],
+                ["document", "bytes", "public at"], out=out)
     print("\nnotices:", file=out)
-    print(table([(m.to_addr, m.purpose, m.delivered_to or f"pending: {m.last_error}")
-                 for m in notices], ["to", "purpose", "delivered to"]), file=out)
+    print_table([(m.to, m.purpose, m.via or f"pending: {m.last_error}")
+                 for m in release.notices], ["to", "purpose", "delivered to"], out=out)
     print(f"\nsee it all: embargo show {release.id}", file=out)
     return 0

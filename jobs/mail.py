@@ -8,6 +8,7 @@ import re
 import smtplib
 import ssl
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from email.message import Message
@@ -16,10 +17,11 @@ from pathlib import Path
 from sqlalchemy import select
 
 from config.errors import DeliveryError, DeliveryRefused
+from config.retry import SMTP_RECONNECT
 from config.settings import Settings
 from release import audit
 from release.context import Services
-from release.records import OutboxMessage
+from release.records import OutboxMessage, Purpose
 from storage.db import transaction
 
 
@@ -31,7 +33,8 @@ class MailTransport(ABC):
         """Deliver ``message``; return where it went (a path or a server).
         Sending the same Message-ID twice must not make two copies where the
         transport can prevent it. Raises DeliveryRefused when the server refused it
-        for good (5xx, a refused recipient), DeliveryError when it may be retried."""
+        for good (a 5xx about the message or its recipient), DeliveryError when
+        it may be retried (a 4xx, no connection, a 5xx about the session)."""
 
     def close(self) -> None:
         """Release any connection held between sends."""
@@ -71,13 +74,21 @@ class FileMailTransport(MailTransport):
 class SmtpMailTransport(MailTransport):
     def __init__(self, host: str, port: int, *, security: str = "starttls",
                  username: str | None = None, password: str | None = None,
-                 timeout: float = 10.0, context: ssl.SSLContext | None = None) -> None:
+                 timeout: float = 10.0, context: ssl.SSLContext | None = None,
+                 reply_timeout: float = 600.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         """``context`` may be shared between transports (building one reads
         the system's CA certificates: ~45 ms); by default each builds its own
-        on first use, and only for ``tls`` or ``starttls``."""
+        on first use, and only for ``tls`` or ``starttls``. ``timeout`` is
+        for reaching the server (connect, EHLO, STARTTLS, login);
+        ``reply_timeout`` for its replies about a message, the end of DATA
+        above all: RFC 5321 (4.5.3.2.6) gives that ten minutes, and a client
+        that stops waiting sooner sends again a message the server has."""
         self.host, self.port, self.security = host, port, security
         self.username, self.password, self.timeout = username, password, timeout
+        self.reply_timeout = reply_timeout
         self.context = context
+        self.sleep = sleep
         self._smtp: smtplib.SMTP | None = None
 
     def _tls(self) -> ssl.SSLContext:
@@ -96,20 +107,25 @@ class SmtpMailTransport(MailTransport):
                 smtp.starttls(context=self._tls())
         if self.username:
             smtp.login(self.username, self.password or "")
+        if smtp.sock is not None:
+            smtp.sock.settimeout(max(self.timeout, self.reply_timeout))
         return smtp
 
     def send(self, message: Message) -> str:
         where = f"smtp://{self.host}:{self.port}"
-        for reuse in (True, False):
+        for attempt in (1, 2):  # a connection held since the last send may have been closed
+            connecting = self._smtp is None
             try:
                 if self._smtp is None:
                     self._smtp = self._connect()
+                connecting = False
                 self._smtp.send_message(message)
                 return where
             except smtplib.SMTPServerDisconnected:
                 self.close()
-                if not reuse:
+                if attempt == 2:
                     raise DeliveryError(f"{where} closed the connection") from None
+                self.sleep(SMTP_RECONNECT.seconds(attempt))
             except smtplib.SMTPAuthenticationError as exc:
                 self.close()  # a setting to fix, then every notice goes: temporary
                 raise DeliveryError(f"{where} refused the login: {exc.smtp_code}") from None
@@ -117,8 +133,23 @@ class SmtpMailTransport(MailTransport):
                 self.close()
                 code, words = next(iter(exc.recipients.values()), (0, b""))
                 raise _answered(where, "refused the recipient", code, words) from None
+            except smtplib.SMTPSenderRefused as exc:
+                self.close()  # 552 with SIZE: this message is too big; the rest is the
+                # session (530 authentication required, sender not allowed): a setting
+                # to fix, then every notice goes, like a refused login
+                if exc.smtp_code == 552:
+                    raise _answered(where, "answered", exc.smtp_code, exc.smtp_error) from None
+                raise DeliveryError(f"{where} refused the sender {exc.sender}: "
+                                    f"{exc.smtp_code} {_words(exc.smtp_error)}") from None
+            except (smtplib.SMTPConnectError, smtplib.SMTPHeloError) as exc:
+                self.close()  # the greeting, EHLO: about the session, not this message
+                raise DeliveryError(f"{where} would not talk: {exc.smtp_code} "
+                                    f"{_words(exc.smtp_error)}") from None
             except smtplib.SMTPResponseException as exc:
                 self.close()
+                if connecting:  # STARTTLS refused: the session again
+                    raise DeliveryError(f"{where} would not talk: {exc.smtp_code} "
+                                        f"{_words(exc.smtp_error)}") from None
                 raise _answered(where, "answered", exc.smtp_code, exc.smtp_error) from None
             except (OSError, smtplib.SMTPException) as exc:
                 self.close()
@@ -149,6 +180,8 @@ class SmtpMailTransport(MailTransport):
     def close(self) -> None:
         if self._smtp is not None:
             try:
+                if self._smtp.sock is not None:  # a server that hangs is not waited for
+                    self._smtp.sock.settimeout(self.timeout)
                 self._smtp.quit()
             except (OSError, smtplib.SMTPException):
                 pass
@@ -157,12 +190,12 @@ class SmtpMailTransport(MailTransport):
 
 def mail_probe(settings: Settings) -> SmtpMailTransport | None:
     """What a rehearsal asks of the mail server: None with the file transport."""
-    if settings["mail.transport"] != "smtp":
+    if settings.mail.transport != "smtp":
         return None
     return SmtpMailTransport(
-        settings["mail.smtp_host"], settings["mail.smtp_port"],
-        security=settings["mail.smtp_security"], username=settings["mail.smtp_username"],
-        password=settings["mail.smtp_password"])
+        settings.mail.smtp_host, settings.mail.smtp_port,
+        security=settings.mail.smtp_security, username=settings.mail.smtp_username,
+        password=settings.mail.smtp_password)
 
 
 def remove_copy_files(services: Services, release_id: str, folder: Path, *,
@@ -174,7 +207,7 @@ def remove_copy_files(services: Services, release_id: str, folder: Path, *,
     with transaction(services.sessions) as session:
         rows = session.execute(select(OutboxMessage.message_id, OutboxMessage.delivered_to)
                                .where(OutboxMessage.release_id == release_id,
-                                      OutboxMessage.purpose == "copy")).all()
+                                      OutboxMessage.purpose == Purpose.COPY)).all()
     files = FileMailTransport(folder)
     removed: list[str] = []
     mailed = 0
@@ -193,22 +226,25 @@ def remove_copy_files(services: Services, release_id: str, folder: Path, *,
     return len(removed), mailed
 
 
+def _words(words: bytes | str) -> str:
+    return words.decode("utf-8", "replace") if isinstance(words, bytes) else str(words)
+
+
 def _answered(where: str, what: str, code: int, words: bytes | str) -> DeliveryError:
-    """The error for a server's reply: a 5xx is permanent (DeliveryRefused),
-    anything else may be retried. Carries the server's own words."""
-    text = words.decode("utf-8", "replace") if isinstance(words, bytes) else str(words)
+    """The error for a server's reply about this message or its recipient: a
+    5xx is permanent (DeliveryRefused), anything else may be retried.
+    Carries the server's own words."""
     error = DeliveryRefused if 500 <= code < 600 else DeliveryError
-    return error(f"{where} {what}: {code} {text}")
+    return error(f"{where} {what}: {code} {_words(words)}")
 
 
 def transport_factory(settings: Settings) -> Callable[[], MailTransport]:
     """Makes the configured transport, one per relay worker; SMTP transports
     share one TLS context."""
-    if settings["mail.transport"] != "smtp":
+    mail = settings.mail
+    if mail.transport != "smtp":
         return lambda: FileMailTransport(settings.outbox_dir)
-    context = (ssl.create_default_context() if settings["mail.smtp_security"] != "none"
-               else None)
+    context = ssl.create_default_context() if mail.smtp_security != "none" else None
     return lambda: SmtpMailTransport(
-        settings["mail.smtp_host"], settings["mail.smtp_port"],
-        security=settings["mail.smtp_security"], username=settings["mail.smtp_username"],
-        password=settings["mail.smtp_password"], context=context)
+        mail.smtp_host, mail.smtp_port, security=mail.smtp_security,
+        username=mail.smtp_username, password=mail.smtp_password, context=context)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from release.clock import ClockReading, measure_clock
 from release.context import Services
@@ -19,9 +19,6 @@ from storage.db import server_time as server_time  # re-exported: jobs.nodes.ser
 from storage.db import transaction
 
 log = logging.getLogger(__name__)
-
-LIVE = timedelta(seconds=10)  # a node silent for longer is shown as gone
-
 
 class NodeMonitor:
     """Heartbeat and clock check of one node, in a thread of its own."""
@@ -105,21 +102,3 @@ class NodeMonitor:
         with transaction(self.s.sessions) as session:
             session.execute(update(Node).where(Node.name == self.name).values(
                 stopped_at=server_time(session.connection()), doing="stopped"))
-
-
-def list_nodes(services: Services) -> list[dict[str, object]]:
-    """Every node that has run against this database, newest first, with
-    its state as seen from the database server's clock."""
-    with services.engine.connect() as connection:
-        server = server_time(connection)
-    with transaction(services.sessions) as session:
-        rows = []
-        for node in session.scalars(select(Node).order_by(Node.heartbeat_at.desc())):
-            silent = server - node.heartbeat_at
-            state = ("stopped" if node.stopped_at else
-                     "live" if silent <= LIVE else "silent (dead?)")
-            rows.append({"name": node.name, "state": state,
-                         "heartbeat_s_ago": round(silent.total_seconds(), 1),
-                         "skew_ms": node.skew_ms, "clock_ok": node.clock_ok,
-                         "doing": node.doing, "started_at": node.started_at})
-        return rows

@@ -12,14 +12,14 @@ heartbeating for longer than ``lease``. What remains is one window per
 worker: a relay that dies after the mail server took a message and before it
 recorded that, leaves the row to be sent again by the relay that takes over.
 
-Failures are told apart. A 5xx reply or a refused recipient is permanent:
-the notice is ``failed`` after one attempt. So is a message that cannot be
-built (a record that cannot be composed, a PDF that cannot be stamped): the
-error's class and words are recorded against that notice alone. A 4xx reply
-or a connection failure is temporary: retried with backoff until
-``give_up_after`` has passed. Either way the release's owner and
-``alerts.to`` are told, except about an alert (an alert about an alert that
-cannot be delivered would never end)."""
+Failures are told apart. A 5xx reply about the message or a refused recipient
+is permanent: the notice is ``failed`` after one attempt. So is a message that
+cannot be built (a record that cannot be composed, a PDF that cannot be
+stamped): the error's class and words are recorded against that notice alone.
+A 4xx reply or a connection failure is temporary: retried with backoff until
+``give_up_after`` has passed. Either way the release's owner and ``alerts.to``
+are told, except about an alert (an alert about an alert that cannot be
+delivered would never end)."""
 
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ from email.errors import MessageError
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, exists, or_, select, true, update
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from config.errors import DeliveryError, DeliveryRefused, SealError
+from config.retry import NOTICE_DELIVERY
 from jobs.mail import MailTransport
-from jobs.nodes import server_time
 from release import audit
 from release.alerts import ALERT, Alert, raise_alert
 from release.context import Services
 from release.copies import DocumentOpener
 from release.notices import Attachment, Delivery, compose
-from release.records import Copy, Node, OutboxMessage, Recipient, Release, table_of
-from storage.db import affected, transaction
+from release.records import Copy, Node, OutboxMessage, Purpose, Recipient, Release, table_of
+from storage.db import affected, server_time, transaction
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ LEASE = timedelta(seconds=3)
 _OUTBOX = table_of(OutboxMessage)
 _COPIES = table_of(Copy)
 TOO_LATE = "the embargo lifted before this copy could be delivered; it was not sent"
-SUMMARY = "owner_summary"
-
-
-def backoff(attempts: int) -> timedelta:
-    """0.5 s, 1 s, 2 s … capped at five minutes."""
-    return timedelta(seconds=min(300.0, 0.5 * 2 ** max(0, attempts - 1)))
+SUMMARY = Purpose.OWNER_SUMMARY
 
 
 def _waiting_summary() -> ColumnElement[bool]:
@@ -66,7 +61,7 @@ def _waiting_summary() -> ColumnElement[bool]:
     says what happened, so it goes once they are all delivered or failed."""
     other = aliased(OutboxMessage)
     return and_(OutboxMessage.purpose == SUMMARY, exists().where(
-        other.release_id == OutboxMessage.release_id, other.purpose == "published",
+        other.release_id == OutboxMessage.release_id, other.purpose == Purpose.PUBLISHED,
         other.delivered_at.is_(None), other.given_up_at.is_(None)))
 
 
@@ -75,11 +70,15 @@ class OutboxRelay:
                  worker: str, give_up_after: timedelta = timedelta(hours=24),
                  lease: timedelta = LEASE, opener: DocumentOpener | None = None,
                  workers: int = 1,
-                 make_transport: Callable[[], MailTransport] | None = None) -> None:
+                 make_transport: Callable[[], MailTransport] | None = None,
+                 stop: threading.Event | None = None) -> None:
         """``transport`` serves the first worker; with ``workers`` > 1,
         ``make_transport`` gives each further worker its own (a transport is
         used by one thread at a time). ``worker`` names the node: its claims
-        are void once that node's heartbeat is older than ``lease``."""
+        are void once that node's heartbeat is older than ``lease`` or it has
+        stopped. Once ``stop`` is set a run takes no new notice and finishes
+        those on their way, so the node can say it stopped without leaving a
+        message in flight to be sent again."""
         if workers > 1 and make_transport is None:
             raise ValueError("several workers need make_transport: one transport each")
         self.opener = opener
@@ -91,6 +90,7 @@ class OutboxRelay:
         self.worker = worker
         self.give_up_after = give_up_after
         self.lease = lease
+        self.stop = stop or threading.Event()
         self.sessions = services.sessions
 
     # -- claims ---------------------------------------------------------------
@@ -107,26 +107,27 @@ class OutboxRelay:
                    *[OutboxMessage.claimed_by.startswith(f"{name}#", autoescape=True)
                      for name in dead])
 
-    def _dead_nodes(self) -> list[str]:
+    def _dead_nodes(self, session: Session) -> list[str]:
         """Nodes (other than this one) whose heartbeat is older than the
         lease by the database server's clock, or that have stopped; within
-        the last hour (an older one's claims have lapsed by themselves)."""
-        with transaction(self.sessions) as session:
-            now = server_time(session.connection())
-            return [name for name in session.scalars(select(Node.name).where(
-                Node.name != self.worker, Node.heartbeat_at >= now - timedelta(hours=1),
-                or_(Node.stopped_at.is_not(None), Node.heartbeat_at < now - self.lease)))]
+        the last hour (an older one's claims have lapsed by themselves).
+        Read afresh for each claim: a node silent for a moment and heard
+        from again is alive, and so are the claims it makes after."""
+        now = server_time(session.connection())
+        return [name for name in session.scalars(select(Node.name).where(
+            Node.name != self.worker, Node.heartbeat_at >= now - timedelta(hours=1),
+            or_(Node.stopped_at.is_not(None), Node.heartbeat_at < now - self.lease)))]
 
-    def _claim(self, token: str, dead: list[str], skip: set[int]) -> OutboxMessage | None:
+    def _claim(self, token: str, skip: set[int]) -> OutboxMessage | None:
         """Claim one due row for ``token``, notices before copies; None when
         nothing is left that nobody holds."""
         now = self.s.clock.now()
-        free = self._free(now, dead)
         with transaction(self.sessions) as session:
+            free = self._free(now, self._dead_nodes(session))
             candidates = list(session.scalars(select(OutboxMessage.id).where(
                 self._due(now), free, OutboxMessage.id.notin_(skip) if skip else true(),
             ).order_by(  # notices of publication before (slow, attachment-laden) copies
-                case((OutboxMessage.purpose == "copy", 1), else_=0), OutboxMessage.id,
+                case((OutboxMessage.purpose == Purpose.COPY, 1), else_=0), OutboxMessage.id,
             ).limit(self.workers)))
             for row_id in candidates:
                 won = affected(session.execute(update(OutboxMessage).where(
@@ -149,13 +150,14 @@ class OutboxRelay:
 
     def _still_mine(self, row: OutboxMessage, token: str) -> bool:
         """Renew this row's claim right before the hand-over; False when it
-        was lost (lapsed and taken, or delivered by another relay)."""
+        was lost (lapsed and taken, or delivered by another relay). A claim
+        that lapsed and that nobody took is still ours: taking it would have
+        named the taker, and this update and a taker's exclude each other."""
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
             return affected(session.execute(update(OutboxMessage).where(
                 OutboxMessage.id == row.id, OutboxMessage.claimed_by == token,
-                OutboxMessage.claim_expires_at >= now, OutboxMessage.delivered_at.is_(None),
-                OutboxMessage.given_up_at.is_(None))
+                OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None))
                 .values(claim_expires_at=now + self.lease))) == 1
 
     def _mine(self, row: OutboxMessage, token: str) -> ColumnElement[bool]:
@@ -179,7 +181,7 @@ class OutboxRelay:
                              release_id=row.release_id,
                              details={"to": row.to_addr, "purpose": row.purpose,
                                       "message_id": row.message_id, "reason": TOO_LATE})
-        return _Run(self, f"{self.worker}#{secrets.token_hex(4)}", self._dead_nodes()).go()
+        return _Run(self, f"{self.worker}#{secrets.token_hex(4)}").go()
 
     def next_due(self) -> float | None:
         """Seconds until the next undelivered notice is due or a claim on
@@ -201,7 +203,7 @@ class OutboxRelay:
 
     def _attachments(self, row: OutboxMessage, release: Release,
                      dek: Callable[[], bytes]) -> list[Attachment]:
-        if row.purpose != "copy":
+        if row.purpose != Purpose.COPY:
             return []
         if self.opener is None:
             raise DeliveryError("this relay cannot open documents (no private key)")
@@ -219,7 +221,7 @@ class OutboxRelay:
             rows = session.execute(select(
                 OutboxMessage.recipient_id, OutboxMessage.to_addr, OutboxMessage.delivered_at,
                 OutboxMessage.last_error).where(OutboxMessage.release_id == release.id,
-                                                OutboxMessage.purpose == "published")
+                                                OutboxMessage.purpose == Purpose.PUBLISHED)
                 .order_by(OutboxMessage.id)).all()
         names = {r.id: r.name for r in release.recipients}
         return [Delivery(name=names.get(rid or "", addr), address=addr,
@@ -278,18 +280,30 @@ class OutboxRelay:
                 self._mine(row, token)).values(
                 attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
                 last_error=None, claim_expires_at=None)))
+            if not recorded:  # given up while on its way (a cancellation): it went
+                recorded = affected(connection.execute(update(_OUTBOX).where(
+                    _OUTBOX.c.id == row.id, _OUTBOX.c.claimed_by == token,
+                    _OUTBOX.c.delivered_at.is_(None)).values(
+                    attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
+                    claim_expires_at=None)))
+            details: dict[str, Any] = {"to": row.to_addr, "purpose": row.purpose,
+                                       "message_id": row.message_id, "via": where}
             if not recorded:
+                # Taken over by another relay while on its way; the mail server has
+                # it all the same: say so.
                 log.error("notice %s to %s was handed to %s after its claim was lost; "
                           "it may arrive twice", row.message_id, row.to_addr, where)
-                return 0
-            details = {"to": row.to_addr, "purpose": row.purpose,
-                       "message_id": row.message_id, "via": where}
-            if row.purpose == "copy":
-                connection.execute(update(_COPIES).where(_COPIES.c.message_id == row.message_id)
-                                   .values(sent_at=now))
+                details["claim_lost"] = True
+            if row.purpose == Purpose.COPY:
+                connection.execute(update(_COPIES).where(
+                    _COPIES.c.message_id == row.message_id, _COPIES.c.sent_at.is_(None))
+                    .values(sent_at=now))
                 details["copy_id"] = str(message["X-Embargo-Copy-Id"])
-            audit.record(session, action="copy_sent" if row.purpose == "copy" else "notice_sent",
+            audit.record(session,
+                         action="copy_sent" if row.purpose == Purpose.COPY else "notice_sent",
                          actor=self.worker, at=now, release_id=row.release_id, details=details)
+        if not recorded:
+            return 0
         log.info("notice %s delivered to %s via %s", row.purpose, row.to_addr, where)
         return 1
 
@@ -319,7 +333,8 @@ class OutboxRelay:
                                   "message_id": row.message_id, "reason": reason})
             row.last_error = reason
             self._alert(session, row, release, Alert(
-                kind="notice_failed", key=row.message_id,
+                # one alert per failure: a notice resent and refused again is told again
+                kind="notice_failed", key=f"{row.message_id} #{row.attempts + 1}",
                 subject=f"Notice to {row.to_addr} failed ({row.purpose})",
                 lines=[f"The {row.purpose} notice to {row.to_addr} could not be delivered "
                        "and will not be retried:", "", f"  {reason}", "",
@@ -329,14 +344,19 @@ class OutboxRelay:
 
     def _retry(self, row: OutboxMessage, token: str, reason: str,
                release: Release | None) -> None:
-        """A temporary failure: retried with backoff until give_up_after."""
+        """A temporary failure: retried with backoff until give_up_after has
+        passed since the first try (a notice first tried long after it was
+        due, like an owner's summary that waited for the others, gets its
+        retries too: ``not_before`` moves to that first try)."""
         now = self.s.clock.now()
         attempts = row.attempts + 1
-        give_up = now - row.not_before >= self.give_up_after
+        since = row.not_before if row.attempts else now
+        give_up = now - since >= self.give_up_after
+        wait = NOTICE_DELIVERY.delay(attempts)
         with transaction(self.sessions) as session:
             if not affected(session.execute(update(_OUTBOX).where(self._mine(row, token)).values(
                     attempts=attempts, last_error=reason, claim_expires_at=None,
-                    next_attempt_at=now + backoff(attempts),
+                    next_attempt_at=now + wait, not_before=since,
                     given_up_at=now if give_up else None))):
                 return
             row.last_error = reason
@@ -347,10 +367,10 @@ class OutboxRelay:
                                       "message_id": row.message_id, "attempts": attempts,
                                       "reason": reason})
                 self._alert(session, row, release, Alert(
-                    kind="notice_given_up", key=row.message_id,
+                    kind="notice_given_up", key=f"{row.message_id} #{attempts}",
                     subject=f"Notice to {row.to_addr} given up ({row.purpose})",
                     lines=[f"The {row.purpose} notice to {row.to_addr} was tried {attempts} "
-                           f"times since {row.not_before.isoformat()} and is given up:", "",
+                           f"times since {since.isoformat()} and is given up:", "",
                            f"  {reason}", "",
                            f"`embargo resend {row.id}` sends it again."]), now)
             elif attempts == 1 and not row.attempts:
@@ -365,7 +385,7 @@ class OutboxRelay:
                       row.message_id, row.to_addr, attempts, reason)
         else:
             log.warning("notice %s to %s not delivered (attempt %d), retrying in %s: %s",
-                        row.message_id, row.to_addr, attempts, backoff(attempts), reason)
+                        row.message_id, row.to_addr, attempts, wait, reason)
 
     def _give_up(self, row: OutboxMessage, token: str, reason: str) -> None:
         now = self.s.clock.now()
@@ -384,10 +404,9 @@ class _Run:
     """One run_once: up to ``workers`` threads, each claiming one row at a
     time, and one thread renewing the claims until they are done."""
 
-    def __init__(self, relay: OutboxRelay, token: str, dead: list[str]) -> None:
+    def __init__(self, relay: OutboxRelay, token: str) -> None:
         self.relay = relay
         self.token = token
-        self.dead = dead
         self.lock = threading.Lock()
         self.skip: set[int] = set()
         self.delivered = 0
@@ -425,9 +444,11 @@ class _Run:
         return get
 
     def _next(self) -> OutboxMessage | None:
+        if self.relay.stop.is_set():
+            return None
         with self.lock:
             skip = set(self.skip)
-        row = self.relay._claim(self.token, self.dead, skip)
+        row = self.relay._claim(self.token, skip)
         if row is not None:
             with self.lock:
                 self.skip.add(row.id)
@@ -479,9 +500,12 @@ class _Run:
             thread.start()
         try:
             self._work(relay.transport, first)
+        finally:
+            # Even when this worker failed, the others' claims are renewed
+            # until their messages are handed over and recorded: a claim that
+            # lapsed mid-send would be sent again by the next run.
             for thread in threads:
                 thread.join()
-        finally:
             self.done.set()
             renewer.join()
         return self.delivered

@@ -4,7 +4,9 @@ The database is the source of truth: the scheduler derives one date job per
 active release from it at start and re-reads it every ``poll_seconds``, so a
 queue, cancel or reschedule made by another process reaches it within one
 poll. A job wakes ``lead`` before the instant and the publisher waits, reading
-the clock, for the instant itself."""
+the clock, for the instant itself. The outbox is delivered beside it, by
+:class:`jobs.delivery.DeliveryLoop`, which a publication or an issue of
+copies wakes."""
 
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import func, or_, select
 
+from jobs.delivery import DeliveryLoop
 from jobs.relay import OutboxRelay
 from release.context import Services
 from release.copies import issue_copies
-from release.publishing import Outcome, Publisher
+from release.publishing import Outcome, Publisher, PublishStatus
 from release.records import PUBLISHING, QUEUED, Release
 from storage.db import transaction
 
@@ -60,7 +63,8 @@ class EmbargoScheduler:
         self._fingerprint: tuple[int, int] | None = None
         self._refresh_at = datetime.min.replace(tzinfo=UTC)  # when to look past the horizon
         self._active = 0  # queued or publishing, due within the horizon or not
-        self._relay_wake = threading.Event()
+        self.delivery = (DeliveryLoop(relay, stop=self.stop_event, guard=guard,
+                                      poll_seconds=poll_seconds) if relay is not None else None)
         self._threads: list[threading.Thread] = []
         self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
 
@@ -72,9 +76,8 @@ class EmbargoScheduler:
         count = self.sync(force=True)
         poller = threading.Thread(target=self._poll_loop, name="embargo-poll", daemon=True)
         self._threads.append(poller)
-        if self.relay is not None:
-            self._threads.append(threading.Thread(target=self._relay_loop, name="embargo-relay",
-                                                  daemon=True))
+        if self.delivery is not None:
+            self._threads.append(self.delivery.thread())
         for thread in self._threads:
             thread.start()
         log.info("scheduler started: %d releases scheduled", count)
@@ -84,14 +87,15 @@ class EmbargoScheduler:
         """Stop taking work; a publication in progress is finished, one still
         waiting for its instant gives its claim back."""
         self.stop_event.set()
-        self._relay_wake.set()
+        self.kick_relay()
         self.scheduler.shutdown(wait=True)
         for thread in self._threads:
             thread.join(timeout=10)
         log.info("scheduler stopped")
 
     def kick_relay(self) -> None:
-        self._relay_wake.set()
+        if self.delivery is not None:
+            self.delivery.wake()
 
     # -- syncing with the database ---------------------------------------------
     def _poll_loop(self) -> None:
@@ -248,14 +252,14 @@ class EmbargoScheduler:
                                              wait_up_to=self.lead + timedelta(seconds=1))
         except Exception:
             log.exception("publishing %s failed unexpectedly", release_id)
-            outcome = Outcome(status="retry", release_id=release_id)
+            outcome = Outcome(status=PublishStatus.RETRY, release_id=release_id)
         finally:
             with self._lock:
                 self._running.discard(release_id)
                 self._known.pop(release_id, None)  # the next sync re-reads it
                 self._fingerprint = None
-        if outcome.status in ("published", "failed"):
-            self._relay_wake.set()
+        if outcome.status in (PublishStatus.PUBLISHED, PublishStatus.FAILED):
+            self.kick_relay()
         if self.on_outcome is not None:
             self.on_outcome(outcome)
 
@@ -264,25 +268,9 @@ class EmbargoScheduler:
             return
         try:
             if issue_copies(self.s, release_id, actor=self.publisher.claimant):
-                self._relay_wake.set()
+                self.kick_relay()
         except Exception:
             log.exception("issuing the copies of %s failed; will try again", release_id)
         with self._lock:
             self._copies.pop(release_id, None)  # the next sync re-reads it
             self._fingerprint = None
-
-    def _relay_loop(self) -> None:
-        assert self.relay is not None
-        while not self.stop_event.is_set():
-            if not self.guard():  # a wrong clock could deliver a copy too late
-                self._relay_wake.wait(self.poll_seconds)
-                continue
-            try:
-                self.relay.run_once()
-                wait = self.relay.next_due()
-            except Exception:
-                log.exception("outbox relay failed; will try again")
-                wait = self.poll_seconds
-            self._relay_wake.wait(self.poll_seconds if wait is None
-                                  else min(max(wait, 0.01), self.poll_seconds * 4))
-            self._relay_wake.clear()

@@ -21,11 +21,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from release import audit
-from release.records import OutboxMessage, table_of
+from release.records import OutboxMessage, Purpose, table_of
 
 log = logging.getLogger(__name__)
 
-ALERT = "alert"
+ALERT = Purpose.ALERT
 _OUTBOX = table_of(OutboxMessage)
 
 

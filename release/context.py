@@ -1,41 +1,20 @@
-"""What the domain needs at run time, built once at start and passed in,
-and the names of things in the vault."""
+"""What the domain needs at run time, built once at start and passed in.
+The vault's names are :mod:`release.vault_keys`; instants shown both ways,
+:mod:`release.instants`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from release import timerules
 from release.clock import Clock
-from release.records import Release
 from storage.base import PublicTarget, Vault
 from storage.db import session_factory
-
-
-def dek_key(release_id: str) -> str:
-    return f"releases/{release_id}/dek.hpke"
-
-
-def document_key(release_id: str, document_id: str) -> str:
-    return f"releases/{release_id}/{document_id}.emb"
-
-
-def embargo_of(release: Release) -> timerules.Embargo:
-    return timerules.Embargo(instant=release.instant, zone=release.zone, wall=release.wall)
-
-
-def describe_instant(instant: datetime, zone: str) -> str:
-    """Any instant shown both ways, like an embargo."""
-    whole = instant.replace(microsecond=0)
-    return timerules.Embargo(instant=whole, zone=zone,
-                             wall=timerules.wall_of(whole.astimezone(ZoneInfo(zone)))).describe()
 
 
 @dataclass(frozen=True, kw_only=True)

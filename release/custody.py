@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from config.errors import EmbargoError, InputError, NotFoundError, SealError, StateError
 from release import audit, keys, sealing
-from release.context import Services, dek_key, document_key
+from release.context import Services
 from release.records import FAILED, PUBLISHING, QUEUED, Release
+from release.vault_keys import dek_key, document_key
+from release.views import Finding
 from storage.base import PublicTarget, Vault
 from storage.db import transaction
 
@@ -33,18 +35,6 @@ ACTIVE = (QUEUED, PUBLISHING, FAILED)
 PENDING_PREFIX = "pending/"
 ORPHAN_AGE = timedelta(hours=1)
 _TAG = 16
-
-
-@dataclass(frozen=True, kw_only=True)
-class Finding:
-    """One line of a check: what was looked at, whether it is fine, why not."""
-
-    what: str
-    ok: bool
-    detail: str
-
-    def line(self) -> str:
-        return f"{self.what:8} {'ok  ' if self.ok else 'FAIL'} {self.detail}"
 
 
 class _Sink:

@@ -22,11 +22,13 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import format_datetime, formataddr, getaddresses
+from typing import assert_never
 
-from release.alerts import ALERT, alert_text
-from release.context import embargo_of
-from release.marking import COPY_ID, stamp_line, stamp_pdf
-from release.records import Document, OutboxMessage, Recipient, Release
+from release.alerts import alert_text
+from release.copy_ids import COPY_ID
+from release.instants import embargo_of
+from release.marking import stamp_line, stamp_pdf
+from release.records import Document, OutboxMessage, Purpose, Recipient, Release
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,8 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
     message["Message-ID"] = row.message_id
     message["Date"] = format_datetime(row.created_at)
     message["X-Embargo-Release"] = release.id
-    if row.purpose == "published":
+    purpose = Purpose(row.purpose)  # an unknown purpose raises ValueError: no default words
+    if purpose is Purpose.PUBLISHED:
         assert recipient is not None
         reports, letter = _links(release, recipient.organisation)
         subject = f"Published: {release.title}"
@@ -87,7 +90,7 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
         if letter:
             text += ["", f"The letter to {recipient.organisation}:", f"- {letter}"]
         text += ["", "This notice was sent automatically by Embargo."]
-    elif row.purpose == "copy":
+    elif purpose is Purpose.COPY:
         assert recipient is not None
         copy_id = attachments[0].copy_id if attachments else _copy_id(row)
         subject = f"EMBARGOED UNTIL {embargo.headline()}: {release.title}"
@@ -101,11 +104,11 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                 f"This copy is numbered {copy_id} and is recorded against your name; "
                 "PDF pages carry the number.", "", "Attached:",
                 *[f"- {a.document.filename}" for a in attachments]]
-    elif row.purpose in ("withdrawn", "rescheduled"):
+    elif purpose is Purpose.WITHDRAWN or purpose is Purpose.RESCHEDULED:
         assert recipient is not None
         copy_id = _copy_id(row)
         message["X-Embargo-Copy-Id"] = copy_id
-        if row.purpose == "withdrawn":
+        if purpose is Purpose.WITHDRAWN:
             subject = f"WITHDRAWN: {release.title}"
             text = [f"Dear {recipient.name},", "",
                     f"The release \"{release.title}\", which was embargoed until "
@@ -120,24 +123,26 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
                     f"embargoed until {embargo.describe_long()}.", "",
                     f"Your pre-embargo copy ({copy_id}) must not be published or shared "
                     "before then."]
-    elif row.purpose == "owner_summary":
+    elif purpose is Purpose.OWNER_SUMMARY:
         subject = f"Release published: {release.title}"
         text = [f"\"{release.title}\" was published for {embargo.describe_long()}.",
                 f"Publication started {release.lateness_ms or 0:.1f} ms after the instant.", "",
                 "Documents:", *[f"- {d.filename} ({d.size} bytes): {d.public_url}"
                                 for d in release.documents], "",
                 *_summary_lines(summary or [])]
-    elif row.purpose == ALERT:
+    elif purpose is Purpose.ALERT:
         subject, text = alert_text(row.details)
         text = [*text, "", f"Release {release.id}: \"{release.title}\", due "
                 f"{embargo.describe_long()}.", "",
                 "This alert was sent automatically by Embargo."]
-    else:
+    elif purpose is Purpose.OWNER_FAILURE:
         subject = f"FAILED: {release.title} was not published"
         text = [f"Publication of \"{release.title}\" ({release.id}), due "
                 f"{embargo.describe_long()}, has failed and needs attention:", "",
                 f"  {release.reason}", "",
                 f"Run `embargo show {release.id}` for the details."]
+    else:
+        assert_never(purpose)
     message["Subject"] = subject  # the generator encodes non-ASCII (RFC 2047)
     body = "\n".join(text) + "\n"
     links = frozenset(d.public_url for d in release.documents if d.public_url)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -32,10 +33,12 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.errors import EmbargoError, NotFoundError, SealError, StorageError
+from config.retry import PUBLICATION
 from release import audit, sealing, timerules
 from release.alerts import Alert, raise_alert
 from release.clock import ClockReading, measure_clock
-from release.context import Services, dek_key, describe_instant, document_key
+from release.context import Services
+from release.instants import describe_instant
 from release.records import (
     FAILED,
     PUBLISHED,
@@ -43,16 +46,17 @@ from release.records import (
     QUEUED,
     Document,
     OutboxMessage,
+    Purpose,
     Recipient,
     Release,
     table_of,
 )
+from release.vault_keys import dek_key, document_key
 from storage.base import ObjectExistsError, write_private
 from storage.db import affected, server_time, transaction
 
 log = logging.getLogger(__name__)
 
-BACKOFF_CAP = timedelta(seconds=60)
 
 _RELEASES = table_of(Release)
 _RECIPIENTS = table_of(Recipient)
@@ -65,6 +69,17 @@ _DOCUMENT_PUBLISHED = (update(_DOCUMENTS).where(_DOCUMENTS.c.id == bindparam("do
 class TooEarlyError(EmbargoError):
     """Raised if, against every check, a write was about to happen before the
     embargo instant. Never caught and ignored."""
+
+
+class PublishStatus(StrEnum):
+    """How one call of :meth:`Publisher.publish` ended."""
+
+    PUBLISHED = "published"
+    NOT_YET = "not_yet"  # before the instant, or stopping: the job runs again
+    NOT_OURS = "not_ours"  # another node holds the claim
+    INACTIVE = "inactive"  # not queued or publishing (cancelled, published, gone)
+    RETRY = "retry"  # this attempt failed; retried after a backoff
+    FAILED = "failed"  # given up: state failed, owner told
 
 
 class UnverifiableError(EmbargoError):
@@ -80,14 +95,9 @@ class PublicConflictError(StorageError):
 PERMANENT = (UnverifiableError, PublicConflictError)
 
 
-def backoff(attempts: int) -> timedelta:
-    """The one retry delay of publication: doubling from 0.5 s, capped."""
-    return min(BACKOFF_CAP, timedelta(seconds=0.5 * 2 ** min(max(attempts, 0), 16)))
-
-
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
-    status: str  # published | not_yet | not_ours | inactive | retry | failed
+    status: PublishStatus
     release_id: str
     lateness_ms: float | None = None
     detail: str | None = None
@@ -166,11 +176,11 @@ class Publisher:
         with transaction(self.sessions) as session:  # read and claim: one transaction
             release = session.get(Release, release_id)
             if release is None or release.state not in (QUEUED, PUBLISHING):
-                return Outcome(status="inactive", release_id=release_id)
+                return Outcome(status=PublishStatus.INACTIVE, release_id=release_id)
             if release.instant - now > wait_up_to:
-                return Outcome(status="not_yet", release_id=release_id)
+                return Outcome(status=PublishStatus.NOT_YET, release_id=release_id)
             if not self._claim(session, release_id, now):
-                return Outcome(status="not_ours", release_id=release_id)
+                return Outcome(status=PublishStatus.NOT_OURS, release_id=release_id)
             plan = _plan_of(session, release)
         with _LeaseKeeper(self, release_id) as keeper:
             try:
@@ -180,7 +190,7 @@ class Publisher:
                     if reading is None:
                         keeper.close()
                         self._unclaim(release_id)
-                        return Outcome(status="not_yet", release_id=release_id,
+                        return Outcome(status=PublishStatus.NOT_YET, release_id=release_id,
                                        detail="stopping")
                     return self._go_public(plan, staged, keeper, reading)
             except Exception as exc:
@@ -431,12 +441,12 @@ class Publisher:
                 {"document": d.id, "at": published_at, "url": self.s.public.url(plan.key(d))}
                 for d in plan.documents])
             targets: list[tuple[str | None, str, str]] = [
-                (rid, email, "published") for rid, email in connection.execute(
+                (rid, email, Purpose.PUBLISHED) for rid, email in connection.execute(
                     select(_RECIPIENTS.c.id, _RECIPIENTS.c.email)
                     .where(_RECIPIENTS.c.release_id == release_id)
                     .order_by(_RECIPIENTS.c.position))]
             if plan.owner:
-                targets.append((None, plan.owner, "owner_summary"))
+                targets.append((None, plan.owner, Purpose.OWNER_SUMMARY))
             if targets:
                 connection.execute(_OUTBOX.insert(), [
                     {"message_id": message_id(release_id, purpose, recipient_id),
@@ -450,7 +460,8 @@ class Publisher:
                                   "notices": len(targets),
                                   "published_at": _iso(published_at)})
         log.info("release %s published, %.1f ms late", release_id, lateness_ms)
-        return Outcome(status="published", release_id=release_id, lateness_ms=lateness_ms)
+        return Outcome(status=PublishStatus.PUBLISHED, release_id=release_id,
+                       lateness_ms=lateness_ms)
 
     # -- faults ------------------------------------------------------------------------
     def public_report(self, plan: _Plan) -> tuple[list[str], list[str]]:
@@ -469,7 +480,7 @@ class Publisher:
         if isinstance(exc, TooEarlyError):
             log.error("%s", exc)
             self._unclaim(release_id)
-            return Outcome(status="not_yet", release_id=release_id, detail=str(exc))
+            return Outcome(status=PublishStatus.NOT_YET, release_id=release_id, detail=str(exc))
         now = self.s.clock.now()
         reason = str(exc) if isinstance(exc, EmbargoError) else f"{type(exc).__name__}: {exc}"
         permanent = isinstance(exc, PERMANENT)
@@ -479,7 +490,7 @@ class Publisher:
         except StorageError as db_exc:  # the database is failing too: the lease lapses
             log.warning("release %s: attempt failed (%s), and could not be recorded: %s",
                         release_id, reason, db_exc)
-            return Outcome(status="retry", release_id=release_id, detail=reason)
+            return Outcome(status=PublishStatus.RETRY, release_id=release_id, detail=reason)
 
     def _record_failure(self, plan: _Plan, now: datetime, reason: str, permanent: bool,
                         public: list[str], hidden: list[str]) -> Outcome:
@@ -489,9 +500,9 @@ class Publisher:
             row = connection.execute(select(_RELEASES.c.claimant, _RELEASES.c.failing_since)
                                      .where(_RELEASES.c.id == release_id)).one_or_none()
             if row is None or row.claimant != self.claimant:
-                return Outcome(status="not_ours", release_id=release_id, detail=reason)
+                return Outcome(status=PublishStatus.NOT_OURS, release_id=release_id, detail=reason)
             since = row.failing_since or now
-            delay = backoff(plan.attempts - 1)
+            delay = PUBLICATION.delay(plan.attempts)
             values: dict[str, object] = {"reason": reason, "failing_since": since,
                                          "revision": _RELEASES.c.revision + 1}
             if permanent:
@@ -531,9 +542,9 @@ class Publisher:
                                   "not_public": hidden})
         if permanent:
             log.error("release %s failed: %s", release_id, reason)
-            return Outcome(status="failed", release_id=release_id, detail=reason)
+            return Outcome(status=PublishStatus.FAILED, release_id=release_id, detail=reason)
         log.warning("release %s: attempt failed, retrying in %s: %s", release_id, delay, reason)
-        return Outcome(status="retry", release_id=release_id, detail=reason)
+        return Outcome(status=PublishStatus.RETRY, release_id=release_id, detail=reason)
 
 
 def _plan_of(session: Session, release: Release) -> _Plan:

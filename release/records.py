@@ -4,6 +4,7 @@ outbox of notices, and the audit chain."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -53,12 +54,54 @@ def table_of(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
 
-# Release states.
-QUEUED = "queued"
-PUBLISHING = "publishing"
-PUBLISHED = "published"
-CANCELLED = "cancelled"
-FAILED = "failed"
+class ReleaseState(StrEnum):
+    """Where a release is in its life: queued, then publishing, then
+    published; or cancelled, or failed (retryable)."""
+
+    QUEUED = "queued"
+    PUBLISHING = "publishing"
+    PUBLISHED = "published"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class Purpose(StrEnum):
+    """Why an outbox notice is sent; each has its own words in
+    :func:`release.notices.compose`."""
+
+    PUBLISHED = "published"  # to an officer: the embargo lifted, with the links
+    COPY = "copy"  # to an officer: the pre-embargo copy, documents attached
+    WITHDRAWN = "withdrawn"  # to a copy holder: the release was cancelled
+    RESCHEDULED = "rescheduled"  # to a copy holder: the embargo moved
+    OWNER_SUMMARY = "owner_summary"  # to the owner: published, how late, where
+    OWNER_FAILURE = "owner_failure"  # to the owner: publication failed
+    ALERT = "alert"  # to the owner and alerts.to: a release at risk (release/alerts.py)
+
+
+class EnumText(TypeDecorator[StrEnum]):
+    """A StrEnum stored as its text. A stored value outside the enum is an
+    error when read, never passed on as a bare string."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[StrEnum], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> StrEnum | None:
+        return None if value is None else self.enum(value)
+
+
+# The states by name, for the modules that compare them.
+QUEUED = ReleaseState.QUEUED
+PUBLISHING = ReleaseState.PUBLISHING
+PUBLISHED = ReleaseState.PUBLISHED
+CANCELLED = ReleaseState.CANCELLED
+FAILED = ReleaseState.FAILED
 
 
 class Release(Base):
@@ -68,7 +111,7 @@ class Release(Base):
     slug: Mapped[str] = mapped_column(String(120), unique=True)
     title: Mapped[str] = mapped_column(Text)
     owner: Mapped[str | None] = mapped_column(String(320))
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[ReleaseState] = mapped_column(EnumText(ReleaseState, 16), index=True)
     instant: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     zone: Mapped[str] = mapped_column(String(64))
     wall: Mapped[str] = mapped_column(String(32))
@@ -142,7 +185,7 @@ class OutboxMessage(Base):
     message_id: Mapped[str] = mapped_column(String(200), unique=True)
     release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"), index=True)
     recipient_id: Mapped[str | None] = mapped_column(ForeignKey("recipients.id"))
-    purpose: Mapped[str] = mapped_column(String(32))  # published, owner_summary, ...
+    purpose: Mapped[Purpose] = mapped_column(EnumText(Purpose, 32))
     to_addr: Mapped[str] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     not_before: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

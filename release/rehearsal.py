@@ -27,8 +27,10 @@ from sqlalchemy.orm import Session
 from config.errors import EmbargoError
 from release import audit, sealing, timerules
 from release.alerts import Alert, raise_alert
-from release.context import Services, dek_key, document_key, embargo_of
+from release.context import Services
+from release.instants import embargo_of
 from release.records import QUEUED, Document, Node, Rehearsal, Release, table_of
+from release.vault_keys import dek_key, document_key
 from storage.db import transaction
 
 log = logging.getLogger(__name__)
@@ -184,7 +186,7 @@ def check_zone(release: Release) -> Check:
 
 def _describe(release: Release) -> str:
     try:
-        return embargo_of(release).describe()
+        return str(embargo_of(release).describe())
     except EmbargoError:  # the zone check says why
         return f"{release.wall} {release.zone}"
 
@@ -312,12 +314,15 @@ class Rehearser:
         return reports
 
 
-def latest_reports(services: Services, release: Release) -> list[RehearsalReport]:
-    """Every recorded rehearsal of ``release``, oldest first."""
+def latest_reports(services: Services, release_id: str) -> list[RehearsalReport]:
+    """Every recorded rehearsal of the release, oldest first."""
     with transaction(services.sessions) as session:
+        release = session.get(Release, release_id)
+        if release is None:
+            return []
         rows = list(session.scalars(select(Rehearsal).where(
-            Rehearsal.release_id == release.id).order_by(Rehearsal.at, Rehearsal.id)))
-    return [report_of(row, release) for row in rows]
+            Rehearsal.release_id == release_id).order_by(Rehearsal.at, Rehearsal.id)))
+        return [report_of(row, release) for row in rows]
 
 
 def latest(session: Session, release_ids: Sequence[str]) -> dict[str, Rehearsal]:

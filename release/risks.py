@@ -11,7 +11,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 
 from release.alerts import Alert, raise_alert
-from release.context import Services, describe_instant, embargo_of
+from release.context import Services
+from release.instants import describe_instant, embargo_of
 from release.records import PUBLISHING, QUEUED, Release
 from storage.db import transaction
 

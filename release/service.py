@@ -8,22 +8,38 @@ import logging
 import re
 import secrets
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
-from config.errors import InputError, NotFoundError, StateError, StorageError
-from release import audit, copies, custody, sealing, timerules
+from config.errors import (
+    AmbiguousIdError,
+    InputError,
+    NotFoundError,
+    ReleaseNotFoundError,
+    StateError,
+    StorageError,
+)
+from release import (
+    audit,
+    copy_holders,
+    copy_timing,
+    custody,
+    presenting,
+    sealing,
+    timerules,
+    tracing,
+)
 from release import text as texts
-from release.context import Services, dek_key, describe_instant, document_key, embargo_of
+from release.context import Services
+from release.instants import describe_instant, embargo_of
 from release.keys import load_public_key
-from release.manifest import DocumentSpec, ReleaseSpec
+from release.manifest import DocumentSpec, ReleaseSpec, check_email
 from release.marking import stamp_line, stamp_pdf
 from release.records import (
     CANCELLED,
@@ -33,11 +49,25 @@ from release.records import (
     QUEUED,
     AuditEvent,
     Document,
+    Node,
     OutboxMessage,
+    Purpose,
     Recipient,
     Release,
+    ReleaseState,
 )
-from storage.db import affected, transaction
+from release.vault_keys import dek_key, document_key
+from release.views import (
+    AccessEntry,
+    Counts,
+    DocumentView,
+    NodeStatus,
+    NoticeView,
+    ReleaseDetail,
+    ReleaseSummary,
+    TraceResult,
+)
+from storage.db import affected, server_time, transaction
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +104,6 @@ def trial_stamp(doc: DocumentSpec, headline: str, *, unstampable: str) -> str | 
         log.warning("%s cannot be stamped (%s); its copies go unmarked",
                     doc.filename, type(exc).__name__)
     return digest
-_ADDRESS = re.compile(r"[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+")
 
 
 def new_id(prefix: str) -> str:
@@ -101,7 +130,7 @@ class ReleaseService:
         return timerules.resolve(publish_on, at=at, zone=zone or self.s.zone, now=now,
                                  default_at=self.s.default_at)
 
-    def queue(self, spec: ReleaseSpec, *, progress: Progress | None = None) -> Release:
+    def queue(self, spec: ReleaseSpec, *, progress: Progress | None = None) -> ReleaseDetail:
         """Seal every document into the vault and record the release.
 
         Everything is checked before the first byte is sealed; if anything
@@ -109,7 +138,7 @@ class ReleaseService:
         deleted and no release record is written."""
         now = self.s.clock.now()
         embargo = self.resolve_embargo(spec.publish_on, spec.at, spec.zone, now)
-        copies_at = copies.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
+        copies_at = copy_timing.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
                                              max_lead=self.s.copies_max_lead,
                                              cutoff=self.s.copies_cutoff)
         if not spec.recipients:
@@ -222,50 +251,94 @@ class ReleaseService:
         return slug
 
     # -- read --------------------------------------------------------------
-    def get(self, release_id: str) -> Release:
-        with transaction(self.sessions) as session:
-            release = session.get(Release, release_id)
-            if release is None and len(release_id) >= 6:
-                matches = list(session.scalars(select(Release).where(
-                    Release.id.startswith(release_id, autoescape=True)).limit(2)))
-                if len(matches) > 1:
-                    raise InputError(f"{release_id!r} matches more than one release; give more "
-                                     "of the id (see `embargo list`)")
-                release = matches[0] if matches else None
-            if release is None:
-                raise NotFoundError(f"no release {release_id!r} (see `embargo list`)")
-            release.documents  # noqa: B018 - load while the session is open
-            release.recipients  # noqa: B018
-            return release
+    def _row(self, session: Session, release_id: str) -> Release:
+        """The release ``release_id`` (or the one whose id starts with it, six
+        characters or more), documents and recipients loaded."""
+        loaded = (selectinload(Release.documents), selectinload(Release.recipients))
+        release = session.get(Release, release_id, options=loaded)
+        if release is None and len(release_id) >= 6:
+            matches = list(session.scalars(select(Release).options(*loaded).where(
+                Release.id.startswith(release_id, autoescape=True)).limit(2)))
+            if len(matches) > 1:
+                raise AmbiguousIdError(release_id)
+            release = matches[0] if matches else None
+        if release is None:
+            raise ReleaseNotFoundError(release_id)
+        return release
 
-    def all_releases(self) -> list[Release]:
-        with transaction(self.sessions) as session:
-            return list(session.scalars(select(Release).options(
-                selectinload(Release.documents), selectinload(Release.recipients))
-                .order_by(Release.instant)))
+    def get(self, release_id: str) -> ReleaseDetail:
+        """One release in full: documents, recipients, pre-embargo copies,
+        notices and audit events, read in one transaction.
 
-    def outbox(self, release_id: str) -> list[OutboxMessage]:
+        :raises ReleaseNotFoundError: no release has this id (or prefix)
+        :raises AmbiguousIdError: the prefix matches more than one release"""
         with transaction(self.sessions) as session:
-            return list(session.scalars(select(OutboxMessage).where(
-                OutboxMessage.release_id == release_id).order_by(OutboxMessage.id)))
+            release = self._row(session, release_id)
+            notices = session.scalars(select(OutboxMessage).where(
+                OutboxMessage.release_id == release.id).order_by(OutboxMessage.id))
+            events = session.scalars(select(AuditEvent).where(
+                AuditEvent.release_id == release.id).order_by(AuditEvent.seq))
+            public_now: dict[str, str] | None = None
+            if release.state in (FAILED, CANCELLED):  # a partial publication, perhaps
+                found = set(self._public_keys(release.slug, release.documents))
+                public_now = {d.id: self.s.public.url(key) for d in release.documents
+                              if (key := f"{release.slug}/{d.filename}") in found}
+            return presenting.detail(release, self.s.clock.now(),
+                                     copies=tracing.copies_of(session, release.id),
+                                     notices=list(notices), events=list(events),
+                                     public_now=public_now)
 
-    def events(self, release_id: str) -> list[AuditEvent]:
+    def list_releases(self) -> list[ReleaseSummary]:
+        """Every release, soonest embargo first."""
+        now = self.s.clock.now()
         with transaction(self.sessions) as session:
-            return list(session.scalars(select(AuditEvent).where(
-                AuditEvent.release_id == release_id).order_by(AuditEvent.seq)))
+            return [presenting.summary(r, now) for r in session.scalars(
+                select(Release).options(selectinload(Release.documents),
+                                        selectinload(Release.recipients))
+                .order_by(Release.instant))]
 
-    def counts(self) -> dict[str, int]:
+    def access_list(self, release_id: str) -> tuple[ReleaseSummary, list[AccessEntry]]:
+        """The release and who received pre-embargo copies of it, of what,
+        and when."""
+        now = self.s.clock.now()
+        with transaction(self.sessions) as session:
+            release = self._row(session, release_id)
+            return presenting.summary(release, now), list(tracing.access_list(session, release))
+
+    def trace(self, what: str, data: bytes | None = None) -> TraceResult:
+        """Who received the copy ``what`` (a copy id), or the copy whose
+        bytes are ``data``.
+
+        :raises NotFoundError: no copy id in it, or no such copy issued here"""
+        copy_id = tracing.copy_id_in(what, data)
+        with transaction(self.sessions) as session:
+            return tracing.trace(session, copy_id)
+
+    def nodes(self) -> list[NodeStatus]:
+        """Every scheduler node that has run against this database, newest
+        heartbeat first, as the database server's clock sees them."""
+        with self.s.engine.connect() as connection:
+            server = server_time(connection)
+        with transaction(self.sessions) as session:
+            return [presenting.node_status(node, server) for node in session.scalars(
+                select(Node).order_by(Node.heartbeat_at.desc()))]
+
+    def counts(self) -> Counts:
         with transaction(self.sessions) as session:
             rows = session.execute(select(Release.state, func.count()).group_by(Release.state))
-            return {state: n for state, n in rows}
+            return Counts(**{ReleaseState(state).value: n for state, n in rows})
 
     # -- change ------------------------------------------------------------
-    def cancel(self, release_id: str, *, reason: str) -> Release:
+    def _load(self, release_id: str) -> Release:
+        with transaction(self.sessions) as session:
+            return self._row(session, release_id)
+
+    def cancel(self, release_id: str, *, reason: str) -> ReleaseDetail:
         """Cancel a queued (or failed) release and shred its data key."""
         if not isinstance(reason, str) or not reason.strip():
             raise InputError("a cancellation needs a --reason")
         reason = texts.clean_text(reason, field="--reason", max_len=texts.REASON_MAX)
-        release = self.get(release_id)
+        release = self._load(release_id)
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
             changed = affected(session.execute(
@@ -285,22 +358,22 @@ class ReleaseService:
                                  "release can be cancelled")
             current = session.get(Release, release.id)
             assert current is not None
-            told = copies.notify_copy_holders(session, current, purpose="withdrawn", now=now,
-                                              cutoff=self.s.copies_cutoff)
+            told = copy_holders.notify_copy_holders(session, current, purpose=Purpose.WITHDRAWN,
+                                                    now=now, cutoff=self.s.copies_cutoff)
             audit.record(session, action="release_cancelled", actor=self.actor, at=now,
                          release_id=release.id, details={"reason": reason,
                                                          "officers_told": told})
         self.s.vault.delete(dek_key(release.id))
         return self.get(release.id)
 
-    def resend(self, notice: str, *, to: str | None = None) -> list[OutboxMessage]:
+    def resend(self, notice: str, *, to: str | None = None) -> list[NoticeView]:
         """Send failed or given-up notices again, under the same Message-ID.
         ``notice`` is a notice's number (as ``show`` lists them), its
         Message-ID, or a release id (then every failed or given-up notice of
         it). ``to`` sends one notice to another address. Returns the notices
         queued again. Raises NotFoundError, StateError, InputError."""
-        if to is not None and not _ADDRESS.fullmatch(to.strip()):
-            raise InputError(f"{to!r} is not an e-mail address")
+        if to is not None:  # the queue's own check: an address it refuses fails later
+            to = check_email(to, "--to")
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
             where = (OutboxMessage.id == int(notice) if notice.strip().isdigit()
@@ -313,8 +386,8 @@ class ReleaseService:
             if len(rows) > 1:
                 rows = [r for r in rows if r.given_up_at is not None and r.delivered_at is None]
                 if to is not None and len(rows) != 1:
-                    raise InputError("--to sends one notice to another address: name the "
-                                     "notice by its number (see `embargo show`)")
+                    raise InputError("another address goes with one notice: name the notice "
+                                     "by its number")
             for row in rows:
                 if row.delivered_at is not None or row.given_up_at is None:
                     state = "delivered" if row.delivered_at is not None else "still being sent"
@@ -324,7 +397,7 @@ class ReleaseService:
                     raise StateError(f"notice {row.id} is a pre-embargo copy and the embargo "
                                      "has lifted: it can no longer be sent")
                 release = session.get(Release, row.release_id)
-                if row.purpose == "copy" and (release is None or release.state != QUEUED):
+                if row.purpose == Purpose.COPY and (release is None or release.state != QUEUED):
                     raise StateError(f"notice {row.id} is a pre-embargo copy of a release "
                                      "that is not queued; it cannot be sent")
                 before = row.to_addr
@@ -337,16 +410,18 @@ class ReleaseService:
                              details={"to": row.to_addr, "was_to": before,
                                       "purpose": row.purpose, "message_id": row.message_id,
                                       "last_error": row.last_error})
-            return rows
+            zones = dict(session.execute(select(Release.id, Release.zone).where(
+                Release.id.in_({row.release_id for row in rows}))).all())
+            return [presenting.notice_view(row, zones[row.release_id]) for row in rows]
 
     def reschedule(self, release_id: str, *, publish_on: str, at: str | None,
-                   zone: str | None) -> Release:
+                   zone: str | None) -> ReleaseDetail:
         """Move a queued release. A date alone, without ``at``, keeps the
         release's wall time of day (in its zone, or the new one)."""
         publish_on = texts.clean_text(publish_on, field="--publish-on", max_len=texts.FLAG_MAX)
         at = texts.optional_text(at, field="--at", max_len=texts.FLAG_MAX)
         zone = texts.optional_text(zone, field="--zone", max_len=texts.FLAG_MAX)
-        release = self.get(release_id)
+        release = self._load(release_id)
         now = self.s.clock.now()
         if at is None and ":" not in publish_on:  # a date alone, not a timestamp
             at = release.wall.partition("T")[2] or None
@@ -355,8 +430,8 @@ class ReleaseService:
         if (release.copies_issued_at is None and release.copies_at is not None
                 and release.copies_at >= embargo.instant - self.s.copies_cutoff):
             raise InputError(f"the pre-embargo copies are due after {embargo.describe()}; "
-                             "choose a later embargo, or cancel and queue again with "
-                             "--copies-at")
+                             "choose a later embargo, or cancel and queue it again "
+                             "with an earlier copies time")
         with transaction(self.sessions) as session:
             changed = affected(session.execute(
                 update(Release).where(Release.id == release.id, Release.state == QUEUED)
@@ -370,8 +445,8 @@ class ReleaseService:
                                  "only a queued release can be rescheduled")
             current = session.get(Release, release.id)
             assert current is not None
-            told = copies.notify_copy_holders(session, current, purpose="rescheduled", now=now,
-                                              cutoff=self.s.copies_cutoff)
+            told = copy_holders.notify_copy_holders(session, current, purpose=Purpose.RESCHEDULED,
+                                                    now=now, cutoff=self.s.copies_cutoff)
             audit.record(session, action="release_rescheduled", actor=self.actor, at=now,
                          release_id=release.id,
                          details={"from": old.describe(), "to": embargo.describe(),
@@ -379,7 +454,7 @@ class ReleaseService:
                                   "officers_told": told})
         return self.get(release.id)
 
-    def retry(self, release_id: str) -> Release:
+    def retry(self, release_id: str) -> ReleaseDetail:
         """Put a failed release back in the queue: the scheduler publishes it
         at once if its instant has passed (what an earlier attempt made
         public is verified and kept, nothing is written twice). The reason
@@ -400,11 +475,15 @@ class ReleaseService:
                          release_id=release.id, details={"reason": release.reason})
         return self.get(release.id)
 
-    def public_objects(self, release: Release) -> list[str]:
+    def public_objects(self, release: ReleaseSummary) -> list[str]:
         """The keys of ``release`` (its documents, its manifest) that are
         public now, read from the public location itself."""
-        keys = [f"{release.slug}/{d.filename}" for d in release.documents]
-        keys.append(f"{release.slug}/manifest.json")
+        return self._public_keys(release.slug, release.documents)
+
+    def _public_keys(self, slug: str, documents: Iterable[DocumentView | Document]
+                     ) -> list[str]:
+        keys = [f"{slug}/{d.filename}" for d in documents]
+        keys.append(f"{slug}/manifest.json")
         return [key for key in keys if self.s.public.exists(key)]
 
     def unpublish(self, release_id: str) -> list[str]:
@@ -448,56 +527,5 @@ def _same_as_checked(doc: DocumentSpec, result: sealing.StreamResult,
                          "was queued: queue it again once the file is final")
 
 
-def time_left(release: Release, now: datetime) -> str | None:
-    """What `list` and `show` say about the time to the instant: the time
-    left, or once it has passed "retrying since HH:MM (n attempts)" (local
-    time of the first attempt) or "due since HH:MM"; None when inactive."""
-    if release.state not in (QUEUED, PUBLISHING):
-        return None
-    if now <= release.instant:
-        return timerules.format_delta(release.instant - now)
-    zone = ZoneInfo(release.zone)
-    if release.attempts:
-        since = (release.started_at or release.instant).astimezone(zone)
-        return (f"retrying since {since:%H:%M} ({release.attempts} attempt"
-                f"{'s' if release.attempts != 1 else ''})")
-    return f"due since {release.instant.astimezone(zone):%H:%M}"
-
-
-def notice_state(row: OutboxMessage) -> str:
-    """delivered; failed (refused for good, or the message could not be
-    built); given up (retried until mail.give_up_after, or too late for a
-    copy); or pending (waiting, or being retried: see its last error)."""
-    if row.delivered_at is not None:
-        return "delivered"
-    if row.failed_at is not None:
-        return "failed"
-    return "given up" if row.given_up_at is not None else "pending"
-
-
-def release_facts(release: Release, now: datetime) -> dict[str, Any]:
-    """The facts about a release that `list` and `show` print, as plain data."""
-    embargo = embargo_of(release)
-    facts: dict[str, Any] = {
-        "id": release.id,
-        "slug": release.slug,
-        "title": release.title,
-        "state": release.state,
-        "embargo": embargo.describe(),
-        "instant_utc": release.instant.isoformat().replace("+00:00", "Z"),
-        "zone": release.zone,
-        "local": embargo.local.isoformat(),
-        "time_left": time_left(release, now),
-        "owner": release.owner,
-        "published_at": release.published_at.isoformat() if release.published_at else None,
-        "lateness_ms": release.lateness_ms,
-        "reason": release.reason,
-        "copies_at": describe_instant(release.copies_at, release.zone)
-        if release.copies_at else None,
-    }
-    return facts
-
-
 __all__ = ["CANCELLED", "FAILED", "PUBLISHED", "PUBLISHING", "QUEUED", "ReleaseService",
-           "Services", "dek_key", "describe_instant", "document_key", "embargo_of",
-           "release_facts"]
+           "Services", "dek_key", "describe_instant", "document_key", "embargo_of"]

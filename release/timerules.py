@@ -151,8 +151,8 @@ def resolve(
         if timestamp is not None:
             if at is not None:
                 raise InputError(
-                    f"{publish_on!r} already has a time of day; drop --at {at!r}, "
-                    "or give the date alone"
+                    f"{publish_on!r} already has a time of day; give no separate time of "
+                    f"day ({at!r}), or give the date alone"
                 )
             instant = _parse_timestamp(text, timestamp)
             local = instant.astimezone(tz)
@@ -269,8 +269,8 @@ def _parse_timestamp(text: str, match: re.Match[str]) -> datetime:
     if stamp.utcoffset() is None:
         raise InputError(
             f"{text!r} has no UTC offset: add one (such as +01:00, or Z for UTC), "
-            f"or give the date and the time separately: {stamp.date().isoformat()} "
-            f"with --at {_clock(stamp)}"
+            f"or give the date and the time of day separately: {stamp.date().isoformat()} "
+            f"at {_clock(stamp)}"
         )
     if stamp.microsecond:
         raise InputError(f"{text!r} has a fraction of a second; embargoes are whole seconds")

@@ -68,6 +68,17 @@ def make_engine(url: str) -> Engine:
                           "pip install it") from None
 
 
+def new_sqlite_file(url: str) -> bool:
+    """Whether ``url`` names an SQLite file that does not exist yet (its
+    first use creates it, schema and all)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False
+    return (parsed.get_backend_name() == "sqlite" and bool(parsed.database)
+            and parsed.database != ":memory:" and not Path(str(parsed.database)).exists())
+
+
 def _private_file(path: Path) -> None:
     """Create the SQLite file mode 0600 (its folder 0700 when we make it), or
     tighten an existing one: it holds titles, officers and the audit trail.

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from config.errors import StorageError
+from config.errors import SchemaError, StorageError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -53,6 +53,14 @@ def current(engine: Engine) -> str | None:
                                       ).scalar_one_or_none()
         except DBAPIError:  # no alembic_version table: an empty database
             return None
+
+
+def require_current(engine: Engine) -> None:
+    """Check, without changing anything, that the database is at
+    :data:`HEAD`. Raises SchemaError naming both revisions otherwise."""
+    found = current(engine)
+    if found != HEAD:
+        raise SchemaError(current=found, needed=HEAD)
 
 
 def upgrade(engine: Engine, revision: str = "head") -> str:

@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from botocore.exceptions import (
 )
 
 from config.errors import ConfigError, NotFoundError, StorageError
+from config.retry import S3_CREATE, RetryPolicy
 from config.settings import Settings
 from storage.base import (
     ObjectExistsError,
@@ -80,7 +80,7 @@ def make_client(settings: Settings) -> Any:
     profiles, instance or task roles), with the region, endpoint and
     addressing style from the ``s3.*`` settings."""
     config = Config(
-        s3={"addressing_style": settings["s3.addressing_style"]},
+        s3={"addressing_style": settings.s3.addressing_style},
         retries={"mode": "standard", "max_attempts": 8},
         connect_timeout=5,
         read_timeout=60,
@@ -89,8 +89,8 @@ def make_client(settings: Settings) -> Any:
     )
     try:
         session = boto3.session.Session()
-        return session.client("s3", region_name=settings["s3.region"],
-                              endpoint_url=settings["s3.endpoint_url"], config=config)
+        return session.client("s3", region_name=settings.s3.region,
+                              endpoint_url=settings.s3.endpoint_url, config=config)
     except (BotoCoreError, ValueError) as exc:
         raise ConfigError(f"cannot set up the S3 client: {exc}") from exc
 
@@ -389,7 +389,8 @@ class S3PublicTarget(_S3Location, PublicTarget):
                  acl: str | None = None, cache_control: str | None = None,
                  multipart_threshold: int = PART_SIZE, part_size: int = PART_SIZE,
                  part_concurrency: int = PART_CONCURRENCY, attempts: int = 5,
-                 backoff: float = 0.05, sleep: Callable[[float], None] = time.sleep,
+                 retry: RetryPolicy = S3_CREATE,
+                 sleep: Callable[[float], None] = time.sleep,
                  staging: Path | None = None) -> None:
         super().__init__(client, bucket=bucket, prefix=prefix)
         self.staging = StagingArea(staging or Path(tempfile.gettempdir()) / "embargo-staging")
@@ -400,7 +401,7 @@ class S3PublicTarget(_S3Location, PublicTarget):
         self.part_size = part_size
         self.part_concurrency = max(part_concurrency, 1)
         self.attempts = max(attempts, 1)
-        self.backoff = backoff
+        self.retry = retry
         self.sleep = sleep
 
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
@@ -543,7 +544,7 @@ class S3PublicTarget(_S3Location, PublicTarget):
                 reason = type(exc).__name__
             except BotoCoreError as exc:
                 raise self._error(exc, f"publish {name}") from exc
-            delay = random.uniform(0, self.backoff * 2 ** attempt)
+            delay = self.retry.seconds(attempt)
             log.warning("S3 %s creating s3://%s/%s; retry %d of %d in %.2f s", reason,
                         self.bucket, name, attempt, self.attempts - 1, delay)
             self.sleep(delay)

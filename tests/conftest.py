@@ -19,6 +19,7 @@ from config.settings import Settings, load_settings
 from jobs.app import build_services
 from release import keys as keyfile
 from release.clock import Clock
+from release.records import Release
 from release.service import ReleaseService, Services
 
 pytest_plugins = ["tests.s3server"]
@@ -67,6 +68,18 @@ def services(settings: Settings) -> Iterator[Services]:
     services = build_services(settings)
     yield services
     services.engine.dispose()
+
+
+def release_row(services: Services, release_id: str) -> Release:
+    """The release's database row, documents and recipients loaded, for tests
+    that look at what the service does not show (claims, leases, revisions)."""
+    from sqlalchemy.orm import selectinload
+
+    with services.sessions() as session:
+        release = session.get(Release, release_id, options=(
+            selectinload(Release.documents), selectinload(Release.recipients)))
+        assert release is not None, release_id
+        return release
 
 
 @pytest.fixture

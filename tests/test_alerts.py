@@ -24,12 +24,12 @@ from tests.test_publish import queue_seed
 def test_alerts_to_takes_a_list_or_comma_separated_text(data_dir: Path) -> None:
     from_env = load_settings(environ={"EMBARGO_ALERTS_TO": "ops@x.example, duty@x.example"},
                              overrides={"data_dir": str(data_dir)})
-    assert from_env["alerts.to"] == ("ops@x.example", "duty@x.example")
+    assert from_env.alerts.to == ("ops@x.example", "duty@x.example")
     config = data_dir / "embargo.toml"
     config.write_text('[alerts]\nto = ["ops@x.example"]\nrepeat = "5m"\n')
     from_file = load_settings(config_file=config, environ={})
-    assert from_file["alerts.to"] == ("ops@x.example",)
-    assert from_file["alerts.repeat"].total_seconds() == 300
+    assert from_file.alerts.to == ("ops@x.example",)
+    assert from_file.alerts.repeat.total_seconds() == 300
     with pytest.raises(ConfigError, match=r"alerts\.to .*'not an address' is not an email"):
         load_settings(environ={"EMBARGO_ALERTS_TO": "not an address"})
 

@@ -289,7 +289,7 @@ def test_concurrent_queues_make_one_chain(services: Services, tmp_path: Path) ->
     assert errors == []
     report = svc.verify_audit()
     assert (report.ok, report.events) == (True, 6)
-    assert len({r.slug for r in svc.all_releases()}) == 6
+    assert len({r.slug for r in svc.list_releases()}) == 6
 
 
 @pytest.mark.postgres

@@ -23,8 +23,8 @@ from config.settings import load_settings
 from jobs.app import build_services
 from release import keys as keyfile
 from release.records import CANCELLED, QUEUED, Release
-from release.service import ReleaseService, dek_key
-from tests.conftest import write_bundle
+from release.service import dek_key
+from tests.conftest import release_row, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "embargo"
@@ -77,7 +77,7 @@ def vault_files(data_dir: Path) -> list[Path]:
 def load(data_dir: Path, release_id: str) -> Release:
     services = build_services(load_settings(environ={}, overrides={"data_dir": str(data_dir)}))
     try:
-        return ReleaseService(services, actor="test").get(release_id)
+        return release_row(services, release_id)
     finally:
         services.engine.dispose()
 
@@ -148,11 +148,11 @@ def test_show_json_has_the_ids(ws: Workspace) -> None:
     facts = json.loads(proc.stdout)
     release = load(ws.data_dir, ws.summer)
     assert facts["id"] == ws.summer
-    assert facts["instant_utc"] == "2099-06-30T23:01:00Z"
+    assert facts["instant"] == "2099-06-30T23:01:00Z"
     assert "BST" in facts["embargo"] and "UTC" in facts["embargo"]
     assert [d["id"] for d in facts["documents"]] == [d.id for d in release.documents]
     folder = ws.summer_bundle.parent
-    assert [d["name"] for d in facts["documents"]] == [
+    assert [d["filename"] for d in facts["documents"]] == [
         "national-report.txt", "force-1.txt", "force-2.txt", "force-3.txt"]
     report = (folder / "national-report.txt").read_bytes()
     assert facts["documents"][0]["size"] == len(report)
@@ -167,7 +167,7 @@ def test_list_json_has_release_and_document_ids(ws: Workspace) -> None:
     assert proc.returncode == 0, proc.stderr
     listed = {r["id"]: r for r in json.loads(proc.stdout)}
     assert set(listed) >= {ws.summer, ws.winter}
-    assert listed[ws.summer]["instant_utc"] == "2099-06-30T23:01:00Z"
+    assert listed[ws.summer]["instant"] == "2099-06-30T23:01:00Z"
     release = load(ws.data_dir, ws.summer)
     assert "documents" in listed[ws.summer], "list --json must include each document's id"
     assert [d["id"] for d in listed[ws.summer]["documents"]] == [
@@ -355,17 +355,110 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_on_a_terminal_only_for_big_files() -> None:
-    from jobs.cli import ProgressBar
+    from jobs.console import SealingProgress
 
     screen = _Terminal()
-    bar = ProgressBar(stream=screen, min_size=1 << 20)
-    bar("small.pdf", 100, 100)
-    assert screen.getvalue() == ""
-    total = 4 << 20
-    for done in range(0, total + 1, 1 << 20):
-        bar("national-report.pdf", done, total)
-    assert "sealing national-report.pdf" in screen.getvalue()
-    assert screen.getvalue().endswith("4.0/4.0 MiB\n")
+    with SealingProgress(stream=screen, min_size=1 << 20) as bar:
+        bar("small.pdf", 100, 100)
+        total = 4 << 20
+        for done in range(0, total + 1, 1 << 20):
+            bar("national-report.pdf", done, total)
+    drawn = screen.getvalue()
+    assert "sealing national-report.pdf" in drawn and "small.pdf" not in drawn
+    assert "4.2/4.2 MB" in drawn  # rich counts in SI units: 4 MiB
     piped = io.StringIO()
-    ProgressBar(stream=piped, min_size=0)("national-report.pdf", 1, 1)
+    with SealingProgress(stream=piped, min_size=0) as bar:
+        bar("national-report.pdf", 1, 1)
     assert piped.getvalue() == ""
+
+
+def _schema_snapshot(db: Path) -> tuple[str, list[tuple[str, str]]]:
+    with sqlite3.connect(db) as conn:
+        version = conn.execute("select version_num from alembic_version").fetchone()[0]
+        return version, sorted(conn.execute("select name, sql from sqlite_master"))
+
+
+@pytest.mark.parametrize("command", [("list",), ("show", "rel_0000000000000000"),
+                                     ("queue", "MANIFEST"), ("check",)])
+def test_a_command_on_an_old_schema_refuses_and_changes_nothing(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    from storage import migrate
+    from storage.db import make_engine
+
+    data_dir = tmp_path / "var"
+    assert embargo(data_dir, "keys", "init").returncode == 0
+    engine = make_engine(f"sqlite:///{data_dir / 'embargo.db'}")
+    migrate.upgrade(engine, "0002")
+    engine.dispose()
+    before = _schema_snapshot(data_dir / "embargo.db")
+    manifest = write_bundle(tmp_path / "bundle", publish_on="2099-07-01")
+    args = [str(manifest) if a == "MANIFEST" else a for a in command]
+    proc = embargo(data_dir, *args)
+    line = assert_one_line_error(proc, "schema is at 0002", f"needs {migrate.head()}",
+                                 "run `embargo db upgrade`")
+    assert proc.returncode == 9, line
+    assert _schema_snapshot(data_dir / "embargo.db") == before
+    assert vault_files(data_dir) == []
+    # Upgrading on request makes the same command work.
+    assert embargo(data_dir, "db", "upgrade").returncode == 0
+    if command[0] in ("list", "queue"):
+        assert embargo(data_dir, *args).returncode == 0
+
+
+def test_a_command_on_an_empty_existing_database_refuses(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    data_dir.mkdir()
+    sqlite3.connect(data_dir / "embargo.db").close()  # an empty file someone made
+    proc = embargo(data_dir, "list")
+    assert_one_line_error(proc, "has no Embargo schema", "run `embargo db upgrade`")
+    with sqlite3.connect(data_dir / "embargo.db") as conn:
+        assert list(conn.execute("select name from sqlite_master")) == []
+
+
+def test_the_first_command_creates_a_missing_sqlite_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    assert embargo(data_dir, "keys", "init").returncode == 0
+    assert not (data_dir / "embargo.db").exists()
+    proc = embargo(data_dir, "queue", str(write_bundle(tmp_path / "b", publish_on="2099-07-01")))
+    assert proc.returncode == 0, proc.stderr
+    assert release_count(data_dir) == 1
+
+
+def test_the_error_tree_maps_once_to_exit_statuses_hints_and_http() -> None:
+    import config.errors as errors
+    from jobs.cli import EXIT_STATUS, hint_for
+
+    missing = errors.ReleaseNotFoundError("rel_nope")
+    assert "embargo" not in str(missing)  # the domain's words: facts, no command
+    assert errors.status_for(missing, EXIT_STATUS) == 3
+    assert hint_for(missing) == " (see `embargo list`)"
+    assert errors.status_for(missing, errors.HTTP_STATUS) == 404
+    assert errors.status_for(errors.AmbiguousIdError("rel_"), errors.HTTP_STATUS) == 422
+    assert errors.status_for(errors.StateError("published"), errors.HTTP_STATUS) == 409
+    schema = errors.SchemaError(current="0002", needed="0003")
+    assert (errors.status_for(schema, EXIT_STATUS), errors.status_for(schema, errors.HTTP_STATUS)
+            ) == (9, 500)
+    # Every class of the tree has a status in both tables.
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.EmbargoError):
+            error = cls.__new__(cls)
+            assert errors.status_for(error, EXIT_STATUS) >= 1
+            assert errors.status_for(error, errors.HTTP_STATUS) >= 400
+
+
+def test_an_unknown_release_is_one_line_with_the_hint(ws: Workspace) -> None:
+    proc = embargo(ws.data_dir, "show", "rel_nope")
+    assert_one_line_error(proc, "no release 'rel_nope' (see `embargo list`)")
+    assert proc.returncode == 3
+
+
+def test_tables_are_drawn_on_a_terminal_and_plain_when_piped() -> None:
+    from jobs.console import print_table, table
+
+    rows, headers = [("rel_1", "Report", "queued")], ["id", "title", "state"]
+    piped = io.StringIO()
+    print_table(rows, headers, out=piped, title="releases")
+    assert piped.getvalue() == "releases\n" + table(rows, headers) + "\n"
+    screen = _Terminal()
+    print_table(rows, headers, out=screen, title="releases")
+    assert "┃" in screen.getvalue() and "rel_1" in screen.getvalue()

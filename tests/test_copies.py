@@ -27,10 +27,10 @@ from config.errors import InputError
 from config.settings import Settings
 from jobs.mail import FileMailTransport
 from jobs.relay import OutboxRelay
-from release.copies import DocumentOpener, access_list, issue_copies, trace
+from release.copies import DocumentOpener, issue_copies
 from release.keys import load_private_key
 from release.manifest import load_manifest
-from release.marking import text_pdf
+from release.pdf_text import text_pdf
 from release.records import Copy, OutboxMessage
 from release.service import ReleaseService, Services
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bundle
@@ -85,7 +85,7 @@ def test_copies_must_start_before_the_cutoff(services: Services, bundle: Path) -
     with pytest.raises(InputError, match="too close to the embargo"):
         queue(services, bundle, copies_at="2014-09-04 00:00:00")  # exactly 60 s before
     release = queue(services, bundle, copies_at="2014-09-03 23:59:59")
-    assert release.copies_at == CUTOFF - timedelta(seconds=1)
+    assert release.copies_at.utc == CUTOFF - timedelta(seconds=1)
 
 
 def test_no_copies_by_default_when_the_embargo_is_too_close(services: Services,
@@ -93,20 +93,20 @@ def test_no_copies_by_default_when_the_embargo_is_too_close(services: Services,
     close = queue(services, bundle, now=CUTOFF)
     assert close.copies_at is None
     just_in_time = queue(services, bundle, now=CUTOFF - timedelta(microseconds=1))
-    assert just_in_time.copies_at == CUTOFF - timedelta(microseconds=1)
+    assert just_in_time.copies_at.utc == CUTOFF - timedelta(microseconds=1)
 
 
 def test_max_lead_is_enforced(services: Services, bundle: Path) -> None:
     with pytest.raises(InputError, match="more than 1d 00:00:00 before the embargo"):
         queue(services, bundle, copies_at="2014-09-03 00:00", max_lead=timedelta(hours=24))
     ok = queue(services, bundle, copies_at="2014-09-03 00:01", max_lead=timedelta(hours=24))
-    assert ok.copies_at == SEED_INSTANT - timedelta(hours=24)
+    assert ok.copies_at.utc == SEED_INSTANT - timedelta(hours=24)
 
 
 def test_default_is_now_or_max_lead_before(services: Services, bundle: Path) -> None:
-    assert queue(services, bundle).copies_at == QUEUED_AT
+    assert queue(services, bundle).copies_at.utc == QUEUED_AT
     limited = queue(services, bundle, max_lead=timedelta(hours=24))
-    assert limited.copies_at == SEED_INSTANT - timedelta(hours=24)
+    assert limited.copies_at.utc == SEED_INSTANT - timedelta(hours=24)
 
 
 def test_copy_time_in_a_gap_is_refused(services: Services, bundle: Path,
@@ -151,8 +151,8 @@ def test_copies_not_issued_at_the_cutoff(settings: Settings, services: Services,
         assert issue_copies(services, release.id, actor="t") == 0
     with freeze_time(SEED_INSTANT):
         assert issue_copies(services, release.id, actor="t") == 0
-    assert access_list(services, release.id) == []
-    events = [e.action for e in ReleaseService(services, actor="t").events(release.id)]
+    assert ReleaseService(services, actor="t").access_list(release.id)[1] == []
+    events = [e.action for e in ReleaseService(services, actor="t").get(release.id).events]
     assert "copies_skipped" in events
 
 
@@ -258,11 +258,11 @@ def test_trace_from_a_leaked_pdf_and_from_a_copy_id(settings: Settings,
                   if a.get_filename() == "national-report.pdf")
     leak_file = settings.data_dir.parent / "found-on-a-website.pdf"
     leak_file.write_bytes(leaked)
-    found = trace(services, str(leak_file), leak_file.read_bytes())
+    found = ReleaseService(services, actor="t").trace(str(leak_file), leak_file.read_bytes())
     assert (found.name, found.email, found.organisation) == (
         "Liaison 3", "liaison3@force3.police.example", "Force 3")
     assert found.sent_at is not None
-    by_id = trace(services, str(message["X-Embargo-Copy-Id"]).lower())
+    by_id = ReleaseService(services, actor="t").trace(str(message["X-Embargo-Copy-Id"]).lower())
     assert by_id == found
     # And through the command line, from the file alone.
     cli = subprocess.run([sys.executable, "-m", "jobs.cli", "--data-dir", str(settings.data_dir),
@@ -281,17 +281,17 @@ def test_access_list_matches_what_was_sent(settings: Settings, services: Service
     with freeze_time(QUEUED_AT + timedelta(minutes=1)):
         issue_copies(services, release.id, actor="t")
         relay_for(services, settings).run_once()
-    rows = access_list(services, release.id)
+    _, rows = ReleaseService(services, actor="t").access_list(release.id)
     sent = {str(m["X-Embargo-Copy-Id"]): m for m in copies_in_outbox(settings)}
-    assert {r["copy_id"] for r in rows} == set(sent)
+    assert {r.copy_id for r in rows} == set(sent)
     for row in rows:
-        message = sent[str(row["copy_id"])]
-        assert str(message["To"]) == row["email"]
+        message = sent[row.copy_id]
+        assert str(message["To"]) == row.email
         assert sorted(a.get_filename() or "" for a in message.iter_attachments()) == sorted(
-            cast(list[str], row["documents"]))
-        assert row["sent_at"] is not None
-    events = ReleaseService(services, actor="t").events(release.id)
-    assert sorted(json.loads(e.details)["copy_id"] for e in events
+            row.documents)
+        assert row.sent_at is not None
+    events = ReleaseService(services, actor="t").get(release.id).events
+    assert sorted(e.details["copy_id"] for e in events
                   if e.action == "copy_sent") == sorted(sent)
     cli = subprocess.run([sys.executable, "-m", "jobs.cli", "--data-dir", str(settings.data_dir),
                           "access-list", release.id, "--json"], cwd=ROOT, capture_output=True,

@@ -24,11 +24,11 @@ from jobs.app import build_services
 from jobs.cli import main
 from release import custody, sealing
 from release import keys as keyfile
-from release.context import dek_key, document_key
 from release.manifest import load_manifest
 from release.publishing import Publisher
 from release.records import PUBLISHED, AuditEvent, Release
 from release.service import ReleaseService, Services
+from release.vault_keys import dek_key, document_key
 from tests.conftest import SEED_INSTANT, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,7 +355,7 @@ def test_six_concurrent_same_title_queues_on_postgresql(pg_url: str, data_dir: P
     settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
                                                     "database.url": pg_url})
     keyfile.init_keys(settings.keys_dir)
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)
     try:
         spec = load_manifest(write_bundle(tmp_path / "b"), publish_on="2099-01-01")
         barrier = threading.Barrier(6)

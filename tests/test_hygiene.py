@@ -21,8 +21,9 @@ from jobs.app import build_services
 from jobs.cli import UTCFormatter
 from jobs.mail import FileMailTransport
 from release.manifest import load_manifest
+from release.presenting import time_left
 from release.records import PUBLISHING, QUEUED, Release
-from release.service import ReleaseService, Services, time_left
+from release.service import ReleaseService, Services
 from tests.conftest import write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ def test_an_existing_world_readable_database_is_tightened(tmp_path: Path) -> Non
     (data_dir / "embargo.db").touch(mode=0o644)
     os.chmod(data_dir / "embargo.db", 0o644)
     settings = load_settings(environ={}, overrides={"data_dir": str(data_dir)})
-    build_services(settings).engine.dispose()
+    build_services(settings, migrate_schema=True).engine.dispose()  # as `db upgrade` would
     assert mode(data_dir / "embargo.db") == 0o600
 
 

@@ -20,9 +20,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, text
 
+from config.errors import SchemaError
 from config.settings import Settings, load_settings
 from jobs.app import build_services
-from jobs.nodes import list_nodes
 from release import sealing
 from release.keys import init_keys, load_private_key, load_public_key
 from release.manifest import load_manifest
@@ -31,7 +31,7 @@ from release.records import PUBLISHED, AuditEvent, Base, Release
 from release.service import ReleaseService, Services, dek_key, document_key
 from storage import migrate
 from storage.db import make_engine
-from tests.conftest import Inbox, free_port, wait_until, write_bundle
+from tests.conftest import Inbox, free_port, release_row, wait_until, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def cluster(data_dir: Path, pg_url: str) -> Iterator[tuple[Settings, Services]]:
     settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
                                                     "database.url": pg_url})
     init_keys(settings.keys_dir)
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)
     yield settings, services
     services.engine.dispose()
 
@@ -148,7 +148,7 @@ def test_three_nodes_twenty_releases_at_one_instant(cluster: tuple[Settings, Ser
     assert len(message_ids) == 40 and len(set(message_ids)) == 40
     claimants = set()
     for release in releases:
-        done = ReleaseService(services, actor="t").get(release.id)
+        done = release_row(services, release.id)
         assert done.started_at is not None and done.started_at >= instant
         assert actions(services, release.id).count("release_published") == 1
         assert "publication_resumed" not in actions(services, release.id)
@@ -157,7 +157,7 @@ def test_three_nodes_twenty_releases_at_one_instant(cluster: tuple[Settings, Ser
         files = sorted(p.name for p in (public / done.slug).iterdir())
         assert files == ["force-1.txt", "manifest.json", "national-report.txt"]
         claimants.add(done.claimant)
-    assert len(list_nodes(services)) == 3
+    assert len(ReleaseService(services, actor="t").nodes()) == 3
     print(f"releases were published by {len(claimants)} of the 3 nodes")
 
 
@@ -183,7 +183,7 @@ def test_node_killed_mid_publish_is_taken_over(cluster: tuple[Settings, Services
         taken = session.get(Release, release.id)
         assert taken is not None and taken.claimant == "doomed-node"
     assert wait_until(lambda: states(services)[release.id] == PUBLISHED, 15)
-    done = ReleaseService(services, actor="t").get(release.id)
+    done = release_row(services, release.id)
     assert done.published_at is not None
     failover = done.published_at.timestamp() - died
     print(f"failover: complete {failover:.2f} s after the publisher died")
@@ -209,7 +209,7 @@ def test_all_nodes_down_across_the_instant(cluster: tuple[Settings, Services], n
     assert states(services)[release.id] == "queued"
     nodes.start()
     assert wait_until(lambda: states(services)[release.id] == PUBLISHED, 10)
-    done = ReleaseService(services, actor="t").get(release.id)
+    done = release_row(services, release.id)
     assert done.lateness_ms is not None and done.lateness_ms >= 1500
 
 
@@ -228,13 +228,13 @@ def test_node_with_a_wrong_clock_neither_publishes_early_nor_blocks(
         time.sleep(0.005)
     assert not seen_early
     assert wait_until(lambda: states(services)[release.id] == PUBLISHED, 10)
-    done = ReleaseService(services, actor="t").get(release.id)
+    done = release_row(services, release.id)
     assert done.started_at is not None and done.started_at >= instant
     assert done.claimant is not None and done.claimant.endswith(f":{honest.pid}")
-    by_name = {n["name"]: n for n in list_nodes(services)}
+    by_name = {n.name: n for n in ReleaseService(services, actor="t").nodes()}
     fast_row = next(v for k, v in by_name.items() if k.endswith(f":{fast.pid}"))
-    assert fast_row["clock_ok"] is False
-    assert isinstance(fast_row["skew_ms"], float) and 1900 < fast_row["skew_ms"] < 2100
+    assert fast_row.clock_ok is False
+    assert isinstance(fast_row.skew_ms, float) and 1900 < fast_row.skew_ms < 2100
     cli = subprocess.run([sys.executable, "-m", "jobs.cli", "--data-dir", str(settings.data_dir),
                           "nodes", "--json"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "EMBARGO_DATABASE_URL": settings.database_url})
@@ -291,10 +291,12 @@ def test_a_release_queued_on_the_first_schema_survives_the_upgrade(pg_url: str,
             "INSERT INTO recipients (id, release_id, position, name, email, organisation) "
             "VALUES ('rcp_old', 'rel_old', 0, 'Officer', 'o@force.example', 'Force')"))
     engine.dispose()
-    services = build_services(settings)  # upgrades to the latest schema
+    with pytest.raises(SchemaError, match="schema is at 0001"):
+        build_services(settings)  # an old schema is refused unless asked to migrate
+    services = build_services(settings, migrate_schema=True)  # upgrades to the latest schema
     try:
         assert migrate.current(services.engine) == migrate.head()
-        old = ReleaseService(services, actor="t").get("rel_old")
+        old = release_row(services, "rel_old")
         assert old.state == "queued" and old.copies_at is None
         assert old.instant == datetime(2014, 9, 3, 23, 1, tzinfo=UTC)
         publisher = Publisher(services, load_private_key(settings.keys_dir), claimant="n")

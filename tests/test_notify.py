@@ -273,3 +273,41 @@ def test_a_worker_that_breaks_does_not_stop_the_others_and_its_rows_are_retried(
     assert relay.run_once() >= 8  # and the alert about the delay
     names = [p.name for p in settings.outbox_dir.glob("*.eml") if ".alert-" not in p.name]
     assert len(names) == 13 and len(sent) == len(set(sent))
+
+
+def test_an_unknown_purpose_raises_instead_of_composing_a_failure_notice(
+        published: Services) -> None:
+    from release.notices import compose
+    from release.records import Release
+
+    with published.sessions() as session:
+        row = session.scalars(select(OutboxMessage).where(
+            OutboxMessage.purpose == "owner_summary")).first() or session.scalars(
+            select(OutboxMessage)).first()
+        assert row is not None
+        release = session.get(Release, row.release_id)
+        assert release is not None
+        release.documents  # noqa: B018
+        release.recipients  # noqa: B018
+        session.expunge_all()
+    bogus = OutboxMessage(message_id="<x@embargo.invalid>", release_id=row.release_id,
+                          recipient_id=None, purpose="reminder", to_addr="a@example.org",
+                          created_at=row.created_at)
+    with pytest.raises(ValueError, match="reminder"):
+        compose(bogus, release, None, sender="s@example.org")
+    # Every known purpose still composes (an owner notice needs no recipient).
+    owner = OutboxMessage(message_id="<y@embargo.invalid>", release_id=row.release_id,
+                          recipient_id=None, purpose="owner_failure", to_addr="a@example.org",
+                          created_at=row.created_at)
+    assert str(compose(owner, release, None, sender="s@example.org")["Subject"]).startswith(
+        "FAILED:")
+
+
+def test_a_stored_unknown_purpose_is_an_error_when_read(published: Services) -> None:
+    from sqlalchemy import text
+
+    with published.engine.begin() as connection:
+        connection.execute(text("UPDATE outbox SET purpose = 'reminder' WHERE id = "
+                                "(SELECT min(id) FROM outbox)"))
+    with published.sessions() as session, pytest.raises(ValueError, match="reminder"):
+        list(session.scalars(select(OutboxMessage)))

@@ -21,12 +21,13 @@ from jobs.cli import main
 from jobs.mail import FileMailTransport, SmtpMailTransport
 from jobs.relay import OutboxRelay
 from release import audit, sealing
-from release.context import dek_key, document_key
 from release.copies import DocumentOpener, issue_copies
 from release.keys import load_private_key
-from release.marking import text_pdf
+from release.pdf_text import text_pdf
+from release.presenting import notice_state
 from release.records import AuditEvent, Copy, OutboxMessage, Release
-from release.service import ReleaseService, Services, notice_state
+from release.service import ReleaseService, Services
+from release.vault_keys import dek_key, document_key
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bundle
 from tests.test_copies import QUEUED_AT, pdf_bundle, queue, relay_for
 from tests.test_notify import published  # noqa: F401 - a fixture
@@ -104,7 +105,7 @@ def test_a_550_recipient_fails_after_one_attempt_is_alerted_and_resent(
                 str(rows_of(published, purpose="published")[0].id))
         inbox.refuse.clear()  # the address is fixed at the server
         again = ReleaseService(published, actor="comms").resend(str(bad.id))
-        assert [r.id for r in again] == [bad.id]
+        assert [r.number for r in again] == [bad.id]
         assert relay.run_once() == 1
         assert relay.run_once() == 0
     finally:

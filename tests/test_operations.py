@@ -257,7 +257,7 @@ def test_ready_reports_a_dropped_postgres_database_and_recovers(data_dir: Path,
     settings = load_settings(environ={}, overrides={"data_dir": str(data_dir),
                                                     "database.url": pg_url})
     keyfile.init_keys(settings.keys_dir)
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)
     server = start_metrics("127.0.0.1:0", services, overdue_after=timedelta(seconds=30))
     assert server is not None
     base = f"http://{server.address}"
@@ -492,14 +492,14 @@ def test_operations_settings_are_validated() -> None:
     from config.errors import ConfigError
 
     base = load_settings(environ={})
-    assert base["rehearsal.before"] == (timedelta(hours=1),)
-    assert base["metrics.bind"] == "127.0.0.1:9464" and base["log.format"] == "text"
-    assert base["alerts.overdue_after"] == timedelta(seconds=30)
+    assert base.rehearsal.before == (timedelta(hours=1),)
+    assert base.metrics.bind == "127.0.0.1:9464" and base.log.format == "text"
+    assert base.alerts.overdue_after == timedelta(seconds=30)
     both = load_settings(environ={"EMBARGO_REHEARSAL_BEFORE": "1h, 24h",
                                   "EMBARGO_REHEARSAL_MAIL_PASSED": "false",
                                   "EMBARGO_METRICS_BIND": ""})
-    assert both["rehearsal.before"] == (timedelta(hours=24), timedelta(hours=1))
-    assert both["rehearsal.mail_passed"] is False and both["metrics.bind"] is None
+    assert both.rehearsal.before == (timedelta(hours=24), timedelta(hours=1))
+    assert both.rehearsal.mail_passed is False and both.metrics.bind is None
     assert both.public_dict()["rehearsal.before"] == ["1 day, 0:00:00", "1:00:00"]
     for key, bad, words in (("rehearsal.before", "soon", "not a duration"),
                             ("metrics.bind", "9464", "not host:port"),

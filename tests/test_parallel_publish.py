@@ -14,7 +14,7 @@ from release.manifest import load_manifest
 from release.publishing import Publisher
 from release.records import FAILED, PUBLISHED
 from release.service import ReleaseService, Services, document_key
-from tests.conftest import SEED_INSTANT, FakeClock, write_bundle
+from tests.conftest import SEED_INSTANT, FakeClock, release_row, write_bundle
 
 
 def seeded(services: Services, tmp_path: Path, letters: int) -> str:
@@ -34,7 +34,7 @@ def test_twelve_documents_four_at_a_time(settings: Settings, services: Services,
     release_id = seeded(services, tmp_path, letters=11)
     outcome = publisher(settings, services, 4).publish(release_id)
     assert outcome.status == "published" and outcome.lateness_ms == 0
-    release = ReleaseService(services, actor="t").get(release_id)
+    release = release_row(services, release_id)
     assert release.state == PUBLISHED and len(release.documents) == 12
     assert settings.public.path is not None
     folder = settings.public.path / release.slug
@@ -49,7 +49,7 @@ def test_twelve_documents_four_at_a_time(settings: Settings, services: Services,
 def test_a_tampered_document_fails_the_release(settings: Settings, services: Services,
                                                tmp_path: Path) -> None:
     release_id = seeded(services, tmp_path, letters=5)
-    release = ReleaseService(services, actor="t").get(release_id)
+    release = release_row(services, release_id)
     bad = release.documents[3]
     key = document_key(release_id, bad.id)
     blob = bytearray(services.vault.get_bytes(key))
@@ -58,10 +58,10 @@ def test_a_tampered_document_fails_the_release(settings: Settings, services: Ser
     outcome = publisher(settings, services, 4).publish(release_id)
     assert outcome.status == "failed"
     assert outcome.detail is not None and "could not be opened" in outcome.detail
-    after = ReleaseService(services, actor="t").get(release_id)
+    after = release_row(services, release_id)
     assert after.state == FAILED and after.reason == outcome.detail
     assert settings.public.path is not None
     assert not (settings.public.path / after.slug / bad.filename).exists()
     assert not (settings.public.path / after.slug / "manifest.json").exists()
-    events = [e.action for e in ReleaseService(services, actor="t").events(release_id)]
+    events = [e.action for e in ReleaseService(services, actor="t").get(release_id).events]
     assert "publication_failed" in events and "release_published" not in events

@@ -38,7 +38,7 @@ from release.manifest import load_manifest
 from release.publishing import Outcome, Publisher
 from release.records import PUBLISHED, OutboxMessage, Release
 from release.service import ReleaseService, Services
-from tests.conftest import MARKER, SEED_INSTANT, FakeClock, write_bundle
+from tests.conftest import MARKER, SEED_INSTANT, FakeClock, release_row, write_bundle
 from tests.s3server import REGION, client_for
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def _reader(endpoint: str) -> Any:
 
 def bucket_objects(settings: Settings, bucket: str) -> dict[str, bytes]:
     """Every object in ``bucket``, listed and fetched through boto3."""
-    client = _reader(settings["s3.endpoint_url"])
+    client = _reader(settings.s3.endpoint_url)
     objects: dict[str, bytes] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", ()):
@@ -140,7 +140,7 @@ def public_url(settings: Settings, key: str) -> str:
     path-style URL on the S3 endpoint (no public_base_url is set)."""
     location = settings.public
     if location.kind == "s3":
-        return f"{settings['s3.endpoint_url']}/{location.bucket}/{location.prefix}{key}"
+        return f"{settings.s3.endpoint_url}/{location.bucket}/{location.prefix}{key}"
     assert location.path is not None
     return (location.path / key).resolve().as_uri()
 
@@ -156,7 +156,7 @@ def outbox_rows(services: Services) -> list[OutboxMessage]:
 def check_published(settings: Settings, services: Services, release_id: str) -> Release:
     """Every document public with the right bytes, a right manifest, one
     notice per officer and one for the owner."""
-    release = ReleaseService(services, actor="t").get(release_id)
+    release = release_row(services, release_id)
     assert release.state == PUBLISHED
     files = public_files(settings)
     for doc in release.documents:
@@ -166,7 +166,7 @@ def check_published(settings: Settings, services: Services, release_id: str) -> 
         assert doc.published_at is not None
         assert doc.public_url == public_url(settings, key)
         if settings.public.kind == "s3":
-            head = _reader(settings["s3.endpoint_url"]).head_object(
+            head = _reader(settings.s3.endpoint_url).head_object(
                 Bucket=settings.public.bucket, Key=settings.public.prefix + key)
             assert head["ContentType"] == doc.content_type
             assert head["CacheControl"] == CACHE_CONTROL
@@ -198,7 +198,7 @@ def test_seed_instant_direct(settings: Settings, services: Services, publisher: 
         assert outcome.status == "not_yet"
         assert public_files(settings) == {}
         assert outbox_rows(services) == []
-        assert ReleaseService(services, actor="t").get(release.id).state == "queued"
+        assert release_row(services, release.id).state == "queued"
         frozen.move_to(SEED_INSTANT)
         outcome = publisher.publish(release.id)
     assert outcome.status == "published"
@@ -223,7 +223,7 @@ def test_too_early_by_clock_is_refused_even_inside_the_wait(
     outcome = early.publish(release.id, wait_up_to=timedelta(seconds=5))
     assert outcome.status == "not_yet"
     assert public_files(settings) == {}
-    after = ReleaseService(services, actor="t").get(release.id)
+    after = release_row(services, release.id)
     assert after.state == "queued" and after.claimant is None
 
 
@@ -279,7 +279,7 @@ def test_real_time_publication_within_100ms(settings: Settings, services: Servic
             time.sleep(0.0005)
     finally:
         scheduler.shutdown()
-    done = ReleaseService(services, actor="t").get(release.id)
+    done = release_row(services, release.id)
     assert done.state == PUBLISHED
     assert done.started_at is not None and done.started_at >= instant
     assert done.lateness_ms is not None and 0 <= done.lateness_ms < 100
@@ -310,7 +310,7 @@ def test_restart_across_the_instant(settings: Settings, services: Services,
     assert outcomes == ["published"]
     done = check_published(settings, services, release.id)
     assert done.lateness_ms == 423_000.0  # 7 min 3 s late, recorded
-    events = ReleaseService(services, actor="t").events(release.id)
+    events = ReleaseService(services, actor="t").get(release.id).events
     assert [e.action for e in events].count("release_published") == 1
 
 
@@ -318,7 +318,7 @@ def test_restart_across_the_instant(settings: Settings, services: Services,
 def child_command(settings: Settings, release_id: str, name: str, *extra: str) -> list[str]:
     """``python -m tests.publisher_child`` with the test's own settings: every
     one the test gave on the command line goes to the child the same way."""
-    given = [f"--setting={key}={settings[key]}" for key, source in settings.sources.items()
+    given = [f"--setting={key}={settings.values[key]}" for key, source in settings.sources.items()
              if source == "command line" and key not in ("data_dir", "database.url")]
     return [sys.executable, "-m", "tests.publisher_child", str(settings.data_dir),
             settings.database_url, release_id, name, *given, *extra]
@@ -360,7 +360,7 @@ def test_crash_after_k_documents_then_resume(settings: Settings, services: Servi
     assert relay.run_once() == 4
     assert relay.run_once() == 0
     assert len(list(settings.outbox_dir.glob("*.eml"))) == 4
-    events = [e.action for e in ReleaseService(services, actor="t").events(release.id)]
+    events = [e.action for e in ReleaseService(services, actor="t").get(release.id).events]
     assert events.count("release_published") == 1
 
 
@@ -391,7 +391,7 @@ def race(settings: Settings, services: Services, bundle: Path) -> None:
     statuses = sorted(out.strip() for out, _ in results)
     assert statuses in (["not_ours", "published"], ["inactive", "published"]), results
     check_published(settings, services, release.id)
-    events = [e.action for e in ReleaseService(services, actor="t").events(release.id)]
+    events = [e.action for e in ReleaseService(services, actor="t").get(release.id).events]
     assert events.count("release_published") == 1
 
 
@@ -406,7 +406,7 @@ def test_two_publishers_race_sqlite(settings: Settings, services: Services,
 def test_two_publishers_race_postgres(data_dir: Path, bundle: Path, pg_url: str,
                                       storage_overrides: dict[str, str]) -> None:
     settings = make_settings(data_dir, storage_overrides, **{"database.url": pg_url})
-    services = build_services(settings)
+    services = build_services(settings, migrate_schema=True)
     try:
         race(settings, services, bundle)
     finally:

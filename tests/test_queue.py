@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import random
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,9 +20,17 @@ from config.settings import Settings
 from release import audit, sealing
 from release.keys import load_private_key
 from release.manifest import load_manifest
-from release.records import CANCELLED, QUEUED, Release
+from release.records import CANCELLED, QUEUED
 from release.service import ReleaseService, Services, dek_key, document_key
-from tests.conftest import MARKER, SEED_INSTANT, FakeClock, all_bytes_under, write_bundle
+from release.views import ReleaseDetail
+from tests.conftest import (
+    MARKER,
+    SEED_INSTANT,
+    FakeClock,
+    all_bytes_under,
+    release_row,
+    write_bundle,
+)
 
 SEPTEMBER_1 = datetime(2014, 9, 1, 12, 0, tzinfo=UTC)
 
@@ -88,15 +95,16 @@ def test_queue_records_the_release(svc: ReleaseService, bundle: Path) -> None:
     assert (release.zone, release.wall) == ("Europe/London", "2014-09-04T00:01")
     assert release.title == "Core business: a test inspection"
     assert release.owner == "press@inspectorate.example"
-    assert release.created_by == "comms@test"
-    assert release.created_at == SEPTEMBER_1
+    row = release_row(svc.s, release.id)
+    assert row.created_by == "comms@test"
+    assert row.created_at == SEPTEMBER_1
     assert release.slug == "2014-09-04-core-business-a-test-inspection"
 
     folder = bundle.parent
     files = [folder / "national-report.txt"] + [
         folder / "letters" / f"force-{i}.txt" for i in (1, 2, 3)]
     assert [d.filename for d in release.documents] == [f.name for f in files]
-    assert [d.position for d in release.documents] == [0, 1, 2, 3]
+    assert [d.position for d in row.documents] == [0, 1, 2, 3]
     assert [d.kind for d in release.documents] == ["report", "letter", "letter", "letter"]
     assert [d.organisation for d in release.documents] == [None, "Force 1", "Force 2",
                                                            "Force 3"]
@@ -115,12 +123,12 @@ def test_queue_records_the_release(svc: ReleaseService, bundle: Path) -> None:
     assert again.instant == SEED_INSTANT
     assert [d.sha256 for d in again.documents] == [d.sha256 for d in release.documents]
     assert svc.get(release.id[:10]).id == release.id  # a unique prefix finds it
-    assert [r.id for r in svc.all_releases()] == [release.id]
+    assert [r.id for r in svc.list_releases()] == [release.id]
 
-    events = svc.events(release.id)
+    events = svc.get(release.id).events
     assert [e.action for e in events] == ["release_queued"]
     assert events[0].actor == "comms@test"
-    details = json.loads(events[0].details)
+    details = events[0].details
     assert details["instant"] == "2014-09-03T23:01:00+00:00"
     assert "00:01 BST" in details["embargo"] and "23:01 UTC" in details["embargo"]
     assert [d["id"] for d in details["documents"]] == [d.id for d in release.documents]
@@ -379,12 +387,12 @@ def test_cancel_shreds_the_data_key(svc: ReleaseService, services14: Services,
     cancelled = svc.cancel(release.id, reason="withdrawn by the inspectorate")
     assert cancelled.state == CANCELLED
     assert cancelled.reason == "withdrawn by the inspectorate"
-    assert cancelled.revision == release.revision + 1
+    assert release_row(svc.s, release.id).revision == 2
     assert not services14.vault.exists(dek_key(release.id))
     assert dek_key(release.id) not in set(services14.vault.keys())
-    events = svc.events(release.id)
+    events = svc.get(release.id).events
     assert [e.action for e in events] == ["release_queued", "release_cancelled"]
-    assert json.loads(events[1].details)["reason"] == "withdrawn by the inspectorate"
+    assert events[1].details["reason"] == "withdrawn by the inspectorate"
     assert events[1].actor == "comms@test"
     assert svc.verify_audit().ok
     with pytest.raises(NotFoundError):
@@ -396,7 +404,7 @@ def test_cancel_twice_is_a_state_error(svc: ReleaseService, bundle: Path) -> Non
     svc.cancel(release.id, reason="first")
     with pytest.raises(StateError, match="cancelled"):
         svc.cancel(release.id, reason="second")
-    assert [e.action for e in svc.events(release.id)] == ["release_queued", "release_cancelled"]
+    assert [e.action for e in svc.get(release.id).events] == ["release_queued", "release_cancelled"]
     assert svc.get(release.id).reason == "first"
 
 
@@ -422,11 +430,11 @@ def test_reschedule_moves_the_instant(svc: ReleaseService, bundle: Path) -> None
                            zone=None)
     assert moved.instant == datetime(2014, 9, 11, 8, 30, tzinfo=UTC)
     assert (moved.zone, moved.wall) == ("Europe/London", "2014-09-11T09:30")
-    assert moved.revision == release.revision + 1
+    assert release_row(svc.s, release.id).revision == 2
     assert moved.state == QUEUED
-    events = svc.events(release.id)
+    events = svc.get(release.id).events
     assert [e.action for e in events] == ["release_queued", "release_rescheduled"]
-    details = json.loads(events[1].details)
+    details = events[1].details
     assert "Thu 4 Sep 2014" in details["from"] and "Thu 11 Sep 2014" in details["to"]
     assert details["instant"] == "2014-09-11T08:30:00+00:00"
     assert svc.verify_audit().ok
@@ -452,8 +460,8 @@ def test_reschedule_refuses_bad_times(svc: ReleaseService, bundle: Path, publish
     with pytest.raises(InputError, match=needle):
         svc.reschedule(release.id, publish_on=publish_on, at=at, zone=None)
     again = svc.get(release.id)
-    assert again.instant == SEED_INSTANT and again.revision == release.revision
-    assert [e.action for e in svc.events(release.id)] == ["release_queued"]
+    assert again.instant == SEED_INSTANT and release_row(svc.s, release.id).revision == 1
+    assert [e.action for e in svc.get(release.id).events] == ["release_queued"]
 
 
 def test_reschedule_a_cancelled_release_is_a_state_error(svc: ReleaseService,
@@ -465,16 +473,17 @@ def test_reschedule_a_cancelled_release_is_a_state_error(svc: ReleaseService,
 
 
 @pytest.fixture
-def released(svc: ReleaseService, bundle: Path) -> Iterator[Release]:
+def released(svc: ReleaseService, bundle: Path) -> Iterator[ReleaseDetail]:
     yield svc.queue(load_manifest(bundle))
 
 
-def test_release_facts_show_both_clocks(released: Release) -> None:
-    from release.service import release_facts
+def test_the_view_shows_both_clocks(svc: ReleaseService, released: ReleaseDetail) -> None:
+    from release.views import to_data
 
-    facts = release_facts(released, SEPTEMBER_1)
+    facts = to_data(svc.get(released.id))
+    assert isinstance(facts, dict)
     assert facts["id"] == released.id
-    assert facts["instant_utc"] == "2014-09-03T23:01:00Z"
+    assert facts["instant"] == "2014-09-03T23:01:00Z"
     assert facts["embargo"] == "00:01 BST Thu 4 Sep 2014 (23:01 UTC Wed 3 Sep)"
     assert facts["time_left"] == "2d 11:01:00"
 
@@ -504,4 +513,4 @@ def test_an_id_prefix_must_name_exactly_one_release(svc: ReleaseService, bundle:
             svc.get(wildcard)
         with pytest.raises(NotFoundError):
             svc.cancel(wildcard, reason="any one")
-    assert {r.state for r in svc.all_releases()} == {QUEUED}
+    assert {r.state for r in svc.list_releases()} == {QUEUED}

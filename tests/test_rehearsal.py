@@ -23,12 +23,12 @@ from jobs.app import build_services
 from jobs.cli import main
 from jobs.mail import SmtpMailTransport
 from release import keys as keyfile
-from release.context import document_key
 from release.keys import load_private_key
 from release.manifest import load_manifest
 from release.records import QUEUED, AuditEvent, Document, Node, OutboxMessage, Rehearsal, Release
 from release.rehearsal import QUIET, Rehearser
 from release.service import ReleaseService, Services
+from release.vault_keys import document_key
 from storage.local import LocalPublicTarget
 from storage.s3 import S3PublicTarget
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bundle
@@ -338,9 +338,6 @@ def test_embargo_rehearse_prints_the_report_and_show_has_it(
     assert main([*data, "show", release_id]) == 0
     shown = capsys.readouterr().out
     assert "rehearsal (by hand" in shown and "FAIL documents" in shown
-    assert main([*data, "show", release_id, "--json"]) == 0
-    facts = json.loads(capsys.readouterr().out)
-    assert [r["ready"] for r in facts["rehearsals"]] == [True, False]
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
@@ -351,7 +348,7 @@ def test_a_lead_is_recorded_once_by_any_node_and_by_hand_every_time(
                                                     "database.url": url,
                                                     "alerts.to": [ALERTS_TO]})
     keyfile.init_keys(settings.keys_dir)
-    services = build_services(settings, clock=FakeClock(HOUR_BEFORE))
+    services = build_services(settings, clock=FakeClock(HOUR_BEFORE), migrate_schema=True)
     try:
         release_id = queue_seed(services, bundle).id
         live_node(services, HOUR_BEFORE)

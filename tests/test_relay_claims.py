@@ -26,7 +26,6 @@ from sqlalchemy import select, update
 from config.settings import Settings, load_settings
 from jobs.app import build_services
 from jobs.mail import SmtpMailTransport
-from jobs.nodes import server_time
 from jobs.relay import OutboxRelay
 from release import keys as keyfile
 from release.clock import Clock
@@ -35,6 +34,7 @@ from release.manifest import load_manifest
 from release.publishing import Publisher
 from release.records import AuditEvent, Node, OutboxMessage
 from release.service import ReleaseService, Services
+from storage.db import server_time
 from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def pg_settings(data_dir: Path, pg_url: str) -> Settings:
 
 @pytest.fixture
 def pg_services(pg_settings: Settings) -> Iterator[Services]:
-    services = build_services(pg_settings)
+    services = build_services(pg_settings, migrate_schema=True)
     yield services
     services.engine.dispose()
 

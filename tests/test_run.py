@@ -18,7 +18,7 @@ from config.settings import Settings
 from release.manifest import load_manifest
 from release.records import CANCELLED, PUBLISHED
 from release.service import ReleaseService, Services
-from tests.conftest import wait_until, write_bundle
+from tests.conftest import release_row, wait_until, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_cancel_and_reschedule_reach_a_running_scheduler(
     assert public is not None
     assert not any(public.rglob("*.txt"))
     assert wait_until(lambda: service.get(moved.id).state == PUBLISHED, 10)
-    done = service.get(moved.id)
+    done = release_row(service.s, moved.id)
     assert done.started_at is not None and done.started_at >= new_instant
     assert service.get(doomed.id).state == CANCELLED
     assert not (public / doomed.slug).exists()
@@ -84,7 +84,7 @@ def test_sigterm_while_waiting_gives_the_claim_back(
     _, err = runner.communicate(timeout=15)
     assert runner.returncode == 0, err
     assert "Traceback" not in err
-    after = service.get(release.id)
+    after = release_row(service.s, release.id)
     assert after.state == "queued" and after.claimant is None
     public = settings.public.path
     assert public is not None and not any(public.rglob("*.txt"))

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from config.errors import StorageError
+from config.retry import RetryPolicy
 from config.settings import Settings, load_settings
 from jobs.app import build_services
 from release import keys as keyfile
@@ -35,7 +36,7 @@ from release.records import PUBLISHED
 from release.service import ReleaseService, Services
 from storage.base import ObjectExistsError
 from storage.s3 import S3PublicTarget, S3Vault
-from tests.conftest import SEED_INSTANT, FakeClock, write_bundle
+from tests.conftest import SEED_INSTANT, FakeClock, release_row, write_bundle
 
 if TYPE_CHECKING:
     from tests.s3server import Buckets
@@ -263,7 +264,8 @@ def test_retries_are_bounded(proxy: FaultProxy, s3_client_for: Callable[..., Any
     # botocore's "max_attempts" counts retries: 1 means two requests per call
     client = s3_client_for(proxy.endpoint, retries={"mode": "standard", "max_attempts": 1})
     proxy.inject(Fault("PUT", path_contains="/site/slug/never.txt", times=100))
-    target = target_on(client, s3_buckets.public, attempts=3, backoff=0.01)
+    target = target_on(client, s3_buckets.public, attempts=3,
+                       retry=RetryPolicy(base=0.01, cap=0.01))
     with pytest.raises(StorageError, match=r"cannot publish site/slug/never.txt .*SlowDown"), \
             target.writer("slug/never.txt", content_type="text/plain") as out:
         out.write(b"x")
@@ -527,7 +529,7 @@ def test_seed_shaped_bundle_published_through_s3_every_object_verified(
     elapsed = time.monotonic() - started
     assert outcome.status == "published", outcome.detail
     print(f"\npublished 5 MiB + 43 x 100 KiB through S3 (moto) in {elapsed:.2f} s")
-    done = ReleaseService(services, actor="t").get(release.id)
+    done = release_row(services, release.id)
     assert done.state == PUBLISHED
     for doc in done.documents:
         key = f"site/{done.slug}/{doc.filename}"
@@ -556,6 +558,6 @@ def test_a_mismatching_object_at_a_public_key_fails_the_release_loudly(
     assert outcome.status in ("retry", "failed")
     assert "holds other content" in (outcome.detail or "")
     assert stored(s3_client, s3_buckets.public, key) == b"someone else's bytes"
-    after = ReleaseService(services, actor="t").get(release.id)
+    after = release_row(services, release.id)
     assert after.state != PUBLISHED
     assert f"site/{release.slug}/manifest.json" not in all_keys(s3_client, s3_buckets.public)

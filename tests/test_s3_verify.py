@@ -30,7 +30,7 @@ from release.records import PUBLISHED
 from release.service import ReleaseService, Services
 from storage.base import ObjectExistsError
 from storage.s3 import PART_SIZE, S3PublicTarget, _whole_object_sha256
-from tests.conftest import FakeClock, write_bundle
+from tests.conftest import FakeClock, release_row, write_bundle
 from tests.test_s3_faults import all_keys, publish_at_seed, s3_settings, stored
 
 if TYPE_CHECKING:
@@ -281,7 +281,7 @@ def test_another_object_with_its_own_sha256_fails_the_release_loudly(
     assert f"sha256 {theirs[:12]}" in (outcome.detail or "")
     assert calls.count("GetObject", s3_buckets.public, key) == 0  # the HEAD's SHA-256 decided
     assert stored(client, s3_buckets.public, key) == b"someone else's bytes"
-    assert ReleaseService(services, actor="t").get(release.id).state != PUBLISHED
+    assert release_row(services, release.id).state != PUBLISHED
     assert f"site/{release.slug}/manifest.json" not in all_keys(client, s3_buckets.public)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from config.errors import ConfigError
-from config.settings import FIELDS, Location, load_settings
+from config.settings import FIELDS, Location, Settings, load_settings
 
 
 def write_config(folder: Path, text: str) -> Path:
@@ -23,16 +23,16 @@ def test_defaults(tmp_path: Path) -> None:
     settings = load_settings(environ={}, cwd=tmp_path)
     var = tmp_path / "var"
     assert settings.data_dir == var
-    assert settings["zone"] == "Europe/London"
-    assert settings["default_at"] == "00:01"
+    assert settings.zone == "Europe/London"
+    assert settings.default_at == "00:01"
     assert settings.database_url == f"sqlite:///{var / 'embargo.db'}"
     assert settings.vault == Location(kind="folder", path=var / "vault")
     assert settings.public == Location(kind="folder", path=var / "public")
     assert settings.keys_dir == var / "keys"
     assert settings.outbox_dir == var / "outbox"
-    assert settings["mail.transport"] == "file"
-    assert settings["mail.smtp_port"] == 587
-    assert settings["copies.max_lead"] is None
+    assert settings.mail.transport == "file"
+    assert settings.mail.smtp_port == 587
+    assert settings.copies.max_lead is None
     assert settings.config_file is None
     assert set(settings.sources.values()) == {"default"}
 
@@ -56,12 +56,12 @@ def test_toml_file(tmp_path: Path) -> None:
         max_lead = "24h"
         """)
     settings = load_settings(config_file=path, environ={}, cwd=tmp_path)
-    assert settings["zone"] == "Europe/Paris"
-    assert settings["default_at"] == "06:00"
-    assert settings["mail.transport"] == "smtp"
-    assert settings["mail.smtp_host"] == "mail.example"
-    assert settings["mail.smtp_port"] == 2525
-    assert settings["copies.max_lead"] == timedelta(hours=24)
+    assert settings.zone == "Europe/Paris"
+    assert settings.default_at == "06:00"
+    assert settings.mail.transport == "smtp"
+    assert settings.mail.smtp_host == "mail.example"
+    assert settings.mail.smtp_port == 2525
+    assert settings.copies.max_lead == timedelta(hours=24)
     assert settings.sources["zone"] == str(path)
     assert settings.sources["mail.smtp_port"] == str(path)
     assert settings.sources["mail.sender"] == "default"
@@ -71,7 +71,7 @@ def test_toml_file(tmp_path: Path) -> None:
 def test_toml_file_named_by_environment(tmp_path: Path) -> None:
     path = write_config(tmp_path, 'zone = "Europe/Dublin"\n')
     settings = load_settings(environ={"EMBARGO_CONFIG": str(path)}, cwd=tmp_path)
-    assert settings["zone"] == "Europe/Dublin"
+    assert settings.zone == "Europe/Dublin"
     assert settings.config_file == path
 
 
@@ -85,9 +85,9 @@ def test_environment_overrides_the_file_and_options_override_both(tmp_path: Path
     env = {"EMBARGO_ZONE": "America/New_York", "EMBARGO_MAIL_SMTP_PORT": "465",
            "EMBARGO_DATA_DIR": "from-env"}
     settings = load_settings(config_file=path, environ=env, cwd=tmp_path)
-    assert settings["zone"] == "America/New_York"
+    assert settings.zone == "America/New_York"
     assert settings.sources["zone"] == "EMBARGO_ZONE"
-    assert settings["mail.smtp_port"] == 465
+    assert settings.mail.smtp_port == 465
     assert settings.data_dir == tmp_path / "from-env"
     settings = load_settings(config_file=path, environ=env, cwd=tmp_path,
                              overrides={"data_dir": "from-option"})
@@ -191,8 +191,8 @@ def test_machine_local_zone_names_are_refused(tmp_path: Path, zone: str) -> None
     ("587", 587), ("1", 1), ("65535", 65535)])
 def test_port_from_environment_is_an_int(tmp_path: Path, value: str, expected: int) -> None:
     settings = load_settings(environ={"EMBARGO_MAIL_SMTP_PORT": value}, cwd=tmp_path)
-    assert settings["mail.smtp_port"] == expected
-    assert isinstance(settings["mail.smtp_port"], int)
+    assert settings.mail.smtp_port == expected
+    assert isinstance(settings.mail.smtp_port, int)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -200,7 +200,7 @@ def test_port_from_environment_is_an_int(tmp_path: Path, value: str, expected: i
     ("1h30m", timedelta(hours=1, minutes=30)), ("2d", timedelta(days=2)), ("", None)])
 def test_durations(tmp_path: Path, text: str, expected: timedelta | None) -> None:
     settings = load_settings(environ={"EMBARGO_COPIES_MAX_LEAD": text}, cwd=tmp_path)
-    assert settings["copies.max_lead"] == expected
+    assert settings.copies.max_lead == expected
 
 
 # -- data dir and derived paths ------------------------------------------------------------
@@ -282,7 +282,7 @@ def test_secrets_are_masked(tmp_path: Path) -> None:
         "EMBARGO_MAIL_SMTP_PASSWORD": "hunter2",
         "EMBARGO_DATABASE_URL": "postgresql+psycopg://embargo:s3cr3t-pw@db.internal/embargo",
     }, cwd=tmp_path)
-    assert settings["mail.smtp_password"] == "hunter2"
+    assert settings.mail.smtp_password == "hunter2"
     shown = settings.public_dict()
     assert shown["mail.smtp_password"] == "(set)"
     text = repr(shown)
@@ -295,3 +295,47 @@ def test_unset_secret_is_shown_empty(tmp_path: Path) -> None:
     shown = load_settings(environ={}, cwd=tmp_path).public_dict()
     assert shown["mail.smtp_password"] in ("", None)
     assert set(shown) >= {f.key for f in FIELDS}
+
+
+def _check_types(settings: Settings) -> None:
+    import dataclasses
+    import types
+    import typing
+
+    from config.settings import SECTIONS
+
+    for name, cls in SECTIONS.items():
+        section = getattr(settings, name)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            allowed = tuple(typing.get_origin(a) or a for a in allowed)  # tuple[str, ...]
+            value = getattr(section, f.name)
+            assert isinstance(value, allowed), (f"{name}.{f.name}", value, hint)
+            assert not (isinstance(value, bool) and bool not in allowed)
+            assert settings.values[f"{name}.{f.name}"] == value
+
+
+def test_every_setting_is_a_typed_attribute_whatever_its_source(tmp_path: Path) -> None:
+    assert not hasattr(Settings, "__getitem__")
+    _check_types(load_settings(environ={}, cwd=tmp_path))
+    # From the environment every value arrives as text; the attributes still
+    # have their real types (3 as a float lease, "2525" as an int port).
+    env = {"EMBARGO_SCHEDULER_LEASE_SECONDS": "3", "EMBARGO_MAIL_SMTP_PORT": "2525",
+           "EMBARGO_COPIES_MAX_LEAD": "24h", "EMBARGO_MAIL_SMTP_USERNAME": "u"}
+    settings = load_settings(environ=env, cwd=tmp_path)
+    _check_types(settings)
+    assert settings.scheduler.lease_seconds == 3.0
+    assert settings.mail.smtp_port == 2525
+    assert settings.copies.max_lead == timedelta(hours=24)
+
+
+def test_fields_and_attributes_cannot_drift(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    import config.settings as module
+
+    extra = module.Field(key="mail.colour", default="blue", check=module._text, help="x")
+    monkeypatch.setattr(module, "FIELDS", (*module.FIELDS, extra))
+    with pytest.raises(AssertionError, match=r"mail\.colour"):
+        load_settings(environ={}, cwd=tmp_path)

@@ -326,7 +326,7 @@ def test_timestamp_without_offset_is_refused() -> None:
     message = _error("2014-09-04T00:01")
 
     assert "'2014-09-04T00:01' has no UTC offset" in message
-    assert "--at" in message
+    assert "2014-09-04 at 00:01" in message  # the domain's words: no command-line option
 
 
 def test_timestamp_and_at_together_are_refused() -> None:

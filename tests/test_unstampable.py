@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from config.errors import InputError
 from config.settings import Settings
 from release.copies import issue_copies
+from release.copy_ids import find_copy_id
 from release.manifest import DocumentSpec, load_manifest
-from release.marking import find_copy_id, text_pdf
+from release.pdf_text import text_pdf
 from release.service import ReleaseService, Services, trial_stamp
 from tests.test_copies import QUEUED_AT, copies_in_outbox, pdf_bundle, relay_for
 
