@@ -19,6 +19,7 @@ from jobs.mail import mail_probe, transport_factory
 from jobs.metrics import MetricsServer, database_ok, start_metrics
 from jobs.nodes import NodeMonitor
 from jobs.operations import Operations
+from jobs.outage import DatabaseWatch
 from jobs.relay import OutboxRelay
 from jobs.scheduler import EmbargoScheduler
 from release.clock import Clock
@@ -77,6 +78,7 @@ class RunningNode:
     name: str
     monitor: NodeMonitor
     scheduler: EmbargoScheduler
+    watch: DatabaseWatch  # its ``fatal`` says why the node stopped itself, if it did
     operations: Operations | None = None
     metrics: MetricsServer | None = None
     heartbeat: Heartbeat | None = None
@@ -100,8 +102,9 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     sched, mail = settings.scheduler, settings.mail
     lease = timedelta(seconds=sched.lease_seconds)
     max_skew = timedelta(milliseconds=sched.max_skew_ms)
+    watch = DatabaseWatch(stop=stop)
     monitor = NodeMonitor(services, name, max_skew=max_skew,
-                          skew_every=sched.skew_check_seconds)
+                          skew_every=sched.skew_check_seconds, watch=watch)
     publisher = Publisher(services, private_key, claimant=name, lease=lease, stop=stop,
                           workers=sched.publish_workers,
                           clock_reading=lambda: monitor.reading, trusted_skew=max_skew)
@@ -121,17 +124,19 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
         workers=sched.workers,
         lead=timedelta(seconds=sched.lead_seconds), on_outcome=on_outcome,
         horizon=sched.horizon,
-        guard=lambda: monitor.clock_ok)
+        guard=lambda: monitor.clock_ok, watch=watch)
     monitor.doing = scheduler.doing
     monitor.start()
-    operations = start_operations(settings, services, private_key, name, monitor, scheduler)
+    operations = start_operations(settings, services, private_key, name, monitor, scheduler,
+                                  watch)
     scheduler.start()
-    return RunningNode(name=name, monitor=monitor, scheduler=scheduler, **operations)
+    return RunningNode(name=name, monitor=monitor, scheduler=scheduler, watch=watch,
+                       **operations)
 
 
 def start_operations(settings: Settings, services: Services, private_key: X25519PrivateKey,
-                     name: str, monitor: NodeMonitor,
-                     scheduler: EmbargoScheduler) -> dict[str, Any]:
+                     name: str, monitor: NodeMonitor, scheduler: EmbargoScheduler,
+                     watch: DatabaseWatch) -> dict[str, Any]:
     """Rehearsals and alerts, metrics and health, the dead man's switch.
     Called before the scheduler starts, so that a release that went overdue
     while every node was down is alerted before this node publishes it."""
@@ -142,7 +147,7 @@ def start_operations(settings: Settings, services: Services, private_key: X25519
                             leads=settings.rehearsal.before,
                             overdue_after=settings.alerts.overdue_after,
                             clock_ok=lambda: monitor.clock_ok,
-                            skew_ms=lambda: monitor.skew_ms)
+                            skew_ms=lambda: monitor.skew_ms, watch=watch)
     operations.start()
     metrics = start_metrics(settings.metrics.bind, services,
                             overdue_after=settings.alerts.overdue_after,

@@ -439,6 +439,10 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         stopper.event.wait()
     finally:
         node.shutdown()
+    if node.watch.fatal:  # the node stopped itself: its database lost its schema
+        print(f"embargo: {node.watch.fatal}; check database.url, then `embargo db upgrade` "
+              "only if this is a new, empty database", file=sys.stderr)
+        return EXIT_STATUS[errors.SchemaError]
     return 0
 
 

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from jobs.outage import DatabaseWatch, report
 from jobs.relay import OutboxRelay
 
 log = logging.getLogger(__name__)
@@ -15,7 +16,10 @@ log = logging.getLogger(__name__)
 
 class DeliveryLoop:
     def __init__(self, relay: OutboxRelay, *, stop: threading.Event,
-                 guard: Callable[[], bool], poll_seconds: float) -> None:
+                 guard: Callable[[], bool], poll_seconds: float,
+                 watch: DatabaseWatch | None = None) -> None:
+        self.watch = watch
+        relay.watch = watch  # its claim renewer meets the same outages
         self.relay = relay
         self.stop = stop
         self.guard = guard
@@ -37,8 +41,8 @@ class DeliveryLoop:
             try:
                 self.relay.run_once()
                 wait = self.relay.next_due()
-            except Exception:
-                log.exception("outbox relay failed; will try again")
+            except Exception as exc:
+                report(self.watch, exc, doing="delivering notices", logger=log)
                 wait = self.poll_seconds
             self._wake.wait(self.poll_seconds if wait is None
                             else min(max(wait, 0.01), self.poll_seconds * 4))

@@ -12,6 +12,8 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
+from config.errors import StorageError
+from jobs.outage import DatabaseWatch, report
 from release.clock import ClockReading, measure_clock
 from release.context import Services
 from release.records import Node
@@ -25,7 +27,9 @@ class NodeMonitor:
 
     def __init__(self, services: Services, name: str, *, max_skew: timedelta,
                  skew_every: float = 60.0, heartbeat_every: float = 1.0,
-                 doing: Callable[[], str] | None = None) -> None:
+                 doing: Callable[[], str] | None = None,
+                 watch: DatabaseWatch | None = None) -> None:
+        self.watch = watch
         self.s = services
         self.name = name
         self.max_skew = max_skew
@@ -83,8 +87,8 @@ class NodeMonitor:
                     self.measure()
                     next_check = time.monotonic() + self.skew_every
                 self.beat()
-            except Exception:
-                log.exception("node heartbeat failed; will try again")
+            except Exception as exc:
+                report(self.watch, exc, doing="the node's heartbeat", logger=log)
 
     def beat(self) -> None:
         """Record that this node is alive, in the database server's time (so
@@ -99,6 +103,9 @@ class NodeMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        with transaction(self.s.sessions) as session:
-            session.execute(update(Node).where(Node.name == self.name).values(
-                stopped_at=server_time(session.connection()), doing="stopped"))
+        try:
+            with transaction(self.s.sessions) as session:
+                session.execute(update(Node).where(Node.name == self.name).values(
+                    stopped_at=server_time(session.connection()), doing="stopped"))
+        except StorageError as exc:  # the database is down or gone: the lease says it
+            log.warning("could not record that node %s stopped: %s", self.name, exc)

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
+from jobs.outage import DatabaseWatch
 from release.context import Services
 from release.rehearsal import Rehearser
 from release.risks import alert_overdue, alert_skew
@@ -24,7 +25,8 @@ class Operations:
                  leads: Sequence[timedelta], overdue_after: timedelta,
                  clock_ok: Callable[[], bool] = lambda: True,
                  skew_ms: Callable[[], float | None] = lambda: None,
-                 every: float = 1.0) -> None:
+                 every: float = 1.0, watch: DatabaseWatch | None = None) -> None:
+        self.watch = watch  # database outages are the node's to tell, once
         self.s = services
         self.rehearser = rehearser
         self.node = node
@@ -47,6 +49,8 @@ class Operations:
                 part(now)
                 self._failing.pop(name, None)
             except Exception as exc:
+                if self.watch is not None and self.watch.failed(exc, doing=name):
+                    continue
                 if self._failing.get(name) == str(exc):  # said already: not every second
                     log.debug("%s still failing: %s", name, exc)
                 else:

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, aliased
 from config.errors import DeliveryError, DeliveryRefused, SealError
 from config.retry import NOTICE_DELIVERY
 from jobs.mail import MailTransport
+from jobs.outage import DatabaseWatch, report
 from release import audit
 from release.alerts import ALERT, Alert, raise_alert
 from release.context import Services
@@ -92,6 +93,7 @@ class OutboxRelay:
         self.lease = lease
         self.stop = stop or threading.Event()
         self.sessions = services.sessions
+        self.watch: DatabaseWatch | None = None  # set by the node it runs in
 
     # -- claims ---------------------------------------------------------------
 
@@ -480,8 +482,8 @@ class _Run:
         while not self.done.wait(every):
             try:
                 self.relay._renew(self.token)
-            except Exception:
-                log.exception("renewing the relay's claims failed; will try again")
+            except Exception as exc:
+                report(self.relay.watch, exc, doing="renewing the relay's claims", logger=log)
 
     def go(self) -> int:
         relay = self.relay

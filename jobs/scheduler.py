@@ -22,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import func, or_, select
 
 from jobs.delivery import DeliveryLoop
+from jobs.outage import DatabaseWatch, report
 from jobs.relay import OutboxRelay
 from release.context import Services
 from release.copies import issue_copies
@@ -38,7 +39,9 @@ class EmbargoScheduler:
                  lead: timedelta = timedelta(seconds=0.5),
                  on_outcome: Callable[[Outcome], None] | None = None,
                  guard: Callable[[], bool] = lambda: True,
-                 horizon: timedelta = timedelta(hours=1)) -> None:
+                 horizon: timedelta = timedelta(hours=1),
+                 watch: DatabaseWatch | None = None) -> None:
+        self.watch = watch
         self.guard = guard
         self.horizon = horizon
         self.s = services
@@ -64,7 +67,8 @@ class EmbargoScheduler:
         self._refresh_at = datetime.min.replace(tzinfo=UTC)  # when to look past the horizon
         self._active = 0  # queued or publishing, due within the horizon or not
         self.delivery = (DeliveryLoop(relay, stop=self.stop_event, guard=guard,
-                                      poll_seconds=poll_seconds) if relay is not None else None)
+                                      poll_seconds=poll_seconds, watch=watch)
+                         if relay is not None else None)
         self._threads: list[threading.Thread] = []
         self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
 
@@ -102,8 +106,11 @@ class EmbargoScheduler:
         while not self.stop_event.wait(self.poll_seconds):
             try:
                 self.sync()
-            except Exception:
-                log.exception("could not read the releases; will try again")
+            except Exception as exc:
+                report(self.watch, exc, doing="reading the releases", logger=log)
+            else:
+                if self.watch is not None:
+                    self.watch.ok()
 
     def sync(self, *, force: bool = False) -> int:
         """Bring the jobs in line with the database; return how many releases
@@ -250,8 +257,8 @@ class EmbargoScheduler:
         try:
             outcome = self.publisher.publish(release_id,
                                              wait_up_to=self.lead + timedelta(seconds=1))
-        except Exception:
-            log.exception("publishing %s failed unexpectedly", release_id)
+        except Exception as exc:
+            report(self.watch, exc, doing=f"publishing {release_id}", logger=log)
             outcome = Outcome(status=PublishStatus.RETRY, release_id=release_id)
         finally:
             with self._lock:
@@ -269,8 +276,8 @@ class EmbargoScheduler:
         try:
             if issue_copies(self.s, release_id, actor=self.publisher.claimant):
                 self.kick_relay()
-        except Exception:
-            log.exception("issuing the copies of %s failed; will try again", release_id)
+        except Exception as exc:
+            report(self.watch, exc, doing=f"issuing the copies of {release_id}", logger=log)
         with self._lock:
             self._copies.pop(release_id, None)  # the next sync re-reads it
             self._fingerprint = None
