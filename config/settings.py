@@ -138,26 +138,6 @@ def _number(low: float, high: float, kind: type = float) -> Callable[[Any], Any]
     return check
 
 
-def _flag(value: Any) -> bool:
-    """A yes/no setting: a TOML boolean, or true/false text (the environment)."""
-    if isinstance(value, bool):
-        return value
-    text = _text(value).strip().lower()
-    if text in ("true", "yes", "1", "on"):
-        return True
-    if text in ("false", "no", "0", "off"):
-        return False
-    raise ValueError(f"{value!r} is not true or false")
-
-
-def _bind(value: Any) -> str:
-    text = _text(value)
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
-    return text
-
-
 def _optional_duration(value: Any) -> timedelta | None:
     if value is None or value == "":
         return None
@@ -198,6 +178,54 @@ def _url_or_none(value: Any) -> str | None:
     if text is not None and not re.match(r"^https?://[^\s/]+", text):
         raise ValueError(f"{text!r} is not an http(s) URL")
     return text.rstrip("/") if text else None
+
+
+def _leads(value: Any) -> tuple[timedelta, ...]:
+    """Durations before an instant: a TOML array (or one duration), or
+    comma-separated text (the environment); longest first."""
+    if isinstance(value, str):
+        items: list[Any] = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"expected a list of durations like [\"24h\", \"1h\"], got {value!r}")
+    leads = {parse_duration(item) if isinstance(item, str) else _bad_duration(item)
+             for item in items}
+    return tuple(sorted(leads, reverse=True))
+
+
+def _bad_duration(item: Any) -> timedelta:
+    raise ValueError(f"{item!r} is not a duration like 24h, 90m, 1h30m, 2d or 45s")
+
+
+def _listen(value: Any) -> str:
+    """``host:port`` to listen on, required (the console has no off)."""
+    text = _bind(value)
+    if text is None:
+        raise ValueError("give host:port, e.g. 127.0.0.1:8080")
+    return text
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _bind(value: Any) -> str | None:
+    """``host:port`` to listen on, or empty (off)."""
+    text = _optional_text(value)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port, e.g. 127.0.0.1:9464")
+    return text
 
 
 FIELDS: tuple[Field, ...] = (
@@ -281,13 +309,13 @@ FIELDS: tuple[Field, ...] = (
                "addresses, comma-separated in the environment"),
     Field(key="alerts.repeat", default="15m", check=parse_duration,
           help="an alert about a fault that lasts is sent again this often"),
-    Field(key="approval.required", default=False, check=_flag,
+    Field(key="approval.required", default=False, check=_bool,
           help="a release waits in awaiting_approval until a second person with the "
                "approver role approves it (from the console or `embargo approve`)"),
     Field(key="approval.warn_before", default="2h", check=parse_duration,
           help="owner and approvers are told this long before the instant of a release "
                "still awaiting approval, and again at the instant"),
-    Field(key="web.bind", default="127.0.0.1:8080", check=_bind,
+    Field(key="web.bind", default="127.0.0.1:8080", check=_listen,
           help="where `embargo web` listens (HOST:PORT); put a TLS reverse proxy in front"),
     Field(key="web.base_url", default="http://localhost:8080", check=_url_or_none,
           help="the address people open the console at: its origin is checked on every "
@@ -300,6 +328,23 @@ FIELDS: tuple[Field, ...] = (
           help="the console refuses to submit a release due sooner than this"),
     Field(key="copies.max_lead", default="", check=_optional_duration,
           help="refuse pre-embargo copies earlier than this before the embargo, e.g. 24h"),
+    Field(key="rehearsal.before", default=("1h",), check=_leads,
+          help="each queued release is rehearsed this long before its instant (a list, "
+               "e.g. [\"24h\", \"1h\"]; empty: only `embargo rehearse`)"),
+    Field(key="rehearsal.min_nodes", default=1, check=_number(0, 100, int),
+          help="a rehearsal wants at least this many live nodes with a good clock"),
+    Field(key="rehearsal.mail_passed", default=True, check=_bool,
+          help="mail a short note when a rehearsal passes (a failure is always mailed)"),
+    Field(key="alerts.overdue_after", default="30s", check=parse_duration,
+          help="a release not published this long after its instant is alerted as overdue"),
+    Field(key="alerts.heartbeat_url", default="", check=_url_or_none,
+          help="dead man's switch: each node requests this URL every alerts.heartbeat_every"),
+    Field(key="alerts.heartbeat_every", default=60.0, check=_number(1, 86_400),
+          help="seconds between heartbeat requests"),
+    Field(key="metrics.bind", default="127.0.0.1:9464", check=_bind,
+          help="host:port of /metrics and /healthz on `embargo run`; empty turns it off"),
+    Field(key="log.format", default="text", check=_choice("text", "json"),
+          help="text, or json: one JSON object a line (release id, node, event)"),
     Field(key="copies.unstampable", default="refuse", check=_choice("refuse", "send-unmarked"),
           help="a PDF that cannot be stamped with the embargo and copy id: refuse it at "
                "queue, or send-unmarked (the copy id then travels in the message only)"),
@@ -377,6 +422,26 @@ class CopiesSettings:
 class AlertsSettings:
     to: tuple[str, ...]
     repeat: timedelta
+    overdue_after: timedelta
+    heartbeat_url: str | None
+    heartbeat_every: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RehearsalSettings:
+    before: tuple[timedelta, ...]
+    min_nodes: int
+    mail_passed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    bind: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSettings:
+    format: str  # text or json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -398,6 +463,7 @@ SECTIONS: Mapping[str, type] = {
     "database": DatabaseSettings, "storage": StorageSettings, "keys": KeysSettings,
     "s3": S3Settings, "mail": MailSettings, "scheduler": SchedulerSettings,
     "testing": TestingSettings, "copies": CopiesSettings, "alerts": AlertsSettings,
+    "rehearsal": RehearsalSettings, "metrics": MetricsSettings, "log": LogSettings,
     "approval": ApprovalSettings, "web": WebSettings,
 }
 TOP_LEVEL = ("data_dir", "zone", "default_at")
@@ -419,6 +485,9 @@ class Settings:
     testing: TestingSettings
     copies: CopiesSettings
     alerts: AlertsSettings
+    rehearsal: RehearsalSettings
+    metrics: MetricsSettings
+    log: LogSettings
     approval: ApprovalSettings
     web: WebSettings
     values: Mapping[str, object]  # by dotted key, for ``config show``
@@ -470,7 +539,7 @@ class Settings:
             elif isinstance(value, timedelta):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) if isinstance(v, timedelta) else v for v in value]
             shown[f.key] = value
         shown["(effective) database.url"] = _mask_url(self.database_url)
         shown["(effective) storage.vault"] = str(self.vault)

@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from config.settings import Settings
-from jobs.mail import transport_factory
+from jobs.heartbeat import Heartbeat
+from jobs.mail import mail_probe, transport_factory
+from jobs.metrics import MetricsServer, database_ok, start_metrics
 from jobs.nodes import NodeMonitor
+from jobs.operations import Operations
 from jobs.outage import DatabaseWatch, report
 from jobs.relay import OutboxRelay
 from jobs.scheduler import EmbargoScheduler
@@ -23,6 +28,7 @@ from release.context import Services
 from release.copies import DocumentOpener
 from release.keys import load_private_key
 from release.publishing import Outcome, Publisher
+from release.rehearsal import Rehearser
 from storage import migrate
 from storage.db import make_engine, new_sqlite_file
 from storage.factory import make_public, make_s3_client, make_vault, needs_s3
@@ -75,10 +81,18 @@ class RunningNode:
     monitor: NodeMonitor
     scheduler: EmbargoScheduler
     watch: DatabaseWatch  # its ``fatal`` says why the node stopped itself, if it did
+    operations: Operations | None = None
+    metrics: MetricsServer | None = None
+    heartbeat: Heartbeat | None = None
 
     def shutdown(self) -> None:
+        for part in (self.heartbeat, self.operations):
+            if part is not None:
+                part.stop()
         self.scheduler.shutdown()
         self.monitor.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def start_node(settings: Settings, services: Services, stop: threading.Event,
@@ -115,6 +129,8 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
         guard=lambda: monitor.clock_ok, watch=watch)
     monitor.doing = scheduler.doing
     monitor.start()
+    operations = start_operations(settings, services, private_key, name, monitor, scheduler,
+                                  watch)
     scheduler.start()
 
     def warn_unapproved() -> None:
@@ -128,4 +144,32 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
     scheduler.scheduler.add_job(warn_unapproved, "interval", id="warn-unapproved",
                                 seconds=max(5.0, sched.poll_seconds),
                                 next_run_time=services.clock.now(), name="warn unapproved")
-    return RunningNode(name=name, monitor=monitor, scheduler=scheduler, watch=watch)
+    return RunningNode(name=name, monitor=monitor, scheduler=scheduler, watch=watch,
+                       **operations)
+
+
+def start_operations(settings: Settings, services: Services, private_key: X25519PrivateKey,
+                     name: str, monitor: NodeMonitor, scheduler: EmbargoScheduler,
+                     watch: DatabaseWatch) -> dict[str, Any]:
+    """Rehearsals and alerts, metrics and health, the dead man's switch.
+    Called before the scheduler starts, so that a release that went overdue
+    while every node was down is alerted before this node publishes it."""
+    rehearser = Rehearser(services, private_key, mail=mail_probe(settings),
+                          min_nodes=settings.rehearsal.min_nodes,
+                          mail_passed=settings.rehearsal.mail_passed, actor=name)
+    operations = Operations(services, rehearser, node=name,
+                            leads=settings.rehearsal.before,
+                            overdue_after=settings.alerts.overdue_after,
+                            clock_ok=lambda: monitor.clock_ok,
+                            skew_ms=lambda: monitor.skew_ms, watch=watch)
+    operations.start()
+    metrics = start_metrics(settings.metrics.bind, services,
+                            overdue_after=settings.alerts.overdue_after,
+                            timers=scheduler.timers)
+    heartbeat = None
+    if settings.alerts.heartbeat_url:
+        heartbeat = Heartbeat(settings.alerts.heartbeat_url,
+                              every=settings.alerts.heartbeat_every, node=name,
+                              healthy=lambda: monitor.clock_ok and database_ok(services))
+        heartbeat.start()
+    return {"operations": operations, "metrics": metrics, "heartbeat": heartbeat}

@@ -22,12 +22,14 @@ from config.settings import Settings, load_settings
 from jobs.app import build_services, start_node
 from jobs.console import SealingProgress, Stopper, print_table
 from jobs.demo import run_demo
-from jobs.mail import remove_copy_files
+from jobs.logs import use_format
+from jobs.mail import mail_probe, remove_copy_files
 from release import accounts, approval, custody
 from release import keys as keyfile
 from release.audit import default_actor
 from release.manifest import load_manifest
 from release.records import ReleaseState
+from release.rehearsal import Rehearser, latest_reports, lead_text
 from release.service import ReleaseService, Services
 from release.views import AccessEntry, Finding, Moment, to_json, utc_text
 from storage import migrate
@@ -35,6 +37,7 @@ from storage.db import make_engine
 
 log = logging.getLogger("embargo")
 CHECK_FAILED = 10
+NOT_READY = 11  # `embargo rehearse`: a check failed
 
 
 # -- errors: the one mapping of the error tree for the command line ---------------------
@@ -220,6 +223,12 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
                       n.last_error or "") for n in release.notices],
                     ["#", "to", "purpose", "state", "delivered", "via", "last error"],
                     title="notices")
+    reports = latest_reports(service.s, release.id)
+    if reports:
+        last = reports[-1]
+        print(f"\nrehearsal ({lead_text(last.lead)}, {utc_text(last.at)} UTC; "
+              f"{len(reports)} in all)")
+        print("\n".join(f"  {line}" for line in last.lines()))
     print()
     print_table([(e.seq, utc_text(e.at), e.action, e.actor) for e in release.events],
                 ["#", "at (UTC)", "event", "by"], title="audit")
@@ -462,6 +471,19 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     return _print_findings(findings, args.json)
 
 
+def cmd_rehearse(settings: Settings, args: argparse.Namespace) -> int:
+    services, service = _service(settings)
+    release = service.get(args.id)
+    rehearser = Rehearser(services, keyfile.load_private_key(settings.keys_dir),
+                          mail=mail_probe(settings),
+                          min_nodes=settings.rehearsal.min_nodes,
+                          mail_passed=settings.rehearsal.mail_passed, actor=service.actor)
+    report = rehearser.rehearse(release.id, now=services.clock.now())
+    assert report is not None  # one by hand is always recorded
+    print("\n".join(report.lines()))
+    return 0 if report.ready else NOT_READY
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     services = build_services(settings, migrate_schema=True)  # locked: nodes may start at once
     try:  # leftovers of killed queues; never a reason not to start
@@ -476,8 +498,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
              "CLOCK SKEWED: this node will not publish")
     print(f"embargo scheduler running as {node.name} ({counts.queued} queued, "
           f"{counts.publishing} publishing; {clock}, skew "
-          f"{node.monitor.skew_ms} ms); Ctrl-C or SIGTERM stops it",
-          file=sys.stderr, flush=True)
+          f"{node.monitor.skew_ms} ms"
+          f"{f'; metrics on http://{node.metrics.address}/metrics' if node.metrics else ''}"
+          "); Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
     if settings.mail.transport == "file":
         print(f"notices are .eml files in {settings.outbox_dir} (mail.transport = \"file\", "
               "for trying Embargo out): a pre-embargo copy there is plaintext on this disk",
@@ -684,6 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     sub.add_parser("run", help="run the scheduler until stopped").set_defaults(func=cmd_run)
 
+    rehearse = sub.add_parser("rehearse", help="prove a release would publish, publishing "
+                              "nothing (exit status 11 when a check fails)")
+    rehearse.add_argument("id")
+    rehearse.set_defaults(func=cmd_rehearse)
+
     demo = sub.add_parser("demo", help="queue and publish a demo release, start to finish")
     demo.add_argument("--seconds", type=int, default=10, help="embargo this far ahead")
     demo.add_argument("--storage", choices=("folder", "s3"), default="folder",
@@ -724,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}
         settings = load_settings(config_file=args.config, overrides=overrides)
+        use_format(settings.log.format)
         status: int = args.func(settings, args)
         return status
     except EmbargoError as exc:

@@ -156,6 +156,27 @@ class SmtpMailTransport(MailTransport):
                 raise DeliveryError(f"{where} cannot be reached: {exc}") from None
         raise DeliveryError(f"{where} failed")  # pragma: no cover
 
+    def probe(self) -> str:
+        """The rehearsal's check (release.rehearsal.MailProbe): connect, TLS
+        as configured, log in, ``NOOP``, quit, on a connection of its own."""
+        where = f"smtp://{self.host}:{self.port}"
+        try:
+            smtp = self._connect()
+            try:
+                code, answer = smtp.noop()
+                if code != 250:
+                    raise DeliveryError(f"{where} answered NOOP with {code} {answer!r}")
+            finally:
+                try:
+                    smtp.quit()
+                except (OSError, smtplib.SMTPException):
+                    pass
+        except smtplib.SMTPAuthenticationError as exc:
+            raise DeliveryError(f"{where} refused the login: {exc.smtp_code}") from None
+        except (OSError, smtplib.SMTPException) as exc:
+            raise DeliveryError(f"{where} cannot be reached: {exc}") from None
+        return where
+
     def close(self) -> None:
         if self._smtp is not None:
             try:
@@ -165,6 +186,16 @@ class SmtpMailTransport(MailTransport):
             except (OSError, smtplib.SMTPException):
                 pass
             self._smtp = None
+
+
+def mail_probe(settings: Settings) -> SmtpMailTransport | None:
+    """What a rehearsal asks of the mail server: None with the file transport."""
+    if settings.mail.transport != "smtp":
+        return None
+    return SmtpMailTransport(
+        settings.mail.smtp_host, settings.mail.smtp_port,
+        security=settings.mail.smtp_security, username=settings.mail.smtp_username,
+        password=settings.mail.smtp_password)
 
 
 def remove_copy_files(services: Services, release_id: str, folder: Path, *,

@@ -235,6 +235,12 @@ class EmbargoScheduler:
             return "publishing " + ", ".join(running)
         return f"waiting for {waiting} release{'s' if waiting != 1 else ''}"
 
+    def timers(self) -> set[str]:
+        """The releases this node holds a publish timer for, or is publishing
+        (for the metrics' unscheduled figure)."""
+        with self._lock:
+            return set(self._known) | self._running
+
     def _publish(self, release_id: str) -> None:
         if not self.guard():
             log.warning("not publishing %s: this node's clock is not trusted", release_id)

@@ -148,18 +148,10 @@ def probe_vault(vault: Vault) -> None:
 
 
 def probe_public(public: PublicTarget) -> None:
-    """Create a small hidden object at the public location (no document is
-    ever named with a leading dot), read it back and remove it."""
-    key = f".embargo-probe-{secrets.token_hex(8)}"
-    data = secrets.token_bytes(4096)
-    try:
-        with public.writer(key, content_type="application/octet-stream") as out:
-            out.write(data)
-        with public.reader(key) as src:
-            if src.read() != data:
-                raise InputError(f"the public location gave back other bytes at {key}")
-    finally:
-        public.delete(key)
+    """The probe write the rehearsal makes too (``PublicTarget.probe``): a
+    small hidden object created with the publisher's conditional create, read
+    back and removed. Raises StorageError naming the step that failed."""
+    public.probe()
 
 
 def probe(what: str, run: Any, where: object) -> Finding:

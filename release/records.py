@@ -277,3 +277,22 @@ class Node(Base):
     clock_ok: Mapped[bool] = mapped_column(default=True)
     doing: Mapped[str | None] = mapped_column(Text)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Rehearsal(Base):
+    """One pre-flight rehearsal of a release: when, for which lead before the
+    instant (None: asked for by hand), and each check's result as JSON
+    (``[{"name": ..., "ok": ..., "detail": ...}]``)."""
+
+    __tablename__ = "rehearsals"
+    __table_args__ = (UniqueConstraint("release_id", "lead_seconds", "instant",
+                                       name="uq_rehearsals_release_lead_instant"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"), index=True)
+    instant: Mapped[datetime] = mapped_column(UTCDateTime)
+    lead_seconds: Mapped[int | None] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(200))
+    ready: Mapped[bool] = mapped_column()
+    checks: Mapped[str] = mapped_column(Text)

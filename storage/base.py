@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -16,9 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from config.errors import StorageError
+from config.errors import EmbargoError, StorageError
 
 CHUNK = 1 << 20
+PROBE_PREFIX = ".embargo-probe-"
 
 
 class ObjectExistsError(Exception):
@@ -171,6 +173,40 @@ class PublicTarget(ABC):
         directories once, not once per object). Stores whose writes are
         durable when they return need not override it."""
         return None
+
+    def probe(self) -> str:
+        """Prove that the location takes a write the way the publisher makes
+        one, without publishing anything: a small probe object (key
+        ``.embargo-probe-<random>``) is created with the same conditional
+        create as a document (``writer``), read back and compared, then
+        deleted. Returns the probe's key. Raises StorageError naming the step
+        that failed (create, read back, compare, delete); the probe object is
+        deleted whatever failed after it was created."""
+        key = PROBE_PREFIX + secrets.token_hex(8)
+        data = f"embargo probe {key}\n".encode()
+        try:
+            with self.writer(key, content_type="text/plain") as out:
+                out.write(data)
+        except StorageError as exc:
+            raise StorageError(f"the probe write was refused: {exc}") from exc
+        except (ObjectExistsError, OSError) as exc:
+            words = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StorageError(f"the probe write was refused: {words}") from exc
+        try:
+            try:
+                with self.reader(key) as src:
+                    back = src.read()
+            except (EmbargoError, OSError) as exc:
+                raise StorageError(f"the probe object could not be read back: {exc}") from exc
+            if back != data:
+                raise StorageError(f"the probe object read back differs ({len(back)} bytes, "
+                                   f"{len(data)} written)")
+        finally:
+            try:
+                self.delete(key)
+            except (StorageError, OSError) as exc:
+                raise StorageError(f"the probe object {key} could not be deleted: {exc}") from exc
+        return key
 
     def stat(self, key: str) -> StoredObject:
         """Size and SHA-256 of the stored object, read back from the store."""

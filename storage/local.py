@@ -256,3 +256,12 @@ class LocalPublicTarget(PublicTarget):
 
     def check(self) -> None:
         _check_folder(self.root, "public")
+
+    def probe(self) -> str:
+        staging = self.root / ".staging"
+        fresh = not staging.exists()
+        try:
+            return super().probe()
+        finally:
+            if fresh:  # leave the public folder as it was found
+                _prune(staging, self.root)

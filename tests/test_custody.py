@@ -188,7 +188,8 @@ def test_check_finds_a_full_public_filesystem(tmp_path: Path,
         status, out, err = run_cli(data_dir, "check")
         assert status == custody_failed()
         assert err.strip().splitlines() == [
-            f"public   FAIL {full / 'public'}: a probe write failed: No space left on device"]
+            f"public   FAIL {full / 'public'}: a probe write failed: the probe write was "
+            "refused: No space left on device"]  # PublicTarget.probe, as the rehearsal's
         assert not [p for p in (full / "public").rglob("*") if p.is_file()]
     finally:
         subprocess.run(["umount", str(full)], check=False)

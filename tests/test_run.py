@@ -34,8 +34,10 @@ def embargo(*args: str, data_dir: Path) -> subprocess.Popen[str]:
 def runner(settings: Settings) -> Iterator[subprocess.Popen[str]]:
     proc = embargo("run", data_dir=settings.data_dir)
     assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert "scheduler running" in line, line
+    before = []  # log lines may come first (a rehearsal, a metrics port in use)
+    while (line := proc.stderr.readline()) and "scheduler running" not in line:
+        before.append(line)
+    assert "scheduler running" in line, before
     yield proc
     if proc.poll() is None:
         proc.kill()
