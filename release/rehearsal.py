@@ -29,7 +29,15 @@ from release import audit, sealing, timerules
 from release.alerts import Alert, raise_alert
 from release.context import Services
 from release.instants import embargo_of
-from release.records import QUEUED, Document, Node, Rehearsal, Release, table_of
+from release.records import (
+    QUEUED,
+    Document,
+    Node,
+    Rehearsal,
+    Release,
+    ReleaseState,
+    table_of,
+)
 from release.vault_keys import dek_key, document_key
 from storage.db import transaction
 
@@ -184,6 +192,29 @@ def check_zone(release: Release) -> Check:
                         f"{release.instant.isoformat().replace('+00:00', 'Z')}")
 
 
+def check_approval(release: Release, *, required: bool) -> Check:
+    """The release will be published: approved where ``approval.required``
+    is set (a release still awaiting approval, or a draft, never is)."""
+    state = release.state
+    if state == ReleaseState.AWAITING_APPROVAL:
+        who = f" (submitted by {release.submitted_by})" if release.submitted_by else ""
+        return Check(name="approval", ok=False,
+                     detail=f"awaiting approval{who}: it will not publish unless an approver "
+                            "approves it before the instant")
+    if state == ReleaseState.DRAFT:
+        return Check(name="approval", ok=False,
+                     detail="still a draft: it will not publish unless it is submitted and "
+                            "approved")
+    if release.approved_by:
+        detail = f"approved by {release.approved_by}"
+        if release.forced_reason:
+            detail += f" (force-approved by the submitter: {release.forced_reason})"
+        return Check(name="approval", ok=True, detail=detail)
+    return Check(name="approval", ok=True,
+                 detail="approval is not required" if not required
+                 else "queued before approval was required")
+
+
 def _describe(release: Release) -> str:
     try:
         return str(embargo_of(release).describe())
@@ -222,9 +253,10 @@ class Rehearser:
             instant, title, owner = release.instant, release.title, release.owner
             embargo = _describe(release)
             zone = check_zone(release)
+            approval = check_approval(release, required=self.s.approval_required)
         key_check, dek = check_data_key(self.s, self.key, release_id)
         checks = (key_check, check_documents(self.s, dek, release_id, documents),
-                  check_public(self.s), check_mail(self.mail), nodes, zone)
+                  check_public(self.s), check_mail(self.mail), nodes, zone, approval)
         del dek
         report = RehearsalReport(id=f"reh_{secrets.token_hex(8)}", release_id=release_id,
                                  title=title, embargo=embargo, at=now, lead=lead,
@@ -282,7 +314,8 @@ class Rehearser:
         longest = max(leads)
         with transaction(self.s.sessions) as session:
             rows = session.execute(select(Release.id, Release.instant).where(
-                Release.state == QUEUED, Release.instant > now,
+                Release.state.in_((QUEUED, ReleaseState.AWAITING_APPROVAL)),
+                Release.instant > now,
                 Release.instant <= now + longest)).all()
             done = {(r, lead, inst) for r, lead, inst in session.execute(
                 select(Rehearsal.release_id, Rehearsal.lead_seconds, Rehearsal.instant)

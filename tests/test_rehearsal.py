@@ -116,7 +116,8 @@ def test_good_release_passes_and_is_recorded_audited_and_mailed(
     report = rehearser(services, settings).rehearse(release_id, now=HOUR_BEFORE)
     assert report is not None and report.ready, report.lines()
     assert [c.name for c in report.checks] == ["data key", "documents", "public location",
-                                               "mail server", "nodes", "time zone"]
+                                               "mail server", "nodes", "time zone",
+                                               "approval"]
     assert report.lines()[0].startswith("READY: Core business: a test inspection will "
                                         "publish 00:01 BST Thu 4 Sep 2014")
     assert_nothing_published(services, release_id)
@@ -124,7 +125,7 @@ def test_good_release_passes_and_is_recorded_audited_and_mailed(
     with services.sessions() as session:
         row = session.scalars(select(Rehearsal)).one()
         assert row.ready and row.lead_seconds is None and row.instant == SEED_INSTANT
-        assert len(json.loads(row.checks)) == 6
+        assert len(json.loads(row.checks)) == 7
     assert actions(services, release_id)[-2:] == ["rehearsal_passed", "alert_raised"]
     sent = alerts(services)
     assert sorted(m.to_addr for m in sent) == [ALERTS_TO, "press@inspectorate.example"]
@@ -361,5 +362,40 @@ def test_a_lead_is_recorded_once_by_any_node_and_by_hand_every_time(
             assert len(session.scalars(select(Rehearsal)).all()) == 3
         assert actions(services, release_id).count("rehearsal_passed") == 3
         assert len(alerts(services)) == 6
+    finally:
+        services.engine.dispose()
+
+
+def test_a_release_awaiting_approval_is_not_ready_until_approved(
+        settings: Settings, bundle: Path) -> None:
+    """Where approval is required, the rehearsal names the missing approval
+    (an hour before midnight, while someone can still approve it); once a
+    second person approves, that check passes."""
+    from release.approval import approve
+    from release.records import AWAITING_APPROVAL
+
+    services = dataclasses.replace(build_services(settings, clock=FakeClock(HOUR_BEFORE)),
+                                   approval_required=True)
+    try:
+        release_id = queue_seed(services, bundle)
+        with services.sessions() as session:
+            release = session.get(Release, release_id.id)
+            assert release is not None and release.state == AWAITING_APPROVAL
+        live_node(services, HOUR_BEFORE)
+        runner = rehearser(services, settings)
+        assert [r for r, _ in runner.due(now=HOUR_BEFORE, leads=[timedelta(hours=1)])] \
+            == [release_id.id]  # awaiting approval: rehearsed all the same
+        report = runner.rehearse(release_id.id, now=HOUR_BEFORE)
+        assert report is not None and not report.ready
+        assert failed_names(report) == ["approval"]
+        assert "awaiting approval" in report.failed[0].detail
+        with services.sessions.begin() as session:  # submitted by someone else
+            session.execute(update(Release).where(Release.id == release_id.id)
+                            .values(submitted_by="editor@inspectorate.example"))
+        approve(services, release_id.id, actor="approver@inspectorate.example")
+        again = runner.rehearse(release_id.id, now=HOUR_BEFORE)
+        assert again is not None and again.ready, again.lines()
+        approval = next(c for c in again.checks if c.name == "approval")
+        assert approval.detail == "approved by approver@inspectorate.example"
     finally:
         services.engine.dispose()
