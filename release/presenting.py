@@ -31,6 +31,7 @@ from release.views import (
     NoticeState,
     NoticeView,
     RecipientView,
+    RehearsalView,
     ReleaseDetail,
     ReleaseSummary,
 )
@@ -123,7 +124,8 @@ def notice_view(row: OutboxMessage, zone: str) -> NoticeView:
 
 def detail(release: Release, now: datetime, *, copies: Iterable[Copy],
            notices: Iterable[OutboxMessage], events: Iterable[AuditEvent],
-           public_now: Mapping[str, str] | None = None) -> ReleaseDetail:
+           public_now: Mapping[str, str] | None = None,
+           rehearsal: RehearsalView | None = None) -> ReleaseDetail:
     """``public_now``: {document id: public address} of documents found in
     the public location although not recorded as published (a partial
     publication of a failed or cancelled release)."""
@@ -138,6 +140,7 @@ def detail(release: Release, now: datetime, *, copies: Iterable[Copy],
         started_at=moment(release.started_at, zone),
         created_by=release.created_by, submitted_by=release.submitted_by,
         approved_by=release.approved_by, review_comment=release.review_comment,
+        rehearsal=rehearsal,
         recipients=tuple(RecipientView(id=r.id, name=r.name, email=r.email,
                                        organisation=r.organisation)
                          for r in release.recipients),

@@ -35,6 +35,7 @@ from release import (
     timerules,
     tracing,
 )
+from release import rehearsal as rehearsals
 from release import text as texts
 from release.context import Services
 from release.instants import describe_instant, embargo_of
@@ -65,6 +66,7 @@ from release.views import (
     DocumentView,
     NodeStatus,
     NoticeView,
+    RehearsalView,
     ReleaseDetail,
     ReleaseSummary,
     TraceResult,
@@ -288,10 +290,17 @@ class ReleaseService:
                 found = set(self._public_keys(release.slug, release.documents))
                 public_now = {d.id: self.s.public.url(key) for d in release.documents
                               if (key := f"{release.slug}/{d.filename}") in found}
+            newest = rehearsals.latest(session, [release.id]).get(release.id)
+            rehearsal = None
+            if newest is not None:
+                report = rehearsals.report_of(newest, release)
+                rehearsal = RehearsalView(at=presenting.moment_at(report.at, release.zone),
+                                          lead=rehearsals.lead_text(report.lead),
+                                          ready=report.ready, lines=tuple(report.lines()))
             return presenting.detail(release, self.s.clock.now(),
                                      copies=tracing.copies_of(session, release.id),
                                      notices=list(notices), events=list(events),
-                                     public_now=public_now)
+                                     public_now=public_now, rehearsal=rehearsal)
 
     def list_releases(self) -> list[ReleaseSummary]:
         """Every release, soonest embargo first."""

@@ -120,6 +120,17 @@ class EventView:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RehearsalView:
+    """The newest rehearsal of a release: when, for which lead ("1h before",
+    or "by hand"), whether it would publish, and the report's lines."""
+
+    at: Moment
+    lead: str
+    ready: bool
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ReleaseDetail(ReleaseSummary):
     """One release in full, as ``embargo show`` shows it. A failed or
     cancelled release's documents that are public all the same (a partial
@@ -130,6 +141,7 @@ class ReleaseDetail(ReleaseSummary):
     submitted_by: str | None  # who sent the draft for approval (the console)
     approved_by: str | None
     review_comment: str | None  # the last send-back comment for its editor
+    rehearsal: RehearsalView | None  # the newest rehearsal, if any
     recipients: tuple[RecipientView, ...]
     access_list: tuple[AccessEntry, ...]
     notices: tuple[NoticeView, ...]

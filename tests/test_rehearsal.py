@@ -340,6 +340,33 @@ def test_embargo_rehearse_prints_the_report_and_show_has_it(
     shown = capsys.readouterr().out
     assert "rehearsal (by hand" in shown and "FAIL documents" in shown
 
+    assert main([*data, "show", release_id, "--json"]) == 0  # the view carries it too
+    rehearsal = json.loads(capsys.readouterr().out)["rehearsal"]
+    assert rehearsal["ready"] is False and rehearsal["lead"] == "by hand"
+    assert rehearsal["lines"][0].startswith("NOT READY")
+    assert any(line.startswith(f"  FAIL {'documents':16}") for line in rehearsal["lines"])
+
+
+def test_the_consoles_release_page_shows_the_last_rehearsal(
+        settings: Settings, services: Services, release_id: str) -> None:
+    """The page renders the view's rehearsal (the template, not a route of its own)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    from web import app as web_app
+
+    live_node(services, HOUR_BEFORE)
+    report = rehearser(services, settings).rehearse(release_id, now=HOUR_BEFORE)
+    assert report is not None and report.ready
+    detail = ReleaseService(services, actor="t").get(release_id)
+    assert detail.rehearsal is not None and detail.rehearsal.ready
+    folder = Path(web_app.__file__).parent / "templates"
+    env = Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape())
+    block = env.from_string(
+        (folder / "release.html").read_text().split("{% if release.rehearsal %}")[1]
+        .split("{% endif %}")[0])
+    html = block.render(release=detail)
+    assert "Ready: rehearsed by hand" in html and "public location" in html
+
 
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
 def test_a_lead_is_recorded_once_by_any_node_and_by_hand_every_time(
