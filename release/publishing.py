@@ -368,10 +368,10 @@ class Publisher:
         key = plan.key(doc)
         public = self.s.public
         try:
-            public.publish_file(key, staged, content_type=doc.content_type)
-        except ObjectExistsError:
-            pass  # an earlier attempt got this far; the verification below decides
-        stored = public.stat(key)
+            stored = public.publish_file(key, staged, content_type=doc.content_type,
+                                         size=doc.size, sha256=doc.sha256)
+        except ObjectExistsError:  # an earlier attempt got this far, or someone else did
+            stored = public.stat(key)
         if stored.sha256 != doc.sha256 or stored.size != doc.size:
             raise PublicConflictError(
                 f"{public.url(key)} holds other content than {doc.filename} ({stored.size} "

@@ -153,15 +153,23 @@ class PublicTarget(ABC):
         """Verify access to the location without publishing anything.
         Raises StorageError saying what is wrong."""
 
-    def publish_file(self, key: str, source: Path, *, content_type: str) -> None:
-        """Make the verified file ``source`` (in this target's ``staging``)
-        public at ``key``, create-only as :meth:`writer`: ObjectExistsError if
-        an object is there already, which is left untouched. A folder moves
-        the file into place (a rename: the bytes verified are the bytes
-        published, in microseconds); other stores copy it."""
+    def publish_file(self, key: str, source: Path, *, content_type: str, size: int,
+                     sha256: str) -> StoredObject:
+        """Make the verified file ``source`` (in this target's ``staging``;
+        ``size`` bytes whose SHA-256 is ``sha256``) public at ``key``,
+        create-only as :meth:`writer`: ObjectExistsError if an object is
+        there already, which is left untouched.
+
+        Returns the store's own account of the object it created, which the
+        publisher compares with the document: a folder moves the file into
+        place (a link of the verified inode: the bytes verified are the bytes
+        published) and vouches for it; a store that checks a checksum sent
+        with the body returns the checksum it confirmed; this default copies
+        the file and reads the object back."""
         with source.open("rb") as src, self.writer(key, content_type=content_type) as out:
             while chunk := src.read(CHUNK):
                 out.write(chunk)
+        return self.stat(key)
 
     def sweep_staging(self) -> int:
         """Remove what killed publishers left in ``staging`` (at node start);

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from config.errors import NotFoundError, StorageError
-from storage.base import ObjectExistsError, PublicTarget, StagingArea, Vault, check_key
+from storage.base import (
+    ObjectExistsError,
+    PublicTarget,
+    StagingArea,
+    StoredObject,
+    Vault,
+    check_key,
+)
 
 
 def _safe_path(root: Path, key: str) -> Path:
@@ -215,10 +222,14 @@ class LocalPublicTarget(PublicTarget):
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
         return self._create(key)
 
-    def publish_file(self, key: str, source: Path, *, content_type: str) -> None:
+    def publish_file(self, key: str, source: Path, *, content_type: str, size: int,
+                     sha256: str) -> StoredObject:
         os.chmod(source, 0o644)  # still private: its folder is 0700
+        found = os.stat(source).st_size
         self._place(key, source)
         source.unlink()
+        # The inode linked in is the file staged and verified: its bytes hashed to sha256.
+        return StoredObject(key=key, size=found, sha256=sha256)
 
     def flush(self) -> None:
         with self._lock:
