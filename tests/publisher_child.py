@@ -51,14 +51,14 @@ def main() -> int:
     if args.kill_after is not None:
         done = 0
         original_doc = publisher._publish_document
-        original_stat = services.public.stat
+        original_publish_file = services.public.publish_file
 
         def die() -> None:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-        def stat(key: str) -> Any:
-            result = original_stat(key)
+        def publish_file(*a: Any, **kw: Any) -> Any:  # public, not yet checked
+            result = original_publish_file(*a, **kw)
             if args.kill_point == "before-checkpoint" and done + 1 == args.kill_after:
                 die()
             return result
@@ -70,7 +70,7 @@ def main() -> int:
             if args.kill_point == "after" and done == args.kill_after:
                 die()
 
-        services.public.stat = stat  # type: ignore[method-assign]
+        services.public.publish_file = publish_file  # type: ignore[method-assign]
         publisher._publish_document = publish_document  # type: ignore[method-assign]
     start_at = args.start_at
     if args.gate:
