@@ -295,8 +295,8 @@ class ReleaseService:
             with transaction(self.sessions) as own:
                 return self._free_slug(embargo, title, tried, own)
         base = f"{embargo.wall[:10]}-{slugify(title)}"
-        taken = tried | set(session.scalars(
-            select(Release.slug).where(Release.slug.like(f"{base}%"))))
+        taken = tried | set(session.connection().execute(
+            select(_RELEASES.c.slug).where(_RELEASES.c.slug.like(f"{base}%"))).scalars())
         slug, n = base, 2
         while slug in taken:
             slug, n = f"{base}-{n}", n + 1
