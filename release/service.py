@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -82,6 +82,10 @@ Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes tota
 PDF = "application/pdf"
 _SLUG_TRIES = 20
 _RELEASES, _DOCUMENTS, _RECIPIENTS = table_of(Release), table_of(Document), table_of(Recipient)
+# Built once: building a statement costs more than running it.
+_INSERT_RELEASE, _INSERT_DOCUMENTS, _INSERT_RECIPIENTS = (
+    insert(_RELEASES), insert(_DOCUMENTS), insert(_RECIPIENTS))
+_SLUGS_LIKE = select(_RELEASES.c.slug).where(_RELEASES.c.slug.like(bindparam("pattern")))
 
 
 def trial_stamp(doc: DocumentSpec, headline: str, *, unstampable: str) -> str | None:
@@ -239,14 +243,14 @@ class ReleaseService:
                 # Core statements, not the ORM's unit of work (as audit.record):
                 # its bookkeeping cost more than the statements themselves.
                 connection = session.connection()
-                connection.execute(insert(_RELEASES), {
+                connection.execute(_INSERT_RELEASE, {
                     column.key: getattr(release, column.key) for column in _RELEASES.columns})
                 rows = [dict(d, release_id=release_id) for d in documents]
                 if rows:
-                    connection.execute(insert(_DOCUMENTS), rows)
+                    connection.execute(_INSERT_DOCUMENTS, rows)
                 people = [dict(r, release_id=release_id) for r in recipients]
                 if people:
-                    connection.execute(insert(_RECIPIENTS), people)
+                    connection.execute(_INSERT_RECIPIENTS, people)
                 details = {
                     "awaiting_approval": self.s.approval_required,
                     "title": spec.title, "embargo": embargo.describe(),
@@ -296,7 +300,7 @@ class ReleaseService:
                 return self._free_slug(embargo, title, tried, own)
         base = f"{embargo.wall[:10]}-{slugify(title)}"
         taken = tried | set(session.connection().execute(
-            select(_RELEASES.c.slug).where(_RELEASES.c.slug.like(f"{base}%"))).scalars())
+            _SLUGS_LIKE, {"pattern": f"{base}%"}).scalars())
         slug, n = base, 2
         while slug in taken:
             slug, n = f"{base}-{n}", n + 1
