@@ -383,8 +383,10 @@ def main() -> int:
         print(f"queueing {count} took p50 {fmt(queue.p50, 2)} s and finished "
               f"{fmt(leads.min, 2)}-{fmt(leads.max, 2)} s before the instant; ratio: per "
               "trial, last public / that trial's limit")
-        for line in problems[:5]:
-            print(f"embargo run logged: {line}")
+        if problems:
+            print(f"embargo run logged {len(problems)} warnings or errors; the first:")
+        for line in problems[:3]:
+            print(f"  {line}")
         early_total = early_poll + early_ctime
         emit_summary("burst", [
             {"figure": f"{count} releases at one instant: last public",

@@ -396,7 +396,9 @@ def run_backend(kind: str, trials: int, cleanup: Cleanup, sink: SmtpSink, raw: R
         poll_client, put_client = moto.client(), moto.client()
     values = effective_settings(env, "scheduler.publish_workers", "mail.workers",
                                 "s3.cache_control", "scheduler.lead_seconds",
-                                "scheduler.poll_seconds")
+                                "scheduler.poll_seconds", "s3.verify")
+    if kind != "s3" or values["s3.verify"] is None:
+        values.pop("s3.verify")
     out = Backend(kind=kind, settings=values)
     publish_workers = int(values["scheduler.publish_workers"] or 4)
     mail_workers = int(values["mail.workers"] or 4)
@@ -468,8 +470,10 @@ def run_backend(kind: str, trials: int, cleanup: Cleanup, sink: SmtpSink, raw: R
         run.stop()
     if log_all:
         print(run.tail(100000))
-    for line in run.errors()[:5]:
-        out.notes.append(f"embargo run logged: {line}")
+    errors = run.errors()
+    if errors:
+        out.notes.append(f"embargo run logged {len(errors)} warnings or errors; the first:")
+        out.notes += [f"  {line}" for line in errors[:3]]
     return out
 
 
