@@ -50,8 +50,8 @@ class Bench:
 
 
 BENCHES = (
-    Bench("publish_latency.py", "H5", ("--trials", "12"), ("--trials", "3"), 330, True),
-    Bench("burst.py", "H5", ("--trials", "8"), ("--trials", "2"), 150, True),
+    Bench("publish_latency.py", "H5", ("--trials", "20"), ("--trials", "3"), 420, True),
+    Bench("burst.py", "H5", ("--trials", "12"), ("--trials", "2"), 180, True),
     Bench("queue_many.py", "H4", ("--trials", "3"), ("--quick",), 240),
     Bench("seal.py", "H4", ("--trials", "10"), ("--quick",), 150),
     Bench("staging_memory.py", "H4", (), ("--quick",), 150),
