@@ -65,6 +65,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -438,7 +439,11 @@ def run_backend(kind: str, trials: int, cleanup: Cleanup, sink: SmtpSink, raw: R
                                env=env)
             queued = time.time()
             queue_estimate = queued - began
-            release_id = done.stdout.strip().splitlines()[-1]
+            ids = re.findall(r"\brel_[0-9A-Za-z]+\b", done.stdout)
+            if not ids:
+                raise RuntimeError(f"no release id in the output of embargo queue: "
+                                   f"{done.stdout[-500:]!r}")
+            release_id = ids[-1]
             with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
                 (slug,) = conn.execute("SELECT slug FROM releases WHERE id = ?",
                                        (release_id,)).fetchone()
@@ -576,8 +581,13 @@ def _stamps_s3(trial: Trial, instant: float, client: Any, prefix: str, names: li
 def _state(trial: Trial, db: Path, release_id: str) -> None:
     """The release's state (missed or failed?) and the manifest's own lateness."""
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
-        state, lateness = conn.execute("SELECT state, lateness_ms FROM releases WHERE id = ?",
+        (state,) = conn.execute("SELECT state FROM releases WHERE id = ?",
+                                (release_id,)).fetchone()
+        try:
+            (lateness,) = conn.execute("SELECT lateness_ms FROM releases WHERE id = ?",
                                        (release_id,)).fetchone()
+        except sqlite3.OperationalError:  # the column went: the row shows "-"
+            lateness = None
     if state != "published":
         trial.failed = True
         trial.problem += f"release {release_id} is {state} "
