@@ -226,6 +226,8 @@ class EmbargoRun:
 
     def __init__(self, cleanup: Cleanup, data_dir: Path, env: dict[str, str]) -> None:
         self.cleanup = cleanup
+        if "EMBARGO_METRICS_BIND" not in env:  # not the default port: others may hold it
+            env = {**env, "EMBARGO_METRICS_BIND": f"127.0.0.1:{free_port()}"}
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self.started_at = time.time()
@@ -269,6 +271,18 @@ class EmbargoRun:
         with self._cond:
             return [line for _, line in self.lines
                     if " ERROR " in line or "Traceback" in line or " WARNING " in line]
+
+    def error_kinds(self, top: int = 3) -> list[str]:
+        """The most frequent kinds of warning or error, with their counts
+        (times, ids and numbers taken out)."""
+        from collections import Counter
+
+        kinds: Counter[str] = Counter()
+        for line in self.errors():
+            text = re.sub(r"^\S+\s+", "", line)  # the timestamp
+            text = re.sub(r"rel_[0-9A-Za-z]+|\d[\d:.\-]*", "#", text)
+            kinds[text[:160]] += 1
+        return [f"{count} x {text}" for text, count in kinds.most_common(top)]
 
     def stop(self) -> int | None:
         code = self.cleanup.stop(self.proc)

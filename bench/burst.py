@@ -315,6 +315,7 @@ def main() -> int:
         finally:
             run.stop()
         problems = run.errors()
+        kinds = run.error_kinds()
         clocks.append(file_clock(root / "clock-after"))
         lag = max(c.max_lag_ms for c in clocks)
 
@@ -384,9 +385,9 @@ def main() -> int:
               f"{fmt(leads.min, 2)}-{fmt(leads.max, 2)} s before the instant; ratio: per "
               "trial, last public / that trial's limit")
         if problems:
-            print(f"embargo run logged {len(problems)} warnings or errors; the first:")
-        for line in problems[:3]:
-            print(f"  {line}")
+            print(f"embargo run logged {len(problems)} warnings or errors, most often:")
+        for kind in kinds:
+            print(f"  {kind}")
         early_total = early_poll + early_ctime
         emit_summary("burst", [
             {"figure": f"{count} releases at one instant: last public",
