@@ -66,6 +66,21 @@ def parse_officers(text: str) -> list[RecipientSpec]:
     return officers
 
 
+def _resolve(service: ReleaseService, now: datetime, *, title: str, publish_on: str,
+             at: str | None, zone: str | None,
+             copies_at: str | None) -> tuple[str, timerules.Embargo, datetime | None]:
+    """A draft's form, checked: its title, its embargo (one future instant)
+    and its copies time, if one is given."""
+    s = service.s
+    title = texts.clean_text(title, field="title", max_len=texts.TITLE_MAX)
+    embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
+    copies_time = (copy_timing.resolve_copies_at(copies_at, embargo=embargo, now=now,
+                                                 max_lead=s.copies_max_lead,
+                                                 cutoff=s.copies_cutoff)
+                   if copies_at else None)
+    return title, embargo, copies_time
+
+
 def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
                  at: str | None, zone: str | None, owner: str | None,
                  copies_at: str | None, officers: list[RecipientSpec]) -> ReleaseDetail:
@@ -75,14 +90,10 @@ def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
         instant (gap and fold refused with both candidates), bad copies time,
         an officer listed twice
     """
-    title = texts.clean_text(title, field="title", max_len=texts.TITLE_MAX)
     service = ReleaseService(services, actor=actor)
     now = services.clock.now()
-    embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
-    copies_time = (copy_timing.resolve_copies_at(copies_at, embargo=embargo, now=now,
-                                            max_lead=services.copies_max_lead,
-                                            cutoff=services.copies_cutoff)
-                   if copies_at else None)
+    title, embargo, copies_time = _resolve(service, now, title=title, publish_on=publish_on,
+                                           at=at, zone=zone, copies_at=copies_at)
     _no_twice(officers, [])
     release_id = new_id("rel")
     slug = service._free_slug(embargo, title, set())
@@ -112,14 +123,10 @@ def edit_draft(services: Services, release_id: str, *, actor: str, title: str,
     :raises StateError: it is not a draft
     """
     release = _draft(services, release_id)
-    title = texts.clean_text(title, field="title", max_len=texts.TITLE_MAX)
     service = ReleaseService(services, actor=actor)
     now = services.clock.now()
-    embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
-    copies_time = (copy_timing.resolve_copies_at(copies_at, embargo=embargo, now=now,
-                                            max_lead=services.copies_max_lead,
-                                            cutoff=services.copies_cutoff)
-                   if copies_at else None)
+    title, embargo, copies_time = _resolve(service, now, title=title, publish_on=publish_on,
+                                           at=at, zone=zone, copies_at=copies_at)
     slug = release.slug
     if (embargo.wall[:10], title) != (release.wall[:10], release.title):
         slug = service._free_slug(embargo, title, {release.slug})
