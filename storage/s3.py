@@ -6,10 +6,12 @@ block exits normally. The public target creates objects conditionally
 (``If-None-Match: *``, on PutObject and on CompleteMultipartUpload), so a
 second writer gets ObjectExistsError instead of replacing what is public.
 Each object is put with its SHA-256 (``x-amz-checksum-sha256``), which S3
-checks against the bytes it receives and keeps; ``stat`` asks for it with a
-HEAD, and reads the bytes back and hashes them only when the store has no
-SHA-256 of the whole object (a multipart upload's, or a store that keeps no
-checksums)."""
+checks against the bytes it receives and keeps. ``publish_file`` sends a
+staged document straight from its file and, with ``s3.verify = "checksum"``,
+takes the SHA-256 the PUT returns as the store's account (one request per
+document); ``stat`` asks with a HEAD, and reads the bytes back and hashes
+them only when the store has no SHA-256 of the whole object (a multipart
+upload's, or a store that keeps no checksums)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 from urllib.parse import quote, urlsplit
@@ -63,6 +66,18 @@ SPOOL_MAX = 1 * MiB  # bytes a writer keeps in memory before spilling to disk
 PART_SIZE = 8 * MiB  # multipart part size; S3's minimum is 5 MiB
 PART_CONCURRENCY = 4  # parts in flight per public multipart upload (sent from disk)
 VAULT_PART_CONCURRENCY = 2  # s3transfer holds each part in memory: 2 x PART_SIZE
+
+
+class Verify(StrEnum):
+    """How a published object is confirmed (``s3.verify``). CHECKSUM: by the
+    SHA-256 that the create-only PUT returns, which a store that checks
+    ``x-amz-checksum-sha256`` (AWS S3) confirmed against the bytes it
+    received; HEAD: by a HEAD after every PUT, for stores that do not check
+    the checksum sent."""
+
+    CHECKSUM = "checksum"
+    HEAD = "head"
+
 
 _MISSING_KEY = frozenset({"NoSuchKey", "404", "NotFound"})
 _DENIED = frozenset({"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId",
@@ -391,7 +406,7 @@ class S3PublicTarget(_S3Location, PublicTarget):
                  part_concurrency: int = PART_CONCURRENCY, attempts: int = 5,
                  retry: RetryPolicy = S3_CREATE,
                  sleep: Callable[[float], None] = time.sleep,
-                 staging: Path | None = None) -> None:
+                 staging: Path | None = None, verify: Verify = Verify.CHECKSUM) -> None:
         super().__init__(client, bucket=bucket, prefix=prefix)
         self.staging = StagingArea(staging or Path(tempfile.gettempdir()) / "embargo-staging")
         self.base_url = base_url.rstrip("/") if base_url else None
@@ -403,6 +418,7 @@ class S3PublicTarget(_S3Location, PublicTarget):
         self.attempts = max(attempts, 1)
         self.retry = retry
         self.sleep = sleep
+        self.verify = Verify(verify)
 
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
         return self._create(key, content_type)
@@ -433,7 +449,45 @@ class S3PublicTarget(_S3Location, PublicTarget):
             return super().stat(key)
         return StoredObject(key=key, size=int(head["ContentLength"]), sha256=digest.hex())
 
+    def publish_file(self, key: str, source: Path, *, content_type: str, size: int,
+                     sha256: str) -> StoredObject:
+        name = self._name(key)
+        extra = self._extra(content_type, sha256)
+        with source.open("rb") as src:
+            sent = os.fstat(src.fileno()).st_size
+            if sent != size:
+                raise StorageError(f"staged {source.name} is {sent} bytes, not the {size} "
+                                   f"verified; not publishing it at s3://{self.bucket}/{name}")
+            if size > self.multipart_threshold:
+                # a multipart object's stored checksum is of its parts: read it back
+                self._multipart(key, name, src, size, extra)
+                return self.stat(key)
+            checksum = _b64(bytes.fromhex(sha256))
+            response = self._put(name, src, checksum, extra)
+        log.debug("created s3://%s/%s (%d bytes)", self.bucket, name, size)
+        if self.verify is Verify.HEAD:
+            return self.stat(key)
+        confirmed = _whole_object_sha256(response)
+        if confirmed is None:
+            log.info("s3://%s/%s: the PUT confirmed no SHA-256; asking with a HEAD",
+                     self.bucket, name)
+            return self.stat(key)
+        if _b64(confirmed) != checksum:
+            log.warning("s3://%s/%s: the PUT confirmed SHA-256 %s, not the %s sent; not "
+                        "trusted, asking with a HEAD", self.bucket, name, confirmed.hex(),
+                        sha256)
+            return self.stat(key)
+        return StoredObject(key=key, size=sent, sha256=confirmed.hex())
+
     # -- the conditional create ----------------------------------------------------------
+    def _extra(self, content_type: str, sha256: str) -> dict[str, Any]:
+        extra: dict[str, Any] = {"ContentType": content_type, "Metadata": {"sha256": sha256}}
+        if self.cache_control:
+            extra["CacheControl"] = self.cache_control
+        if self.acl:
+            extra["ACL"] = self.acl
+        return extra
+
     @contextmanager
     def _create(self, key: str, content_type: str) -> Iterator[BinaryIO]:
         name = self._name(key)
@@ -441,27 +495,28 @@ class S3PublicTarget(_S3Location, PublicTarget):
             out = _HashingWriter(spool)
             yield cast(BinaryIO, out)
             size, digest = out.size, out.hasher.digest()
-            extra: dict[str, Any] = {"ContentType": content_type,
-                                     "Metadata": {"sha256": digest.hex()}}
-            if self.cache_control:
-                extra["CacheControl"] = self.cache_control
-            if self.acl:
-                extra["ACL"] = self.acl
+            extra = self._extra(content_type, digest.hex())
             if size <= self.multipart_threshold:
                 self._put(name, spool, _b64(digest), extra)
             else:
                 self._multipart(key, name, spool, size, extra)
             log.debug("created s3://%s/%s (%d bytes)", self.bucket, name, size)
 
-    def _put(self, name: str, spool: IO[bytes], checksum: str, extra: dict[str, Any]) -> None:
+    def _put(self, name: str, body: IO[bytes], checksum: str,
+             extra: dict[str, Any]) -> dict[str, Any]:
+        """One conditional PutObject of ``body`` (rewound for each attempt);
+        returns the response, with the checksum the store confirmed."""
+        answer: dict[str, Any] = {}
+
         def put() -> None:
-            spool.seek(0)
+            body.seek(0)
             # ChecksumAlgorithm as well: without it moto keeps no checksum
-            self.client.put_object(Bucket=self.bucket, Key=name, Body=spool, IfNoneMatch="*",
-                                   ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
-                                   **extra)
+            answer.update(self.client.put_object(
+                Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*",
+                ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum, **extra))
 
         self._conditional(name, put)
+        return answer
 
     def _multipart(self, key: str, name: str, spool: IO[bytes], size: int,
                    extra: dict[str, Any]) -> None:
