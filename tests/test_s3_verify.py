@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from config.errors import NotFoundError, StorageError
-from config.settings import Settings
+from config.settings import Settings, load_settings
 from jobs.app import build_services
 from release.manifest import load_manifest
 from release.records import PUBLISHED
 from release.service import ReleaseService, Services
 from storage.base import ObjectExistsError
-from storage.s3 import PART_SIZE, S3PublicTarget, Verify, _whole_object_sha256
+from storage.s3 import PART_SIZE, S3PublicTarget, Verify, _whole_object_sha256, make_client
 from tests.conftest import FakeClock, release_row, write_bundle
 from tests.test_s3_faults import all_keys, publish_at_seed, s3_settings, stored
 
@@ -284,6 +284,20 @@ def test_publish_file_of_a_big_file_goes_up_in_parts_and_is_read_back(
         target.publish_file("slug/big.bin", source, content_type="application/pdf",
                             size=len(data), sha256=digest)
     assert client.list_multipart_uploads(Bucket=s3_buckets.public).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize(("workers", "publish_workers", "pool"),
+                         [(16, 4, 64), (1, 1, 32), (32, 8, 256)])
+def test_the_client_keeps_a_connection_for_every_put_in_flight(
+        tmp_path: Path, workers: int, publish_workers: int, pool: int) -> None:
+    """Releases published at once (scheduler.workers) times the documents of
+    each put at once (scheduler.publish_workers), and never fewer than 32:
+    a connection handed back to a full pool is closed, and the next PUT after
+    the instant would open a new one."""
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path), "s3.endpoint_url": "http://127.0.0.1:9",
+        "scheduler.workers": workers, "scheduler.publish_workers": publish_workers})
+    assert make_client(settings).meta.config.max_pool_connections == pool
 
 
 # -- multipart: read back ------------------------------------------------------------------
