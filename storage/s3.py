@@ -478,8 +478,8 @@ class S3PublicTarget(_S3Location, PublicTarget):
             return self.stat(key)
         confirmed = _whole_object_sha256(response)
         if confirmed is None:
-            log.info("s3://%s/%s: the PUT confirmed no SHA-256; asking with a HEAD",
-                     self.bucket, name)
+            log.debug("s3://%s/%s: the PUT confirmed no SHA-256; asking with a HEAD",
+                      self.bucket, name)
             return self.stat(key)
         if _b64(confirmed) != checksum:
             log.warning("s3://%s/%s: the PUT confirmed SHA-256 %s, not the %s sent; not "
