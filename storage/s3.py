@@ -213,6 +213,18 @@ def _whole_object_sha256(head: dict[str, Any]) -> bytes | None:
     return digest if len(digest) == 32 else None
 
 
+def _is_composite(answer: dict[str, Any], composite: str) -> bool:
+    """Whether a store's answer (CompleteMultipartUpload's, or a HEAD's)
+    reports ``composite``, the checksum of the parts' checksums written
+    ``<base64>-<parts>``. moto leaves out the ``-<parts>``; then the ETag's
+    ``-<parts>`` must say the object has that many parts."""
+    value = str(answer.get("ChecksumSHA256") or "")
+    if value == composite:
+        return True
+    base, _, parts = composite.rpartition("-")
+    return value == base and str(answer.get("ETag", "")).strip('"').endswith(f"-{parts}")
+
+
 class _HashingWriter(io.BufferedIOBase):
     """The write-only stream a public writer hands out: what is written goes
     to the spool and through SHA-256, so the spool is not read again to hash
@@ -468,9 +480,9 @@ class S3PublicTarget(_S3Location, PublicTarget):
                 raise StorageError(f"staged {source.name} is {sent} bytes, not the {size} "
                                    f"verified; not publishing it at s3://{self.bucket}/{name}")
             if size > self.multipart_threshold:
-                # a multipart object's stored checksum is of its parts: read it back
-                self._multipart(key, name, src, size, extra)
-                return self.stat(key)
+                response, composite = self._multipart(key, name, src, size, extra,
+                                                      expect_sha256=sha256)
+                return self._parts_confirmed(key, response, composite, size, sha256)
             checksum = _b64(bytes.fromhex(sha256))
             response = self._put(name, src, checksum, extra)
         log.debug("created s3://%s/%s (%d bytes)", self.bucket, name, size)
@@ -487,6 +499,23 @@ class S3PublicTarget(_S3Location, PublicTarget):
                         sha256)
             return self.stat(key)
         return StoredObject(key=key, size=sent, sha256=confirmed.hex())
+
+    def _parts_confirmed(self, key: str, response: dict[str, Any], composite: str, size: int,
+                         sha256: str) -> StoredObject:
+        """The account of an object put in parts from a file whose SHA-256
+        was checked on the way: the store's checksum of its parts' checksums,
+        if it is the one these parts make, from CompleteMultipartUpload's
+        answer (unless verify is HEAD) or a HEAD; otherwise the bytes are
+        read back."""
+        if self.verify is Verify.CHECKSUM and _is_composite(response, composite):
+            return StoredObject(key=key, size=size, sha256=sha256)
+        head = self._object_call(key, "look up", self.client.head_object,
+                                 ChecksumMode="ENABLED")
+        if _is_composite(head, composite) and int(head["ContentLength"]) == size:
+            return StoredObject(key=key, size=size, sha256=sha256)
+        log.debug("s3://%s/%s: no checksum of its parts confirmed; reading it back",
+                  self.bucket, self._name(key))
+        return PublicTarget.stat(self, key)
 
     # -- the conditional create ----------------------------------------------------------
     def _extra(self, content_type: str, sha256: str) -> dict[str, Any]:
@@ -515,20 +544,24 @@ class S3PublicTarget(_S3Location, PublicTarget):
              extra: dict[str, Any]) -> dict[str, Any]:
         """One conditional PutObject of ``body`` (rewound for each attempt);
         returns the response, with the checksum the store confirmed."""
-        answer: dict[str, Any] = {}
-
-        def put() -> None:
+        def put() -> dict[str, Any]:
             body.seek(0)
             # ChecksumAlgorithm as well: without it moto keeps no checksum
-            answer.update(self.client.put_object(
+            return cast(dict[str, Any], self.client.put_object(
                 Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*",
                 ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum, **extra))
 
-        self._conditional(name, put)
-        return answer
+        return self._conditional(name, put)
 
     def _multipart(self, key: str, name: str, spool: IO[bytes], size: int,
-                   extra: dict[str, Any]) -> None:
+                   extra: dict[str, Any], *, expect_sha256: str | None = None
+                   ) -> tuple[dict[str, Any], str]:
+        """Create the object from ``size`` bytes of ``spool`` in parts; with
+        ``expect_sha256``, the whole file is hashed while the parts go up and
+        the upload is aborted, before anything is visible, unless it matches.
+        Returns CompleteMultipartUpload's response and the composite SHA-256
+        (``<base64>-<parts>``, S3's checksum of the parts' checksums) that
+        the store should report for these parts."""
         if self.exists(key):  # cheap; spares re-sending a large document that is there
             raise ObjectExistsError(f"s3://{self.bucket}/{name}")
         try:
@@ -537,8 +570,8 @@ class S3PublicTarget(_S3Location, PublicTarget):
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, f"start uploading {name}") from exc
         try:
-            parts = self._parts(name, upload_id, spool, size)
-            self._conditional(name, lambda: self.client.complete_multipart_upload(
+            parts = self._parts(name, upload_id, spool, size, expect_sha256)
+            response = self._conditional(name, lambda: self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=name, UploadId=upload_id,
                 MultipartUpload={"Parts": parts}, IfNoneMatch="*"))
         except BaseException:
@@ -549,9 +582,11 @@ class S3PublicTarget(_S3Location, PublicTarget):
                 log.warning("could not abort the multipart upload of s3://%s/%s: %s",
                             self.bucket, name, exc)
             raise
+        digests = b"".join(base64.b64decode(part["ChecksumSHA256"]) for part in parts)
+        return response, f"{_b64(hashlib.sha256(digests).digest())}-{len(parts)}"
 
-    def _parts(self, name: str, upload_id: str, spool: IO[bytes],
-               size: int) -> list[dict[str, Any]]:
+    def _parts(self, name: str, upload_id: str, spool: IO[bytes], size: int,
+               expect_sha256: str | None = None) -> list[dict[str, Any]]:
         """Upload the parts, ``part_concurrency`` at a time. Each part is sent
         from the spool file itself (a window read with pread), so memory does
         not grow with the part size or the number of parts in flight."""
@@ -559,12 +594,19 @@ class S3PublicTarget(_S3Location, PublicTarget):
         fd = spool.fileno()  # a SpooledTemporaryFile rolls over to disk here
         slices = [(number, start, min(self.part_size, size - start))
                   for number, start in enumerate(range(0, size, self.part_size), start=1)]
-        with ThreadPoolExecutor(max_workers=self.part_concurrency,
+        with ThreadPoolExecutor(max_workers=self.part_concurrency + 1,
                                 thread_name_prefix="s3-part") as pool:
+            whole = (pool.submit(_sha256_of, _FileSlice(fd, 0, size))
+                     if expect_sha256 is not None else None)
             futures = [pool.submit(self._part, name, upload_id, number, fd, start, length)
                        for number, start, length in slices]
             try:
-                return [future.result() for future in futures]
+                parts = [future.result() for future in futures]
+                if whole is not None and whole.result().hex() != expect_sha256:
+                    raise StorageError(f"the file sent as s3://{self.bucket}/{name} is not "
+                                       "the one verified (its SHA-256 differs); not "
+                                       "completing the upload")
+                return parts
             except BaseException:
                 for future in futures:
                     future.cancel()
@@ -582,14 +624,14 @@ class S3PublicTarget(_S3Location, PublicTarget):
             raise self._error(exc, f"upload part {number} of {name}") from exc
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
 
-    def _conditional(self, name: str, call: Callable[[], object]) -> None:
-        """Run a conditional create. 412: ObjectExistsError. 409 (a concurrent
-        conditional write), throttling, 5xx and network errors: retried with
-        full-jitter backoff, on top of botocore's own retries."""
+    def _conditional(self, name: str, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a conditional create; returns its response. 412:
+        ObjectExistsError. 409 (a concurrent conditional write), throttling,
+        5xx and network errors: retried with full-jitter backoff, on top of
+        botocore's own retries."""
         for attempt in range(1, self.attempts + 1):
             try:
-                call()
-                return
+                return call()
             except ClientError as exc:
                 if _code(exc) == "PreconditionFailed" or _status(exc) == 412:
                     raise ObjectExistsError(f"s3://{self.bucket}/{name}") from None
@@ -612,3 +654,4 @@ class S3PublicTarget(_S3Location, PublicTarget):
             log.warning("S3 %s creating s3://%s/%s; retry %d of %d in %.2f s", reason,
                         self.bucket, name, attempt, self.attempts - 1, delay)
             self.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")

@@ -455,6 +455,22 @@ def test_publish_file_resends_the_whole_staged_file_after_a_503(
     assert stored(s3_client, s3_buckets.public, "site/slug/b.bin") == data
 
 
+def test_parts_whose_checksum_the_store_does_not_confirm_are_read_back(
+        tmp_path: Path, proxy: FaultProxy, proxied: Any, s3_buckets: Buckets) -> None:
+    """The HEAD after a multipart upload reports another checksum of the
+    parts than ours: not trusted; the object is read back and hashed."""
+    data = os.urandom(6 * MiB)
+    source, digest = staged(tmp_path, data)
+    proxy.inject(Fault("HEAD", path_contains="/site/slug/big.bin", times=2,
+                       edit={"x-amz-checksum-sha256": f"{OTHER_SHA256}-2"}))
+    target = target_on(proxied, s3_buckets.public, multipart_threshold=5 * MiB,
+                       part_size=5 * MiB)
+    found = target.publish_file("slug/big.bin", source, content_type="application/pdf",
+                                size=len(data), sha256=digest)
+    assert (found.size, found.sha256) == (len(data), digest)
+    assert len(proxy.requests("GET", "/site/slug/big.bin")) == 1
+
+
 # -- access errors at start ----------------------------------------------------------------
 @pytest.mark.parametrize(("method", "status", "code", "words"), [
     ("HEAD", 403, "Forbidden", "access to bucket {bucket} denied"),
@@ -474,7 +490,7 @@ def test_check_names_refused_access(proxy: FaultProxy, proxied: Any, s3_buckets:
 
 # -- flat memory -----------------------------------------------------------------------------
 CHILD = r"""
-import hashlib, json, sys, time
+import hashlib, json, pathlib, sys, time
 import boto3
 from botocore.config import Config
 from storage.s3 import S3PublicTarget, S3Vault
@@ -549,25 +565,37 @@ def public_put():
         for chunk in chunks():
             out.write(chunk)
 
+def public_publish_file():
+    return public.publish_file("staged.bin", staged, content_type="application/octet-stream",
+                               size=size, sha256=expected)
+
 expected = measure("vault_put", vault_put)
 got = measure("vault_get", vault_get)
 measure("public_put", public_put)
 stat = measure("public_stat", lambda: public.stat("big.bin"))
+staged = pathlib.Path(sys.argv[5])
+with staged.open("wb") as out:
+    for chunk in chunks():
+        out.write(chunk)
+published = measure("public_publish_file", public_publish_file)
 print(json.dumps({
     "end_mib": status("VmRSS"), "growth_mib": max(phases.values()), "phases": phases,
     "timings": timings,
-    "sha_ok": got == expected and stat.sha256 == expected and stat.size == size}))
+    "sha_ok": got == expected and stat.sha256 == expected and stat.size == size
+              and published.sha256 == expected and published.size == size}))
 """
 
 
 @pytest.mark.slow
-def test_large_objects_keep_memory_flat(s3_server: str, s3_buckets: Buckets) -> None:
+def test_large_objects_keep_memory_flat(s3_server: str, s3_buckets: Buckets,
+                                        tmp_path: Path) -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("measuring peak RSS needs Linux's /proc/self/clear_refs")
     size_mib = int(os.environ.get("LARGE_OBJECT_MIB", "256"))
     done = subprocess.run(
         [sys.executable, "-c", CHILD, s3_server, s3_buckets.vault, s3_buckets.public,
-         str(size_mib)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+         str(size_mib), str(tmp_path / "staged.bin")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     steps = ", ".join(f"{name} +{figures['phases'][name]:.1f} MiB in {seconds:.2f} s"

@@ -14,6 +14,7 @@ import array
 import base64
 import hashlib
 import io
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -264,25 +265,48 @@ def test_a_staged_file_that_is_not_the_verified_size_is_not_published(
     assert all_keys(client, s3_buckets.public) == []
 
 
-def test_publish_file_of_a_big_file_goes_up_in_parts_and_is_read_back(
-        tmp_path: Path, counted: tuple[Any, Calls], s3_buckets: Buckets) -> None:
-    """Above the threshold, a multipart upload from the staged file itself;
-    the store's checksum is then of the parts, so the object is read back."""
+@pytest.mark.parametrize("verify", [Verify.CHECKSUM, Verify.HEAD])
+def test_publish_file_of_a_big_file_goes_up_in_parts_confirmed_by_their_checksum(
+        tmp_path: Path, counted: tuple[Any, Calls], s3_buckets: Buckets,
+        verify: Verify) -> None:
+    """Above the threshold, a multipart upload from the staged file itself,
+    whose SHA-256 is checked while the parts go up; the store's checksum of
+    the parts' checksums (from a HEAD, since moto's CompleteMultipartUpload
+    reports none) is the one these parts make: no read-back."""
     client, calls = counted
     data = (hashlib.sha256(b"big").digest() * (6 * MiB // 32 + 1))[:6 * MiB + 7]
     source, digest = staged_file(tmp_path, data)
     target = S3PublicTarget(client, bucket=s3_buckets.public, prefix="site/",
-                            multipart_threshold=5 * MiB, part_size=5 * MiB)
+                            multipart_threshold=5 * MiB, part_size=5 * MiB, verify=verify)
     found = target.publish_file("slug/big.bin", source, content_type="application/pdf",
                                 size=len(data), sha256=digest)
     assert (found.size, found.sha256) == (len(data), digest)
     ops = calls.by_operation(s3_buckets.public)
     assert ops == {"HeadObject": 2, "CreateMultipartUpload": 1, "UploadPart": 2,
-                   "CompleteMultipartUpload": 1, "GetObject": 1}
+                   "CompleteMultipartUpload": 1}  # the HEADs: exists first, then the check
     assert stored(client, s3_buckets.public, "site/slug/big.bin") == data
     with pytest.raises(ObjectExistsError):
         target.publish_file("slug/big.bin", source, content_type="application/pdf",
                             size=len(data), sha256=digest)
+    assert client.list_multipart_uploads(Bucket=s3_buckets.public).get("Uploads", []) == []
+
+
+def test_a_big_staged_file_that_is_not_the_one_verified_is_never_visible(
+        tmp_path: Path, counted: tuple[Any, Calls], s3_buckets: Buckets) -> None:
+    """Same size, other bytes (changed after it was verified): the whole
+    file's SHA-256 is checked before CompleteMultipartUpload, so the upload
+    is aborted and nothing is published."""
+    client, calls = counted
+    data = os.urandom(6 * MiB)
+    source, digest = staged_file(tmp_path, data)
+    source.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    target = S3PublicTarget(client, bucket=s3_buckets.public, prefix="site/",
+                            multipart_threshold=5 * MiB, part_size=5 * MiB)
+    with pytest.raises(StorageError, match=r"is not the one verified"):
+        target.publish_file("slug/big.bin", source, content_type="application/pdf",
+                            size=len(data), sha256=digest)
+    assert calls.count("CompleteMultipartUpload", s3_buckets.public) == 0
+    assert all_keys(client, s3_buckets.public) == []
     assert client.list_multipart_uploads(Bucket=s3_buckets.public).get("Uploads", []) == []
 
 
