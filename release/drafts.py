@@ -19,14 +19,14 @@ from typing import BinaryIO
 from sqlalchemy import delete, select, update
 
 from config.errors import InputError, StateError
-from release import audit, copy_timing, sealing, timerules
+from release import audit, copy_timing, marking, sealing, timerules
 from release import text as texts
 from release.context import Services
 from release.instants import embargo_of
 from release.keys import load_public_key
 from release.manifest import RecipientSpec, check_email, safe_filename
 from release.records import AWAITING_APPROVAL, DRAFT, QUEUED, Document, Recipient, Release
-from release.service import ReleaseService, new_id
+from release.service import PDF, ReleaseService, new_id
 from release.vault_keys import dek_key, document_key
 from release.views import ReleaseDetail
 from storage.db import affected, transaction
@@ -215,13 +215,24 @@ class DocumentSet:
         self.written.append(key)
         with self.s.vault.writer(key) as out:
             result = sealing.seal_stream(self.dek, document_id, src, out)
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if content_type == PDF:  # refused now, as `embargo queue` does, not at copy time
+            self._trial_stamp(key, document_id, name)
         document = Document(id=document_id, position=len(self.documents), kind=kind,
                             organisation=(organisation or "").strip() or None, filename=name,
-                            content_type=mimetypes.guess_type(name)[0]
-                            or "application/octet-stream",
-                            size=result.size, sha256=result.sha256)
+                            content_type=content_type, size=result.size, sha256=result.sha256)
         self.documents.append(document)
         return document
+
+    def _trial_stamp(self, key: str, document_id: str, filename: str) -> None:
+        """Stamp the PDF just sealed at ``key`` as a copy would be (read back
+        from the vault: the upload streamed past and was not kept)."""
+        data = io.BytesIO()
+        with self.s.vault.reader(key) as sealed:
+            sealing.open_stream(self.dek, document_id, sealed, data)
+        marking.trial_stamp(data.getvalue(), filename=filename,
+                            headline=embargo_of(self.release).headline(),
+                            unstampable=self.s.copies_unstampable)
 
     def commit(self) -> ReleaseDetail:
         """Replace the draft's documents with this set."""
