@@ -30,7 +30,6 @@ from release import (
     audit,
     copy_holders,
     copy_timing,
-    custody,
     marking,
     presenting,
     sealing,
@@ -139,11 +138,9 @@ class ReleaseService:
         before that commit every sealed object it names (each document, the
         sealed data key) was made durable, the file and the folders whose
         entries it changed fsynced (one vault batch: each folder once, not
-        once per object). The pending marker is never made durable: only a
-        sweep running meanwhile needs it, and after a crash nothing is
-        running, so what a crash leaves is objects without a row (removed by
-        ``custody.sweep_orphans``) or a marker beside a committed row (removed
-        by the same sweep)."""
+        once per object). What a crash leaves is objects without a row,
+        removed by ``custody.sweep_orphans`` once the newest of them is an
+        hour old (while a queue runs, its newest object is younger)."""
         now = self.s.clock.now()
         embargo = self.resolve_embargo(spec.publish_on, spec.at, spec.zone, now)
         copies_at = copy_timing.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
@@ -155,12 +152,9 @@ class ReleaseService:
         checked = [trial_stamp(doc, embargo.headline(), unstampable=self.s.copies_unstampable)
                    for doc in spec.documents]
         release_id = new_id("rel")
-        # Written first and removed last: objects under a release folder with
-        # neither a row nor a young marker are a killed queue's (custody.sweep_orphans).
-        written: list[str] = [custody.pending_key(release_id)]
+        written: list[str] = []
         batch = self.s.vault.batch()
         try:
-            custody.mark_pending(batch, release_id, now)
             dek = sealing.new_dek()
             documents: list[dict[str, Any]] = []
             for position, (doc, digest) in enumerate(zip(spec.documents, checked, strict=True)):
@@ -193,7 +187,6 @@ class ReleaseService:
                     if attempt == _SLUG_TRIES - 1:
                         raise taken.error from taken.error.__cause__
                     tried.add(taken.slug)
-            self.s.vault.delete(custody.pending_key(release_id))
         except BaseException:
             for key in written:
                 try:
