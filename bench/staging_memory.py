@@ -47,6 +47,7 @@ from _common import (
     MiB,
     base_parser,
     child_env,
+    emit_summary,
     fmt,
     machine,
     table,
@@ -288,6 +289,17 @@ def main() -> int:
         ]
         print(table(rows, ["step", "peak RSS growth MiB", "method", "disk", "seconds",
                            "target", "verdict"]))
+        emit_summary("staging_memory", [
+            {"figure": f"{label}, one {size_mib} MiB document: peak RSS growth",
+             "target": f"<= {MEMORY_TARGET_MIB:g} MiB",
+             "limit": f"control: {CONTROL_MIB} MiB read at once grew "
+                      f"{fmt(control['growth_mib'], 1)} MiB",
+             "measured": f"{fmt(step['growth_mib'], 1)} MiB ({step['method']}); {disk}",
+             "verdict": verdict(step["growth_mib"] <= MEMORY_TARGET_MIB)}
+            for label, step, disk in (
+                ("queue", queued, f"sealed object {gib(queued['disk_bytes'])} GiB"),
+                ("publish", published,
+                 f"staged on disk up to {gib(published['max_staged_bytes'])} GiB"))])
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
