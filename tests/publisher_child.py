@@ -20,6 +20,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -51,17 +53,25 @@ def main() -> int:
     if args.kill_after is not None:
         done = 0
         original_doc = publisher._publish_document
-        original_publish_file = services.public.publish_file
+        original_batch = services.public.batch
 
         def die() -> None:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-        def publish_file(*a: Any, **kw: Any) -> Any:  # public, not yet checked
-            result = original_publish_file(*a, **kw)
-            if args.kill_point == "before-checkpoint" and done + 1 == args.kill_after:
-                die()
-            return result
+        @contextmanager
+        def batch() -> Iterator[Any]:
+            with original_batch() as inner:
+                original_publish_file = inner.publish_file
+
+                def publish_file(*a: Any, **kw: Any) -> Any:  # public, not yet checked
+                    result = original_publish_file(*a, **kw)
+                    if args.kill_point == "before-checkpoint" and done + 1 == args.kill_after:
+                        die()
+                    return result
+
+                inner.publish_file = publish_file
+                yield inner
 
         def publish_document(*a: Any, **kw: Any) -> None:
             nonlocal done
@@ -70,7 +80,7 @@ def main() -> int:
             if args.kill_point == "after" and done == args.kill_after:
                 die()
 
-        services.public.publish_file = publish_file  # type: ignore[method-assign]
+        services.public.batch = batch  # type: ignore[method-assign]
         publisher._publish_document = publish_document  # type: ignore[method-assign]
     start_at = args.start_at
     if args.gate:
