@@ -90,7 +90,14 @@ def _private_file(path: Path) -> None:
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        try:
+            # Only ever open a file that is not there yet: closing a descriptor of the
+            # database drops every POSIX lock this process holds on it, those of its live
+            # SQLite connections too, and another process that then thinks itself the
+            # last one checkpoints and removes the WAL under them (a corrupt database).
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
     except OSError as exc:

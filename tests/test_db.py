@@ -129,3 +129,42 @@ def test_a_read_transaction_neither_waits_for_nor_blocks_the_writer(tmp_path: Pa
 def writer_commit(sessions: Any) -> None:
     with transaction(sessions) as session:
         session.execute(text("INSERT INTO t VALUES (3)"))
+
+
+_LOCK_PROBE = r"""
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+probe = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+print(pid if kind != fcntl.F_UNLCK else 0)
+"""
+
+
+def test_a_second_engine_keeps_the_first_ones_sqlite_locks(tmp_path: Path) -> None:
+    """make_engine on a database this process already has open must not
+    open and close the file: closing any descriptor of it drops every POSIX
+    lock the process holds on it, its live SQLite connections' too, and
+    another process then takes itself for the last one and removes the WAL
+    under them (seen: "database disk image is malformed" in bench/scale.py,
+    which queues through one engine while building others)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "db.sqlite"
+    first = make_engine(f"sqlite:///{path}")
+    with transaction(session_factory(first)) as session:
+        session.execute(text("CREATE TABLE t (n INTEGER)"))
+
+    def holder() -> int:
+        done = subprocess.run([sys.executable, "-c", _LOCK_PROBE, str(path)],
+                              capture_output=True, text=True, timeout=30, check=True)
+        return int(done.stdout)
+
+    with first.connect() as connection:
+        connection.execute(text("SELECT n FROM t")).all()
+        assert holder() == os.getpid()  # the open connection's shared lock
+        second = make_engine(f"sqlite:///{path}")
+        assert holder() == os.getpid(), "building a second engine dropped the first's locks"
+    second.dispose()
+    first.dispose()
