@@ -123,8 +123,11 @@ class EmbargoScheduler:
         """How early the job for an instant wakes when ``size`` bytes are due
         then: ``lead`` (the floor), plus the time to stage them at
         ``staging_rate``; never more than half the horizon."""
-        staging = timedelta(seconds=size / self.staging_rate)
-        return min(self.lead + staging, max(self.lead, self.horizon / 2))
+        longest = max(self.lead, self.horizon / 2)
+        staging = size / self.staging_rate
+        if staging >= longest.total_seconds():
+            return longest
+        return min(self.lead + timedelta(seconds=staging), longest)
 
     def sync(self, *, force: bool = False) -> int:
         """Bring the jobs in line with the database; return how many releases
@@ -154,7 +157,7 @@ class EmbargoScheduler:
                        size)
                 .where(or_(Release.state == PUBLISHING,
                            (Release.state == QUEUED) & or_(
-                               Release.instant <= within + self.lead_for(2**62),
+                               Release.instant <= within + max(self.lead, self.horizon / 2),
                                Release.copies_at <= within)))).all()
         self._refresh_at = now + self.horizon / 2
         fresh: tuple[int, int] | None = fp

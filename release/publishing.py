@@ -56,7 +56,7 @@ from release.records import (
 )
 from release.vault_keys import dek_key, document_key
 from storage.base import ObjectExistsError, PublicBatch, write_private
-from storage.db import affected, read_transaction, server_time, transaction
+from storage.db import affected, read_only, read_transaction, server_time, transaction
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class _Job:
     manifest: _Manifest | None = None
     published_at: datetime | None = None  # when its last document became public
     error: Exception | None = None
+    found: int = 0  # documents an earlier attempt had made public already
 
     @property
     def release_id(self) -> str:
@@ -514,7 +515,7 @@ class Publisher:
                                                            self.stop):
             return None
         while True:
-            with self.s.engine.connect() as connection:
+            with read_only(self.s.engine).connect() as connection:  # no writer lock
                 server = server_time(connection)
             if server >= instant:
                 return reading
@@ -629,7 +630,8 @@ class Publisher:
                 try:
                     keeper.check(job.release_id)
                     for doc in job.plan.documents:
-                        self._publish_document(batch, job.plan, doc, job.staged[doc.id])
+                        job.found += self._publish_document(batch, job.plan, doc,
+                                                            job.staged[doc.id])
                     job.published_at = self._reference_now(reading)
                 except Exception as exc:
                     job.error = exc
@@ -663,21 +665,28 @@ class Publisher:
         if job.error is not None:
             return
         keeper.check(job.release_id)
-        self._publish_document(batch, job.plan, doc, job.staged[doc.id])
+        if self._publish_document(batch, job.plan, doc, job.staged[doc.id]):
+            with self._pool_lock:
+                job.found += 1
 
     def _publish_document(self, batch: PublicBatch, plan: _Plan, doc: _Doc,
-                          staged: Path) -> None:
+                          staged: Path) -> int:
+        """Make one document public; returns 1 if an earlier attempt had
+        already (the same bytes), else 0."""
         key = plan.key(doc)
+        found = 0
         try:
             stored = batch.publish_file(key, staged, content_type=doc.content_type,
                                         size=doc.size, sha256=doc.sha256)
         except ObjectExistsError:  # an earlier attempt got this far, or someone else did
             stored = self.s.public.stat(key)
+            found = 1
         if stored.sha256 != doc.sha256 or stored.size != doc.size:
             raise PublicConflictError(
                 f"{self.s.public.url(key)} holds other content than {doc.filename} "
                 f"({stored.size} bytes, sha256 {stored.sha256[:12]}…; expected {doc.size} "
                 f"bytes, {doc.sha256[:12]}…); refusing to overwrite it")
+        return found
 
     def _record_started(self, jobs: list[_Job], started: datetime) -> None:
         """That publication started (or resumed), in one transaction for
@@ -690,11 +699,16 @@ class Publisher:
                        _RELEASES.c.started_at.is_(None))
                 .values(started_at=started).returning(_RELEASES.c.id)).scalars())
             for job in jobs:
-                audit.record(session, action="publication_started" if job.release_id in first
-                             else "publication_resumed", actor=self.claimant, at=started,
-                             release_id=job.release_id,
-                             details={"lateness_ms": _ms(started - job.plan.instant),
-                                      "attempt": job.plan.attempts})
+                # An attempt that died before recording its start still left documents
+                # public: this one resumes it.
+                resumed = job.release_id not in first or job.found > 0
+                details: dict[str, object] = {"lateness_ms": _ms(started - job.plan.instant),
+                                              "attempt": job.plan.attempts}
+                if job.found:
+                    details["found_public"] = job.found
+                audit.record(session, action="publication_resumed" if resumed
+                             else "publication_started", actor=self.claimant, at=started,
+                             release_id=job.release_id, details=details)
 
     def _write_manifest(self, batch: PublicBatch, job: _Job, published_at: datetime) -> datetime:
         """Write the manifest, last; returns when the release became public

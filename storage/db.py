@@ -129,6 +129,12 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+def read_only(engine: Engine) -> Engine:
+    """``engine`` for connections that only read (on SQLite: a plain BEGIN,
+    without the writer lock), e.g. to ask the server's clock."""
+    return engine.execution_options(**{_READ_ONLY: True}) if engine in _WRITERS else engine
+
+
 @contextmanager
 def read_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A unit of work that only reads: one consistent snapshot, without the
@@ -138,10 +144,7 @@ def read_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     mistake (SQLite would have to upgrade the lock and may refuse with
     "database is locked"). Database outages become StorageError."""
     bind = factory.kw.get("bind")
-    if isinstance(bind, Engine) and bind in _WRITERS:
-        session = factory(bind=bind.execution_options(**{_READ_ONLY: True}))
-    else:
-        session = factory()
+    session = factory(bind=read_only(bind)) if isinstance(bind, Engine) else factory()
     try:
         with session.begin():
             yield session

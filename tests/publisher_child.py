@@ -73,12 +73,13 @@ def main() -> int:
                 inner.publish_file = publish_file
                 yield inner
 
-        def publish_document(*a: Any, **kw: Any) -> None:
+        def publish_document(*a: Any, **kw: Any) -> int:
             nonlocal done
-            original_doc(*a, **kw)
+            found = original_doc(*a, **kw)
             done += 1
             if args.kill_point == "after" and done == args.kill_after:
                 die()
+            return found
 
         services.public.batch = batch  # type: ignore[method-assign]
         publisher._publish_document = publish_document  # type: ignore[method-assign]

@@ -192,11 +192,11 @@ def test_documents_are_staged_privately_outside_the_public_tree(
     seen: list[tuple[Path, int, int]] = []
     original = publisher._publish_document
 
-    def spy(batch: Any, plan: Any, doc: Any, staged: Path) -> None:
+    def spy(batch: Any, plan: Any, doc: Any, staged: Path) -> int:
         seen.append((staged, stat.S_IMODE(staged.stat().st_mode),
                      stat.S_IMODE(staged.parent.stat().st_mode)))
         assert MARKER.encode() in staged.read_bytes()
-        original(batch, plan, doc, staged)
+        return original(batch, plan, doc, staged)
 
     publisher._publish_document = spy  # type: ignore[method-assign]
     assert publisher.publish(release_id).status == "published"

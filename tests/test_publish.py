@@ -362,6 +362,9 @@ def test_crash_after_k_documents_then_resume(settings: Settings, services: Servi
     assert len(list(settings.outbox_dir.glob("*.eml"))) == 4
     events = [e.action for e in ReleaseService(services, actor="t").get(release.id).events]
     assert events.count("release_published") == 1
+    # The dead publisher had made documents public (before it could record that it had
+    # started): the survivor says it resumed, not that it started.
+    assert "publication_resumed" in events and "publication_started" not in events
 
 
 def test_resume_is_refused_while_the_lease_holds(settings: Settings, services: Services,
