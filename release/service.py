@@ -30,6 +30,7 @@ from release import (
     copy_holders,
     copy_timing,
     custody,
+    marking,
     presenting,
     sealing,
     timerules,
@@ -41,7 +42,6 @@ from release.context import Services
 from release.instants import describe_instant, embargo_of
 from release.keys import load_public_key
 from release.manifest import DocumentSpec, ReleaseSpec, check_email
-from release.marking import stamp_line, stamp_pdf
 from release.records import (
     AWAITING_APPROVAL,
     CANCELLED,
@@ -91,23 +91,8 @@ def trial_stamp(doc: DocumentSpec, headline: str, *, unstampable: str) -> str | 
         data = doc.path.read_bytes()
     except OSError as exc:
         raise InputError(f"file {doc.path} cannot be read: {exc.strerror}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    copy_id = "CPY-0000-0000-0000"
-    try:
-        stamp_pdf(data, line=stamp_line(headline, copy_id), copy_id=copy_id)
-    except Exception as exc:  # pypdf raises ValueError, AttributeError,
-        # TypeError, KeyError, RecursionError, its own PdfError tree incl. LimitReachedError…
-        # on malformed files: any of them means "cannot be stamped"
-        if unstampable != "send-unmarked":
-            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise InputError(
-                f"{doc.filename} cannot be stamped as a pre-embargo copy "
-                f"({type(exc).__name__}{': ' + reason if reason else ''}); repair the PDF, "
-                "or set copies.unstampable = \"send-unmarked\" to send it unmarked with the "
-                "copy id in the message only") from None
-        log.warning("%s cannot be stamped (%s); its copies go unmarked",
-                    doc.filename, type(exc).__name__)
-    return digest
+    marking.trial_stamp(data, filename=doc.filename, headline=headline, unstampable=unstampable)
+    return hashlib.sha256(data).hexdigest()
 
 
 def new_id(prefix: str) -> str:
