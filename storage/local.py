@@ -356,6 +356,9 @@ class _LocalBatch(PublicBatch):
             os.chmod(source, 0o644)
         parts = check_key(key).split("/")
         self.target._link(key, source, parts[-1], self._fd(parts[:-1]))
+        # At once, not with the staging folder later: the unlink sets the public file's
+        # st_ctime, which then says when it became public (a witness of never early).
+        source.unlink()
         # The inode linked in is the file staged and verified: its bytes hashed to sha256.
         return StoredObject(key=key, size=info.st_size, sha256=sha256)
 
