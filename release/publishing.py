@@ -1,12 +1,22 @@
 """Publication at the embargo instant, in two phases.
 
 In the lead window before the instant the claimant opens the data key and
-decrypts every document completely into private staging (mode 0600, outside
-the public tree), checking every tag and SHA-256. Only when all are verified,
-and the reference clock (the database server's) says the instant has come,
-does anything become public: each staged file is moved into place (a rename
-on a folder, a create-only PUT on S3), then the manifest, then one
-transaction marks the release published and fills the outbox.
+decrypts every document completely into private staging (a folder of mode
+0700, outside the public tree), checking every tag and SHA-256, and makes
+ready everything else that does not have to wait: each file's public mode,
+its URL, the manifest but for its time, the rows of the finish. Only when
+all are verified, and the reference clock (the database server's) says the
+instant has come, does anything become public, and then publication is a
+commit: each staged file is linked into place (create-only; a create-only
+PUT on S3), each folder fsynced once, then the manifest, then one
+transaction marks the release published and fills the outbox. Releases due
+at one instant are claimed, waited for and finished together
+(:meth:`Publisher.publish_many`), each with its own outcome.
+
+A release claimed while queued stays ``queued`` (claimed, under a lease)
+while it is staged, so that a cancel or a reschedule still wins; it becomes
+``publishing`` ``freeze_before`` the instant, and from then on nothing but
+this publisher (or, if it dies, the next claimant) touches it.
 
 Storage and database faults are retried with capped backoff, for as long as
 they last, and alerted; a fault that no retry can mend (a tampered document,
