@@ -25,7 +25,7 @@ from release.records import AWAITING_APPROVAL, DRAFT, FAILED, PUBLISHING, QUEUED
 from release.vault_keys import dek_key, document_key
 from release.views import Finding
 from storage.base import PublicTarget, Vault, VaultEntry
-from storage.db import transaction
+from storage.db import read_transaction, transaction
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def sweep_orphans(services: Services, *, now: datetime, actor: str,
         folders.setdefault(entry.key.split("/")[1], []).append(entry)
 
     def known(ids: set[str]) -> set[str]:
-        with transaction(services.sessions) as session:
+        with read_transaction(services.sessions) as session:
             return set(session.scalars(select(Release.id).where(Release.id.in_(ids))))
 
     rows = known(set(folders)) if folders else set()
