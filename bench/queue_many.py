@@ -36,7 +36,6 @@ import os
 import shutil
 import sqlite3
 import stat
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -50,6 +49,7 @@ from _common import (
     emit_summary,
     fmt,
     machine,
+    run_main,
     table,
     trials_of,
     verdict,
@@ -306,8 +306,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; temporary files removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, cleaned="temporary files")

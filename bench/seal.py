@@ -56,6 +56,7 @@ from _common import (
     emit_summary,
     fmt,
     machine,
+    run_main,
     table,
     trials_of,
     verdict,
@@ -405,8 +406,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; temporary files removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, cleaned="temporary files")
