@@ -254,6 +254,8 @@ class EmbargoScheduler:
             self._running.add(release_id)
             self._due.pop(release_id, None)
             self._kicked.discard(release_id)
+        if self.delivery is not None:  # its notices built, the mail connections opened, now
+            self.delivery.prepare(release_id)
         try:
             outcome = self.publisher.publish(release_id,
                                              wait_up_to=self.lead + timedelta(seconds=1))

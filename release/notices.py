@@ -1,5 +1,7 @@
 """The words of each notice: built from the records when the relay delivers
-it, so a retry sends the same message under the same Message-ID.
+it, so a retry sends the same message under the same Message-ID. (The
+"published" notices are built once more ahead of the instant, and used only
+while their inputs are unchanged: :func:`published_inputs`.)
 
 Messages are built with the standard library's ``email.mime`` classes (the
 compat32 policy) rather than ``EmailMessage``: the newer API parses and
@@ -157,6 +159,27 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
     for name, value in message.items():
         root[name] = value
     return root
+
+
+def published_inputs(release: Release) -> tuple[object, ...]:
+    """What a "published" notice takes from its release, for :func:`compose`:
+    two notices to the same recipient (:func:`recipient_inputs`) whose
+    releases give equal tuples are the same message but for their Date.
+    The relay builds these notices before the instant, from the public
+    addresses the documents will have, and sends one so built only when the
+    published release still gives the same tuple. Keep in step with
+    ``compose``."""
+    return (release.id, release.title, release.instant, release.zone, release.wall,
+            tuple((d.kind, d.filename, d.organisation, d.public_url)
+                  for d in release.documents))
+
+
+def recipient_inputs(row: OutboxMessage, recipient: Recipient | None,
+                     sender: str) -> tuple[object, ...]:
+    """What a "published" notice takes from its outbox row (but its Date,
+    ``created_at``), its recipient and the sender; see :func:`published_inputs`."""
+    return (row.message_id, row.release_id, row.purpose, row.to_addr, sender,
+            recipient.name if recipient else None, recipient.organisation if recipient else None)
 
 
 def _summary_lines(summary: Sequence[Delivery]) -> list[str]:
