@@ -88,10 +88,12 @@ from release.notices import (
     compose,
     published_inputs,
     recipient_inputs,
+    release_inputs,
 )
 from release.publishing import message_id
 from release.records import (
     Copy,
+    Document,
     Node,
     OutboxMessage,
     Purpose,
@@ -119,6 +121,8 @@ KEEPALIVE_SECONDS = 10.0
 IDLE_CHECK_SECONDS = 1.0
 _OUTBOX = table_of(OutboxMessage)
 _COPIES = table_of(Copy)
+_DOCUMENTS = table_of(Document)
+_RECIPIENTS = table_of(Recipient)
 TOO_LATE = "the embargo lifted before this copy could be delivered; it was not sent"
 SUMMARY = Purpose.OWNER_SUMMARY
 _MINE = and_(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)),
@@ -148,6 +152,14 @@ _NODES = table_of(Node)
 _DEAD_NODES = select(_NODES.c.name).where(
     _NODES.c.name != bindparam("me"), _NODES.c.heartbeat_at >= bindparam("hour_ago"),
     or_(_NODES.c.stopped_at.is_not(None), _NODES.c.heartbeat_at < bindparam("lease_ago")))
+_RELEASES = table_of(Release)
+_RELEASE_FACTS = select(_RELEASES.c.id, _RELEASES.c.title, _RELEASES.c.instant, _RELEASES.c.zone,
+                        _RELEASES.c.wall).where(_RELEASES.c.id == bindparam("release"))
+_DOCUMENT_FACTS = select(_DOCUMENTS.c.kind, _DOCUMENTS.c.filename, _DOCUMENTS.c.organisation,
+                         _DOCUMENTS.c.public_url).where(
+    _DOCUMENTS.c.release_id == bindparam("release")).order_by(_DOCUMENTS.c.position)
+_RECIPIENT_FACTS = select(_RECIPIENTS.c.id, _RECIPIENTS.c.name, _RECIPIENTS.c.organisation).where(
+    _RECIPIENTS.c.release_id == bindparam("release"))
 _NODE_BEAT = select(_NODES.c.heartbeat_at, _NODES.c.stopped_at).where(
     _NODES.c.name == bindparam("me"))
 _HELD = select(_OUTBOX.c.id, _OUTBOX.c.given_up_at).where(_MINE).with_for_update()
@@ -213,6 +225,7 @@ class _Sent:
 class _Ready:
     """The "published" notices of one release, built before its instant."""
 
+    release: Release  # as read then, the public addresses as they will be
     inputs: tuple[object, ...]  # release.notices.published_inputs, as predicted
     messages: dict[str, tuple[tuple[object, ...], Prepared]]  # Message-ID -> (inputs, message)
     until: datetime
@@ -440,7 +453,7 @@ class OutboxRelay:
         try:
             for document in release.documents:  # detached: the addresses publication gives
                 document.public_url = self.s.public.url(f"{release.slug}/{document.filename}")
-            ready = _Ready(inputs=published_inputs(release), messages={},
+            ready = _Ready(release=release, inputs=published_inputs(release), messages={},
                            until=release.instant + PREPARED_FOR)
             with self._lock:
                 self._ready[release.id] = ready
@@ -462,7 +475,8 @@ class OutboxRelay:
                 if prepared is not None:
                     with self._lock:
                         ready.messages[row.message_id] = (
-                            recipient_inputs(row, recipient, self.sender), prepared)
+                            recipient_inputs(row, recipient.name, recipient.organisation,
+                                             self.sender), prepared)
         finally:
             for thread in connecting:
                 thread.join()
@@ -500,16 +514,25 @@ class OutboxRelay:
             # trips as the greeting and EHLO (and TLS and login: an overestimate).
             self._hint = took if self._hint is None else min(self._hint, took)
 
-    def prepared(self, row: OutboxMessage, inputs: tuple[object, ...],
-                 recipient: Recipient | None) -> Prepared | None:
+    def ready_for(self, release_id: str) -> Release | None:
+        """The release as prepared, if its notices were built ahead."""
+        with self._lock:
+            ready = self._ready.get(release_id)
+            return ready.release if ready is not None else None
+
+    def prepared(self, row: OutboxMessage, inputs: tuple[object, ...], name: str | None,
+                 organisation: str | None) -> Prepared | None:
         """The message built ahead for ``row``, when the release's and the
-        row's inputs are those it was built from."""
+        row's inputs (``release.notices.published_inputs``, and its
+        recipient's ``name`` and ``organisation``) are those it was built
+        from."""
         with self._lock:
             ready = self._ready.get(row.release_id)
             if ready is None or ready.inputs != inputs:
                 return None
             entry = ready.messages.get(row.message_id)
-            if entry is None or entry[0] != recipient_inputs(row, recipient, self.sender):
+            if entry is None or entry[0] != recipient_inputs(row, name, organisation,
+                                                             self.sender):
                 return None
             ready.used.add(row.message_id)
             return entry[1]
@@ -793,9 +816,9 @@ class OutboxRelay:
 
 
 class _Run:
-    """One run_once: up to ``workers`` threads, each with its own claimed
-    rows and its own unrecorded deliveries, and one thread renewing the
-    claims until they are done."""
+    """One run_once: up to ``workers`` threads sharing the rows claimed, each
+    with its own unrecorded deliveries, and one thread renewing the claims
+    until they are done."""
 
     def __init__(self, relay: OutboxRelay, token: str) -> None:
         self.relay = relay
@@ -805,24 +828,32 @@ class _Run:
         self.delivered = 0
         self.releases: dict[str, Release] = {}
         self.recipients: dict[str, Recipient] = {}
-        self.inputs: dict[str, tuple[object, ...]] = {}
+        # release id -> its published_inputs and its recipients' (name, organisation),
+        # as they are now: what a notice built ahead is checked against
+        self.facts: dict[str, tuple[tuple[object, ...], dict[str, tuple[str, str | None]]]] = {}
         self.deks: dict[str, bytes] = {}
         self.loading = threading.Lock()
+        self.claiming = threading.Lock()  # one worker claims for the run at a time
+        self.queue: deque[OutboxMessage] = deque()  # claimed, not yet taken by a worker
         self.safe: dict[int, datetime] = {}  # row id -> until when it needs no re-check
         self.done = threading.Event()
 
     def _context(self, row: OutboxMessage) -> tuple[Release, Recipient | None]:
         """The row's release (its documents and recipients), read once per run."""
+        release = self._context_of(row.release_id)
         with self.lock:
-            release = self.releases.get(row.release_id)
+            return release, self.recipients.get(row.recipient_id or "")
+
+    def _context_of(self, release_id: str) -> Release:
+        with self.lock:
+            release = self.releases.get(release_id)
         if release is None:
             with self.loading:  # one worker reads it; the others wait for it
                 with self.lock:
-                    release = self.releases.get(row.release_id)
-                if release is not None:
-                    return release, self.recipients.get(row.recipient_id or "")
-                release = self._load(row.release_id)
-        return release, self.recipients.get(row.recipient_id or "")
+                    release = self.releases.get(release_id)
+                if release is None:
+                    release = self._load(release_id)
+        return release
 
     def _load(self, release_id: str) -> Release:
         with transaction(self.relay.sessions) as session:
@@ -830,13 +861,37 @@ class _Run:
             release.documents  # noqa: B018 - load before the session closes
             release.recipients  # noqa: B018
             session.expunge_all()
-        inputs = published_inputs(release)
         with self.lock:
             for recipient in release.recipients:
                 self.recipients.setdefault(recipient.id, recipient)
-            self.inputs[release_id] = inputs
             self.releases[release_id] = release
         return release
+
+    def _facts(self, release_id: str
+               ) -> tuple[tuple[object, ...], dict[str, tuple[str, str | None]]]:
+        """What the release's notices of publication are built from, as it
+        is now, read once per run in three plain statements (the records
+        themselves are loaded only for a notice composed here)."""
+        with self.lock:
+            facts = self.facts.get(release_id)
+        if facts is not None:
+            return facts
+        with self.loading:
+            with self.lock:
+                facts = self.facts.get(release_id)
+            if facts is not None:
+                return facts
+            with transaction(self.relay.sessions) as session:
+                connection = session.connection()
+                release = connection.execute(_RELEASE_FACTS, {"release": release_id}).one()
+                documents = connection.execute(_DOCUMENT_FACTS, {"release": release_id}).all()
+                people = connection.execute(_RECIPIENT_FACTS, {"release": release_id}).all()
+            facts = (release_inputs(release.id, release.title, release.instant, release.zone,
+                                    release.wall, [tuple(d) for d in documents]),
+                     {p.id: (p.name, p.organisation) for p in people})
+            with self.lock:
+                self.facts[release_id] = facts
+            return facts
 
     def _dek(self, release_id: str) -> Callable[[], bytes]:
         """The release's data key, opened once per run however many copies
@@ -869,10 +924,17 @@ class _Run:
     def _send(self, row: OutboxMessage, transport: MailTransport) -> _Sent | None:
         relay = self.relay
         try:
-            release, recipient = self._context(row)
             prepared = None
-            if row.purpose == Purpose.PUBLISHED and transport.prepares:
-                prepared = relay.prepared(row, self.inputs[release.id], recipient)
+            ahead = relay.ready_for(row.release_id) if transport.prepares else None
+            if row.purpose == Purpose.PUBLISHED and ahead is not None:
+                inputs, people = self._facts(row.release_id)
+                name, organisation = people.get(row.recipient_id or "", (None, None))
+                prepared = relay.prepared(row, inputs, name, organisation)
+            if prepared is not None:  # the records are not needed: it is built
+                assert ahead is not None
+                release, recipient = ahead, None
+            else:
+                release, recipient = self._context(row)
             # Claimed a moment ago: no other relay can have taken it yet, and checking
             # again would cost a transaction a notice.
             with self.lock:
@@ -887,46 +949,76 @@ class _Run:
             relay._retry(row, self.token, f"{type(exc).__name__}: {exc}", None)
             return None
 
-    def _work(self, transport: MailTransport, poolable: bool,
-              rows: deque[OutboxMessage]) -> None:
+    def _next(self, pending: list[_Sent], record: bool) -> OutboxMessage | None:
+        """The next row of this run's shared queue; when it is empty, claim
+        more (one worker at a time) and record ``pending`` in the same
+        transaction: as many as the workers send in a few ``RECORD_WAIT``
+        while the server is fast, one while it is slow. ``record``: record
+        ``pending`` now in any case. Empties ``pending`` once recorded. None
+        when nothing is left for this worker (or the relay is stopping)."""
+        relay = self.relay
+        if relay.stop.is_set():
+            return None
+        with self.lock:
+            row = self.queue.popleft() if self.queue else None
+        if row is None:
+            with self.claiming:
+                with self.lock:
+                    row = self.queue.popleft() if self.queue else None
+                if row is None:
+                    size = relay.claim_size()
+                    rows = self._claim(size * relay.workers if size > 1 else 1, pending)
+                    pending.clear()
+                    with self.lock:
+                        self.queue.extend(rows)
+                        return self.queue.popleft() if self.queue else None
+        if record and pending:
+            self._claim(0, pending)
+            pending.clear()
+        return row
+
+    def _work(self, transport: MailTransport, poolable: bool) -> None:
         relay = self.relay
         wait = RECORD_WAIT.total_seconds()
-        pending: list[_Sent] = []
+        pending: list[_Sent] = []  # this worker's deliveries, not yet recorded
         began = 0.0  # when the first of ``pending`` began
+        record = False
         try:
             while True:
-                if not rows:  # record what went and claim more, in one transaction
-                    rows.extend(self._claim(relay.claim_size(), pending))
-                    pending = []
-                    if not rows:
-                        return
-                row = rows.popleft()
-                start = time.monotonic()
-                sent = self._send(row, transport)
-                if sent is None:
-                    continue
-                if not pending:
-                    began = start
-                pending.append(sent)
-                if rows and (len(pending) >= relay.record_batch
-                             or time.monotonic() - began >= wait):
-                    # (with no rows left, the top of the loop records them with its claim)
+                if record and relay.claim_size() == 1:
                     # A server slower than expected: the rows not sent yet go back, for
                     # the other workers and relays to share (claimed again one by one).
-                    back = [r.id for r in rows] if rows and relay.claim_size() == 1 else []
-                    self._claim(0, pending, back)
-                    pending = []
+                    with self.lock:
+                        back = [r.id for r in self.queue]
+                        self.queue.clear()
                     if back:
-                        rows.clear()
+                        self._claim(0, pending, back)
+                        pending.clear()
+                row = self._next(pending, record)
+                if row is None:
+                    return
+                start = time.monotonic()
+                sent = self._send(row, transport)
+                if sent is not None:
+                    if not pending:
+                        began = start
+                    pending.append(sent)
+                record = bool(pending) and (len(pending) >= relay.record_batch
+                                            or time.monotonic() - began >= wait)
         finally:
             try:
-                if pending or rows:  # on the way out: record, and give back what did not go
-                    self._claim(0, pending, [r.id for r in rows])
+                if pending:  # on the way out: record what went
+                    self._claim(0, pending)
             except Exception as exc:  # the claims lapse; the next run sends them again
                 report(relay.watch, exc, doing="recording delivered notices", logger=log)
             relay._put_back(transport, poolable)
 
-    def _renewer(self) -> None:
+    def _renewer(self, releases: Sequence[str] = ()) -> None:
+        for release_id in releases:  # read ahead, beside the sending, for a notice
+            try:  # composed later (the owner's summary), rather than after the others
+                self._context_of(release_id)
+            except Exception as exc:  # read again when needed
+                report(self.relay.watch, exc, doing="reading a release's records", logger=log)
         every = max(0.05, self.relay.lease.total_seconds() / 3)
         while not self.done.wait(every):
             try:
@@ -936,30 +1028,38 @@ class _Run:
 
     def go(self) -> int:
         relay = self.relay
-        first = self._claim(relay.workers * relay.claim_size())
+        size = relay.claim_size()
+        first = self._claim(relay.workers * size)
         if not first:
             return 0
+        self.queue.extend(first)
         transports = relay._transports()
-        shares: list[deque[OutboxMessage]] = [deque() for _ in transports]
-        for i, row in enumerate(first):
-            shares[i % len(shares)].append(row)
-        threads = [threading.Thread(target=self._work, args=(t, poolable, share),
+        threads = [threading.Thread(target=self._work, args=(t, poolable),
                                     name=f"embargo-relay-{i + 1}", daemon=True)
-                   for i, ((t, poolable), share) in enumerate(
-                       zip(transports[1:], shares[1:], strict=True))]
-        renewer = threading.Thread(target=self._renewer, name="embargo-relay-renew",
-                                   daemon=True)
+                   for i, (t, poolable) in enumerate(transports[1:])]
+        # The releases whose notices were built ahead: the records are read beside
+        # the sending, for the owner's summary, composed once the others are done.
+        ahead = sorted({r.release_id for r in first if relay.ready_for(r.release_id)})
+        renewer = threading.Thread(target=self._renewer, args=(ahead,),
+                                   name="embargo-relay-renew", daemon=True)
         renewer.start()
         for thread in threads:
             thread.start()
         try:
-            self._work(transports[0][0], transports[0][1], shares[0])
+            self._work(*transports[0])
         finally:
             # Even when this worker failed, the others' claims are renewed
             # until their messages are handed over and recorded: a claim that
             # lapsed mid-send would be sent again by the next run.
             for thread in threads:
                 thread.join()
-            self.done.set()
-            renewer.join()
+            try:
+                with self.lock:
+                    left = [r.id for r in self.queue]
+                    self.queue.clear()
+                if left:  # claimed, not sent (stopping, or a worker failed): given back
+                    self._claim(0, (), left)
+            finally:
+                self.done.set()
+                renewer.join()
         return self.delivered
