@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import platform
@@ -225,6 +226,8 @@ class EmbargoRun:
 
     def __init__(self, cleanup: Cleanup, data_dir: Path, env: dict[str, str]) -> None:
         self.cleanup = cleanup
+        if "EMBARGO_METRICS_BIND" not in env:  # not the default port: others may hold it
+            env = {**env, "EMBARGO_METRICS_BIND": f"127.0.0.1:{free_port()}"}
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self.started_at = time.time()
@@ -269,6 +272,18 @@ class EmbargoRun:
             return [line for _, line in self.lines
                     if " ERROR " in line or "Traceback" in line or " WARNING " in line]
 
+    def error_kinds(self, top: int = 3) -> list[str]:
+        """The most frequent kinds of warning or error, with their counts
+        (times, ids and numbers taken out)."""
+        from collections import Counter
+
+        kinds: Counter[str] = Counter()
+        for line in self.errors():
+            text = re.sub(r"^\S+\s+", "", line)  # the timestamp
+            text = re.sub(r"rel_[0-9A-Za-z]+|\d[\d:.\-]*", "#", text)
+            kinds[text[:160]] += 1
+        return [f"{count} x {text}" for text, count in kinds.most_common(top)]
+
     def stop(self) -> int | None:
         code = self.cleanup.stop(self.proc)
         self._reader.join(5)
@@ -294,14 +309,25 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[Any] | No
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
+REPLAY_FROM = "replay@bench.invalid"  # MAIL FROM of the bench's own smtplib replays
+
+
 @dataclass
 class SmtpSink:
     """An aiosmtpd server on a free loopback port that records, for each
-    message, the wall-clock time it accepted it and its X-Embargo-Release."""
+    message, the wall-clock time its DATA handler ran (the time the server
+    accepted it: the bench's witness, not the project's records) and its
+    X-Embargo-Release. The envelopes of "published" notices and owner
+    summaries are kept (small; copies, with their attachments, are not), so
+    the same messages can be sent again by smtplib alone (:meth:`replay`);
+    replayed messages (MAIL FROM ``REPLAY_FROM``) are recorded apart."""
 
     port: int = 0
     # (time accepted, X-Embargo-Release, Message-ID, recipient)
     accepted: list[tuple[float, str, str, str]] = field(default_factory=list)
+    # Message-ID -> (MAIL FROM, RCPT TOs, content) of notices
+    envelopes: dict[str, tuple[str, list[str], bytes]] = field(default_factory=dict)
+    replayed: list[float] = field(default_factory=list)  # DATA times of replayed messages
     _controller: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -313,7 +339,12 @@ class SmtpSink:
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
                 at = time.time()
-                head = bytes(envelope.content).split(b"\r\n\r\n", 1)[0]
+                if envelope.mail_from == REPLAY_FROM:
+                    with sink._lock:
+                        sink.replayed.append(at)
+                    return "250 Message accepted for delivery"
+                content = bytes(envelope.content)
+                head = content.split(b"\r\n\r\n", 1)[0]
                 match = re.search(rb"^X-Embargo-Release:\s*(\S+)", head, re.M | re.I)
                 release = match.group(1).decode() if match else ""
                 match = re.search(rb"^Message-ID:\s*(\S+)", head, re.M | re.I)
@@ -321,6 +352,9 @@ class SmtpSink:
                 with sink._lock:
                     for rcpt in envelope.rcpt_tos:
                         sink.accepted.append((at, release, message_id, rcpt))
+                    if ".published." in message_id or ".owner_summary." in message_id:
+                        sink.envelopes[message_id] = (envelope.mail_from,
+                                                      list(envelope.rcpt_tos), content)
                 return "250 Message accepted for delivery"
 
         self.port = free_port()
@@ -332,6 +366,60 @@ class SmtpSink:
         """(time accepted, Message-ID) of each message about ``release_id``."""
         with self._lock:
             return [(at, mid) for at, rel, mid, _ in self.accepted if rel == release_id]
+
+    def envelopes_of(self, message_ids: Sequence[str]) -> list[tuple[str, list[str], bytes]]:
+        with self._lock:
+            return [self.envelopes[m] for m in message_ids if m in self.envelopes]
+
+    def replay(self, messages: Sequence[tuple[str, list[str], bytes]], connections: int
+               ) -> float:
+        """ms for smtplib alone to hand ``messages`` to this server over
+        ``connections`` connections at once (opened and greeted before the
+        clock starts, as a relay that opens them before the instant): from
+        the start until this server's DATA handler accepted the last one."""
+        import smtplib
+
+        connections = max(1, min(connections, len(messages)))
+        clients = []
+        try:
+            for _ in range(connections):
+                client = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+                client.ehlo("bench.invalid")
+                clients.append(client)
+            shares = [list(messages[i::connections]) for i in range(connections)]
+            with self._lock:
+                self.replayed.clear()
+            barrier = threading.Barrier(connections + 1)
+            errors: list[BaseException] = []
+
+            def send(client: Any, share: list[tuple[str, list[str], bytes]]) -> None:
+                barrier.wait()
+                try:
+                    for _from, rcpts, content in share:
+                        client.sendmail(REPLAY_FROM, rcpts, content)
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=send, args=(c, share), daemon=True)
+                       for c, share in zip(clients, shares, strict=True)]
+            for thread in threads:
+                thread.start()
+            start = time.time()
+            barrier.wait()
+            for thread in threads:
+                thread.join(60)
+            if errors:
+                raise errors[0]
+            with self._lock:
+                if len(self.replayed) < len(messages):
+                    raise RuntimeError(f"replay: {len(self.replayed)} of {len(messages)} "
+                                       "accepted")
+                last = max(self.replayed)
+            return (last - start) * 1000
+        finally:
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    client.quit()
 
     def stop(self) -> None:
         if self._controller is not None:
@@ -381,6 +469,103 @@ class MotoServer:
     def env(self) -> dict[str, str]:
         return {**AWS_ENV, "EMBARGO_S3_ENDPOINT_URL": self.url, "EMBARGO_S3_REGION": "us-east-1",
                 "EMBARGO_S3_ADDRESSING_STYLE": "path"}
+
+
+# -- the project's effective settings -------------------------------------------------
+def effective_settings(env: dict[str, str], *keys: str) -> dict[str, Any]:
+    """The values ``embargo`` children started with ``env`` will use for
+    ``keys`` (None for a key this checkout does not know)."""
+    from config.settings import load_settings
+
+    project_env = {k: v for k, v in env.items() if k.startswith("EMBARGO_")}
+    values = load_settings(environ=project_env, cwd=REPO).values
+    return {key: values.get(key) for key in keys}
+
+
+# -- the filesystem's clock ---------------------------------------------------------
+@dataclass(frozen=True)
+class FileClock:
+    """How far behind the true time Linux stamps a file. The kernel takes
+    file times from its coarse clock, updated once per scheduler tick, so a
+    change made at true time t can carry a stamp up to one tick before t."""
+
+    samples: int
+    max_lag_ms: float  # largest (time.time() read just before a rename) - (its ctime)
+    p50_lag_ms: float
+    step_ms: float  # median step between distinct stamps: the tick, when they are coarse
+
+    def describe(self) -> str:
+        return (f"file clock: a rename right after reading time.time() is stamped up to "
+                f"{self.max_lag_ms:.2f} ms earlier than that time (median "
+                f"{self.p50_lag_ms:.2f} ms, {self.samples} samples; median step between "
+                f"distinct stamps {self.step_ms:.2f} ms)")
+
+
+def file_clock(folder: Path, samples: int = 300) -> FileClock:
+    """Measure the file clock's lag in ``folder`` the way a publication meets
+    it: each sample writes and fsyncs a fresh file (a staged document, that
+    nobody has looked at since), waits 0-5 ms, reads time.time(), then
+    renames it (or, every other sample, links it) into a second folder, and
+    reads the ctime that change got."""
+    import random
+
+    staged, public = folder / "staged", folder / "public"
+    staged.mkdir(parents=True, exist_ok=True)
+    public.mkdir(exist_ok=True)
+    lags: list[float] = []
+    stamps: list[int] = []
+    rng = random.Random(16)
+    for i in range(samples):
+        src, dst = staged / f"s{i}", public / f"p{i}"
+        fd = os.open(src, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"x" * 1024)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        time.sleep(rng.uniform(0, 0.005))
+        before = time.time_ns()
+        if i % 2:
+            os.link(src, dst)
+            os.unlink(src)
+        else:
+            os.rename(src, dst)
+        stamp = os.stat(dst).st_ctime_ns
+        dst.unlink()
+        lags.append((before - stamp) / 1e6)
+        stamps.append(stamp)
+    distinct = sorted(set(stamps))
+    steps = [(b - a) / 1e6 for a, b in itertools.pairwise(distinct)]
+    return FileClock(samples=samples, max_lag_ms=max(0.0, max(lags)), p50_lag_ms=median(lags),
+                     step_ms=median(steps) if steps else math.nan)
+
+
+# -- the summary rows that bench/run_all.py collects ----------------------------------
+SUMMARY_ENV = "BENCH_SUMMARY"  # a file: each bench appends its target rows, one JSON a line
+
+
+def commit_id() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        return commit + ("+dirty" if dirty.strip() else "")
+    return "unknown"
+
+
+def emit_summary(bench: str, rows: Sequence[dict[str, str]]) -> None:
+    """Append ``rows`` (keys: figure, target, limit, measured, verdict) to the
+    file named by $BENCH_SUMMARY, if set, each with the bench and commit."""
+    path = os.environ.get(SUMMARY_ENV)
+    if not path:
+        return
+    import json
+
+    commit = commit_id()
+    with open(path, "a", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps({"bench": bench, "commit": commit, **row}) + "\n")
 
 
 # -- a seed-shaped bundle ---------------------------------------------------------

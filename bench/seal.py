@@ -15,7 +15,16 @@ does not throttle one row and not another; no fsync), 64 KiB segments:
   MiB, so with a free second core it can beat this row (shown for information);
 - in memory (no file I/O): AES-GCM alone and SHA-256 alone: with the hash on
   its own core, the sealer's ceiling is raw AES-GCM file to file or SHA-256
-  alone, whichever is slower.
+  alone, whichever is slower (shown as the "max(...)" ratio rows: 100 % is
+  all a sealer that must hash can do, and only with a second core free).
+
+The raw rows read and write one 64 KiB segment at a time; reading and writing
+1 MiB batches of segments instead (as the sealer does) measured the same
+(median 248 vs 249 ms for 256 MiB), so the limit is not made easy by small
+reads. On this machine AES-GCM is ~10x faster than SHA-256 in memory and the
+raw row is mostly copying, so the sealer's ceiling is the hash's thread: on a
+2-core machine that others load, its ratio follows the load (the load average
+is printed with the machine).
 
 Peak memory growth: each size sealed, then opened, in a child process that
 reports ru_maxrss after the operation minus ru_maxrss before it.
@@ -265,6 +274,8 @@ def measure_size(size_mib: int, trials: int, work: Path) -> SizeResult:
     open_ratio: list[float] = []
     seal_sha_ratio: list[float] = []
     open_sha_ratio: list[float] = []
+    seal_floor_ratio: list[float] = []
+    open_floor_ratio: list[float] = []
     for trial in range(trials + 1):  # trial 0 warms the page cache and is dropped
         got = {}
         for name, fn in ops.items():
@@ -278,6 +289,9 @@ def measure_size(size_mib: int, trials: int, work: Path) -> SizeResult:
         open_ratio.append(got["raw AES-GCM decrypt"] / got["open_stream"])
         seal_sha_ratio.append(got["raw AES-GCM + SHA-256 encrypt"] / got["seal_stream"])
         open_sha_ratio.append(got["raw AES-GCM + SHA-256 decrypt"] / got["open_stream"])
+        sha = got["in memory: SHA-256 only"]
+        seal_floor_ratio.append(max(got["raw AES-GCM encrypt"], sha) / got["seal_stream"])
+        open_floor_ratio.append(max(got["raw AES-GCM decrypt"], sha) / got["open_stream"])
     data.release()
     result = SizeResult([], [], [])
     for name, values in times.items():
@@ -293,7 +307,11 @@ def measure_size(size_mib: int, trials: int, work: Path) -> SizeResult:
                                   f"{s.min:.0%}", f">= {RATIO_TARGET:.0%}",
                                   ok if size_mib == 256 else f"({ok})"])
     for name, ratios in (("seal_stream / raw AES-GCM + SHA-256 encrypt", seal_sha_ratio),
-                         ("open_stream / raw AES-GCM + SHA-256 decrypt", open_sha_ratio)):
+                         ("open_stream / raw AES-GCM + SHA-256 decrypt", open_sha_ratio),
+                         ("seal_stream / max(raw AES-GCM encrypt, SHA-256 alone)",
+                          seal_floor_ratio),
+                         ("open_stream / max(raw AES-GCM decrypt, SHA-256 alone)",
+                          open_floor_ratio)):
         s = Summary.of(ratios)
         result.ratio_rows.append([f"{size_mib} MiB", name, str(s.n), f"{s.p50:.0%}",
                                   f"{s.min:.0%}", "(info)", ""])

@@ -258,6 +258,12 @@ FIELDS: tuple[Field, ...] = (
           help="canned ACL for published objects, e.g. public-read; empty relies on a policy"),
     Field(key="s3.cache_control", default="public, max-age=300", check=_text,
           help="Cache-Control of published objects"),
+    Field(key="s3.verify", default="checksum", check=_choice("checksum", "head"),
+          help="how a published document is confirmed: checksum, by the SHA-256 its "
+               "create-only PUT returns (the store checked the bytes against it, as AWS S3 "
+               "does); head, by a HEAD after every PUT as well, for stores that do not check "
+               "x-amz-checksum-sha256 (either way the bytes are read back where the store "
+               "keeps no SHA-256 of the whole object)"),
     Field(key="mail.transport", default="file", check=_choice("file", "smtp"),
           help="file: .eml files in mail.outbox_dir, for trying Embargo out (a copy "
                "delivered there is plaintext on this disk); smtp: a mail server"),
@@ -382,6 +388,7 @@ class S3Settings:
     addressing_style: str
     acl: str | None
     cache_control: str
+    verify: str
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,6 +40,7 @@ class Alert:
     subject: str
     lines: Sequence[str]
     key: str = ""
+    urgent: bool = True  # False for good news (a rehearsal passed): logged at INFO, not WARNING
 
     def __post_init__(self) -> None:
         if not self.kind or not self.kind.replace("_", "").isalnum():
@@ -90,7 +91,8 @@ def raise_alert(session: Session, alert: Alert, *, release_id: str,
     audit.record(session, action="alert_raised", actor=actor, at=now, release_id=release_id,
                  details={"kind": alert.kind, "subject": alert.subject,
                           "to": [r["to_addr"] for r in rows]})
-    log.warning("alert for %s: %s", release_id, alert.subject)
+    log.log(logging.WARNING if alert.urgent else logging.INFO, "alert for %s: %s", release_id,
+            alert.subject)
     return len(rows)
 
 

@@ -25,7 +25,7 @@ from release.context import Services
 from release.records import AWAITING_APPROVAL, DRAFT, FAILED, PUBLISHING, QUEUED, Release
 from release.vault_keys import dek_key, document_key
 from release.views import Finding
-from storage.base import PublicTarget, Vault
+from storage.base import PublicTarget, Vault, VaultBatch
 from storage.db import transaction
 
 log = logging.getLogger(__name__)
@@ -266,12 +266,16 @@ def pending_key(release_id: str) -> str:
     return f"{PENDING_PREFIX}{release_id}.json"
 
 
-def mark_pending(vault: Vault, release_id: str, now: datetime) -> None:
+def mark_pending(batch: VaultBatch, release_id: str, now: datetime) -> None:
     """Written before the first sealed object of a queue: says the objects
-    under the release's folder belong to a queue started at ``now``."""
-    vault.put_bytes(pending_key(release_id), json.dumps(
+    under the release's folder belong to a queue started at ``now``.
+
+    Not made durable: a sweep running meanwhile sees it at once, and after a
+    crash no queue is running, so whether the marker survived only changes
+    when its objects (which no row names) are swept."""
+    batch.put_bytes(pending_key(release_id), json.dumps(
         {"release_id": release_id, "started_at": now.isoformat(),
-         "pid": os.getpid()}).encode())
+         "pid": os.getpid()}).encode(), durable=False)
 
 
 @dataclass(frozen=True, kw_only=True)

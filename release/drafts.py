@@ -19,14 +19,14 @@ from typing import BinaryIO
 from sqlalchemy import delete, select, update
 
 from config.errors import InputError, StateError
-from release import audit, copy_timing, sealing, timerules
+from release import audit, copy_timing, marking, sealing, timerules
 from release import text as texts
 from release.context import Services
 from release.instants import embargo_of
 from release.keys import load_public_key
 from release.manifest import RecipientSpec, check_email, safe_filename
 from release.records import AWAITING_APPROVAL, DRAFT, QUEUED, Document, Recipient, Release
-from release.service import ReleaseService, new_id
+from release.service import PDF, ReleaseService, new_id
 from release.vault_keys import dek_key, document_key
 from release.views import ReleaseDetail
 from storage.db import affected, transaction
@@ -66,6 +66,21 @@ def parse_officers(text: str) -> list[RecipientSpec]:
     return officers
 
 
+def _resolve(service: ReleaseService, now: datetime, *, title: str, publish_on: str,
+             at: str | None, zone: str | None,
+             copies_at: str | None) -> tuple[str, timerules.Embargo, datetime | None]:
+    """A draft's form, checked: its title, its embargo (one future instant)
+    and its copies time, if one is given."""
+    s = service.s
+    title = texts.clean_text(title, field="title", max_len=texts.TITLE_MAX)
+    embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
+    copies_time = (copy_timing.resolve_copies_at(copies_at, embargo=embargo, now=now,
+                                                 max_lead=s.copies_max_lead,
+                                                 cutoff=s.copies_cutoff)
+                   if copies_at else None)
+    return title, embargo, copies_time
+
+
 def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
                  at: str | None, zone: str | None, owner: str | None,
                  copies_at: str | None, officers: list[RecipientSpec]) -> ReleaseDetail:
@@ -75,14 +90,10 @@ def create_draft(services: Services, *, actor: str, title: str, publish_on: str,
         instant (gap and fold refused with both candidates), bad copies time,
         an officer listed twice
     """
-    title = texts.clean_text(title, field="title", max_len=texts.TITLE_MAX)
     service = ReleaseService(services, actor=actor)
     now = services.clock.now()
-    embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
-    copies_time = (copy_timing.resolve_copies_at(copies_at, embargo=embargo, now=now,
-                                            max_lead=services.copies_max_lead,
-                                            cutoff=services.copies_cutoff)
-                   if copies_at else None)
+    title, embargo, copies_time = _resolve(service, now, title=title, publish_on=publish_on,
+                                           at=at, zone=zone, copies_at=copies_at)
     _no_twice(officers, [])
     release_id = new_id("rel")
     slug = service._free_slug(embargo, title, set())
@@ -112,14 +123,10 @@ def edit_draft(services: Services, release_id: str, *, actor: str, title: str,
     :raises StateError: it is not a draft
     """
     release = _draft(services, release_id)
-    title = texts.clean_text(title, field="title", max_len=texts.TITLE_MAX)
     service = ReleaseService(services, actor=actor)
     now = services.clock.now()
-    embargo = service.resolve_embargo(publish_on, at or None, zone or None, now)
-    copies_time = (copy_timing.resolve_copies_at(copies_at, embargo=embargo, now=now,
-                                            max_lead=services.copies_max_lead,
-                                            cutoff=services.copies_cutoff)
-                   if copies_at else None)
+    title, embargo, copies_time = _resolve(service, now, title=title, publish_on=publish_on,
+                                           at=at, zone=zone, copies_at=copies_at)
     slug = release.slug
     if (embargo.wall[:10], title) != (release.wall[:10], release.title):
         slug = service._free_slug(embargo, title, {release.slug})
@@ -215,13 +222,24 @@ class DocumentSet:
         self.written.append(key)
         with self.s.vault.writer(key) as out:
             result = sealing.seal_stream(self.dek, document_id, src, out)
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if content_type == PDF:  # refused now, as `embargo queue` does, not at copy time
+            self._trial_stamp(key, document_id, name)
         document = Document(id=document_id, position=len(self.documents), kind=kind,
                             organisation=(organisation or "").strip() or None, filename=name,
-                            content_type=mimetypes.guess_type(name)[0]
-                            or "application/octet-stream",
-                            size=result.size, sha256=result.sha256)
+                            content_type=content_type, size=result.size, sha256=result.sha256)
         self.documents.append(document)
         return document
+
+    def _trial_stamp(self, key: str, document_id: str, filename: str) -> None:
+        """Stamp the PDF just sealed at ``key`` as a copy would be (read back
+        from the vault: the upload streamed past and was not kept)."""
+        data = io.BytesIO()
+        with self.s.vault.reader(key) as sealed:
+            sealing.open_stream(self.dek, document_id, sealed, data)
+        marking.trial_stamp(data.getvalue(), filename=filename,
+                            headline=embargo_of(self.release).headline(),
+                            unstampable=self.s.copies_unstampable)
 
     def commit(self) -> ReleaseDetail:
         """Replace the draft's documents with this set."""

@@ -6,14 +6,39 @@ id travels in the message). Finding the id again is :mod:`release.copy_ids`."""
 from __future__ import annotations
 
 import io
+import logging
 
 from config.errors import InputError
 from release.copy_ids import METADATA_KEY
 from release.pdf_text import helvetica, pdf_string
 
+log = logging.getLogger(__name__)
+
 
 def stamp_line(headline: str, copy_id: str) -> str:
     return f"EMBARGOED UNTIL {headline} - NOT FOR PUBLICATION - COPY {copy_id}"
+
+
+def trial_stamp(data: bytes, *, filename: str, headline: str, unstampable: str) -> None:
+    """Stamp the PDF ``data`` in memory as a pre-embargo copy would be, and
+    throw the result away: a PDF that cannot be stamped is refused at the
+    door (InputError with pypdf's reason, one line) unless ``unstampable`` is
+    ``"send-unmarked"``, when it is logged and its copies go unmarked."""
+    copy_id = "CPY-0000-0000-0000"
+    try:
+        stamp_pdf(data, line=stamp_line(headline, copy_id), copy_id=copy_id)
+    except Exception as exc:  # pypdf raises ValueError, AttributeError,
+        # TypeError, KeyError, RecursionError, its own PdfError tree incl. LimitReachedError…
+        # on malformed files: any of them means "cannot be stamped"
+        if unstampable != "send-unmarked":
+            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise InputError(
+                f"{filename} cannot be stamped as a pre-embargo copy "
+                f"({type(exc).__name__}{': ' + reason if reason else ''}); repair the PDF, "
+                "or set copies.unstampable = \"send-unmarked\" to send it unmarked with the "
+                "copy id in the message only") from None
+        log.warning("%s cannot be stamped (%s); its copies go unmarked",
+                    filename, type(exc).__name__)
 
 
 def stamp_pdf(data: bytes, *, line: str, copy_id: str) -> bytes:

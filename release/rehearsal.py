@@ -297,7 +297,8 @@ class Rehearser:
                                               "A failed rehearsal does not stop the "
                                               "publication: at the instant it is tried anyway."],
                                        key=report.id if lead_seconds is None
-                                       else f"{lead_seconds}@{instant.isoformat()}"),
+                                       else f"{lead_seconds}@{instant.isoformat()}",
+                                       urgent=not report.ready),
                         release_id=report.release_id, owner=owner,
                         alerts_to=self.s.alerts_to, now=report.at, actor=self.actor)
         return True

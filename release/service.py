@@ -4,6 +4,7 @@ call this; it owns no clock, engine or storage of its own: all are passed in."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -13,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -30,6 +31,7 @@ from release import (
     copy_holders,
     copy_timing,
     custody,
+    marking,
     presenting,
     sealing,
     timerules,
@@ -41,7 +43,6 @@ from release.context import Services
 from release.instants import describe_instant, embargo_of
 from release.keys import load_public_key
 from release.manifest import DocumentSpec, ReleaseSpec, check_email
-from release.marking import stamp_line, stamp_pdf
 from release.records import (
     AWAITING_APPROVAL,
     CANCELLED,
@@ -58,6 +59,7 @@ from release.records import (
     Recipient,
     Release,
     ReleaseState,
+    table_of,
 )
 from release.vault_keys import dek_key, document_key
 from release.views import (
@@ -71,6 +73,7 @@ from release.views import (
     ReleaseSummary,
     TraceResult,
 )
+from storage.base import VaultBatch
 from storage.db import affected, server_time, transaction
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
 PDF = "application/pdf"
 _SLUG_TRIES = 20
+_RELEASES, _DOCUMENTS, _RECIPIENTS = table_of(Release), table_of(Document), table_of(Recipient)
+# Built once: building a statement costs more than running it.
+_INSERT_RELEASE, _INSERT_DOCUMENTS, _INSERT_RECIPIENTS = (
+    insert(_RELEASES), insert(_DOCUMENTS), insert(_RECIPIENTS))
+_SLUGS_LIKE = select(_RELEASES.c.slug).where(_RELEASES.c.slug.like(bindparam("pattern")))
 
 
 def trial_stamp(doc: DocumentSpec, headline: str, *, unstampable: str) -> str | None:
@@ -91,23 +99,8 @@ def trial_stamp(doc: DocumentSpec, headline: str, *, unstampable: str) -> str | 
         data = doc.path.read_bytes()
     except OSError as exc:
         raise InputError(f"file {doc.path} cannot be read: {exc.strerror}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    copy_id = "CPY-0000-0000-0000"
-    try:
-        stamp_pdf(data, line=stamp_line(headline, copy_id), copy_id=copy_id)
-    except Exception as exc:  # pypdf raises ValueError, AttributeError,
-        # TypeError, KeyError, RecursionError, its own PdfError tree incl. LimitReachedError…
-        # on malformed files: any of them means "cannot be stamped"
-        if unstampable != "send-unmarked":
-            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise InputError(
-                f"{doc.filename} cannot be stamped as a pre-embargo copy "
-                f"({type(exc).__name__}{': ' + reason if reason else ''}); repair the PDF, "
-                "or set copies.unstampable = \"send-unmarked\" to send it unmarked with the "
-                "copy id in the message only") from None
-        log.warning("%s cannot be stamped (%s); its copies go unmarked",
-                    doc.filename, type(exc).__name__)
-    return digest
+    marking.trial_stamp(data, filename=doc.filename, headline=headline, unstampable=unstampable)
+    return hashlib.sha256(data).hexdigest()
 
 
 def new_id(prefix: str) -> str:
@@ -139,7 +132,18 @@ class ReleaseService:
 
         Everything is checked before the first byte is sealed; if anything
         fails part-way (including Ctrl-C), the objects already sealed are
-        deleted and no release record is written."""
+        deleted and no release record is written.
+
+        When it returns, the release is durable: its row, documents,
+        recipients and audit event are committed (one transaction), and
+        before that commit every sealed object it names (each document, the
+        sealed data key) was made durable, the file and the folders whose
+        entries it changed fsynced (one vault batch: each folder once, not
+        once per object). The pending marker is never made durable: only a
+        sweep running meanwhile needs it, and after a crash nothing is
+        running, so what a crash leaves is objects without a row (removed by
+        ``custody.sweep_orphans``) or a marker beside a committed row (removed
+        by the same sweep)."""
         now = self.s.clock.now()
         embargo = self.resolve_embargo(spec.publish_on, spec.at, spec.zone, now)
         copies_at = copy_timing.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
@@ -154,43 +158,41 @@ class ReleaseService:
         # Written first and removed last: objects under a release folder with
         # neither a row nor a young marker are a killed queue's (custody.sweep_orphans).
         written: list[str] = [custody.pending_key(release_id)]
+        batch = self.s.vault.batch()
         try:
-            custody.mark_pending(self.s.vault, release_id, now)
+            custody.mark_pending(batch, release_id, now)
             dek = sealing.new_dek()
             documents: list[dict[str, Any]] = []
             for position, (doc, digest) in enumerate(zip(spec.documents, checked, strict=True)):
                 document_id = new_id("doc")
                 key = document_key(release_id, document_id)
                 written.append(key)
-                result = self._seal_file(dek, document_id, doc.path, doc.filename, doc.size,
-                                         key, progress)
+                result = self._seal_file(batch, dek, document_id, doc.path, doc.filename,
+                                         doc.size, key, progress)
                 _same_as_checked(doc, result, digest)
                 documents.append(dict(
                     id=document_id, position=position, kind=doc.kind,
                     organisation=doc.organisation, filename=doc.filename,
                     content_type=doc.content_type, size=result.size, sha256=result.sha256))
             written.append(dek_key(release_id))
-            self.s.vault.put_bytes(dek_key(release_id),
-                                   sealing.seal_dek(dek, public_key, release_id))
+            batch.put_bytes(dek_key(release_id), sealing.seal_dek(dek, public_key, release_id))
             del dek
+            batch.sync()  # the objects are durable before the row that names them
             recipients = [dict(id=new_id("rcp"), position=i, name=r.name, email=r.email,
                                organisation=r.organisation)
                           for i, r in enumerate(spec.recipients)]
             tried: set[str] = set()
             for attempt in range(_SLUG_TRIES):
-                slug = self._free_slug(embargo, spec.title, tried)
                 try:
-                    self._record_queued(release_id, slug, spec, embargo, copies_at, now,
-                                        documents, recipients)
+                    detail = self._record_queued(release_id, spec, embargo, copies_at, now,
+                                                 documents, recipients, tried)
                     break
-                except StorageError as exc:
+                except _SlugTaken as taken:
                     # Another queue took the slug between our look and our insert
                     # (PostgreSQL, READ COMMITTED): try the next suffix.
-                    if not (isinstance(exc.__cause__, IntegrityError)
-                            and "slug" in str(exc.__cause__.orig)) \
-                            or attempt == _SLUG_TRIES - 1:
-                        raise
-                    tried.add(slug)
+                    if attempt == _SLUG_TRIES - 1:
+                        raise taken.error from taken.error.__cause__
+                    tried.add(taken.slug)
             self.s.vault.delete(custody.pending_key(release_id))
         except BaseException:
             for key in written:
@@ -200,38 +202,65 @@ class ReleaseService:
                     log.exception("could not remove %s after a failed queue", key)
             raise
         log.info("queued %s for %s", release_id, embargo.describe())
-        return self.get(release_id)
+        return detail
 
-    def _record_queued(self, release_id: str, slug: str, spec: ReleaseSpec,
+    def _record_queued(self, release_id: str, spec: ReleaseSpec,
                        embargo: timerules.Embargo, copies_at: datetime | None, now: datetime,
-                       documents: list[dict[str, Any]],
-                       recipients: list[dict[str, Any]]) -> None:
-        with transaction(self.sessions) as session:
-            release = Release(
-                id=release_id, slug=slug,
-                title=spec.title, owner=spec.owner,
-                state=AWAITING_APPROVAL if self.s.approval_required else QUEUED,
-                submitted_by=self.actor,
-                instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
-                copies_at=copies_at,
-                created_at=now, created_by=self.actor, revision=1, attempts=0,
-                documents=[Document(**d) for d in documents],
-                recipients=[Recipient(**r) for r in recipients],
-            )
-            session.add(release)
-            session.flush()
-            audit.record(session, action="release_queued", actor=self.actor, at=now,
-                         release_id=release_id, details={
-                             "awaiting_approval": self.s.approval_required,
-                             "title": spec.title, "embargo": embargo.describe(),
-                             "instant": embargo.instant.isoformat(),
-                             "copies_at": copies_at.isoformat() if copies_at else None,
-                             "documents": [{"id": d["id"], "name": d["filename"],
-                                            "sha256": d["sha256"]} for d in documents],
-                             "recipients": [r.email for r in spec.recipients]})
+                       documents: list[dict[str, Any]], recipients: list[dict[str, Any]],
+                       tried: set[str]) -> ReleaseDetail:
+        """Choose a free slug, insert the release, its documents, recipients
+        and audit event: one transaction. Returns the release's detail, as
+        :meth:`get` would read it back (a release this new has no copies,
+        notices or rehearsals, and one event). Raises _SlugTaken when the
+        insert meets a slug another queue took meanwhile."""
+        slug = ""
+        try:
+            with transaction(self.sessions) as session:
+                slug = self._free_slug(embargo, spec.title, tried, session)
+                release = Release(
+                    id=release_id, slug=slug,
+                    title=spec.title, owner=spec.owner,
+                    state=AWAITING_APPROVAL if self.s.approval_required else QUEUED,
+                    submitted_by=self.actor,
+                    instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
+                    copies_at=copies_at,
+                    created_at=now, created_by=self.actor, revision=1, attempts=0)
+                # Core statements, not the ORM's unit of work (as audit.record):
+                # its bookkeeping cost more than the statements themselves.
+                connection = session.connection()
+                connection.execute(_INSERT_RELEASE, {
+                    column.key: getattr(release, column.key) for column in _RELEASES.columns})
+                rows = [dict(d, release_id=release_id) for d in documents]
+                if rows:
+                    connection.execute(_INSERT_DOCUMENTS, rows)
+                people = [dict(r, release_id=release_id) for r in recipients]
+                if people:
+                    connection.execute(_INSERT_RECIPIENTS, people)
+                details = {
+                    "awaiting_approval": self.s.approval_required,
+                    "title": spec.title, "embargo": embargo.describe(),
+                    "instant": embargo.instant.isoformat(),
+                    "copies_at": copies_at.isoformat() if copies_at else None,
+                    "documents": [{"id": d["id"], "name": d["filename"],
+                                   "sha256": d["sha256"]} for d in documents],
+                    "recipients": [r.email for r in spec.recipients]}
+                seq = audit.record(session, action="release_queued", actor=self.actor,
+                                   at=now, release_id=release_id, details=details)
+                release.documents = [Document(**row) for row in rows]
+                release.recipients = [Recipient(**row) for row in people]
+                event = AuditEvent(seq=seq, at=now, actor=self.actor, action="release_queued",
+                                   release_id=release_id, details=json.dumps(details))
+                return presenting.detail(release, self.s.clock.now(), copies=[], notices=[],
+                                         events=[event])
+        except StorageError as exc:
+            if slug and isinstance(exc.__cause__, IntegrityError) \
+                    and "slug" in str(exc.__cause__.orig):
+                raise _SlugTaken(slug, exc) from exc
+            raise
 
-    def _seal_file(self, dek: bytes, document_id: str, path: Path, name: str, size: int,
-                   key: str, progress: Progress | None) -> sealing.StreamResult:
+    def _seal_file(self, batch: VaultBatch, dek: bytes, document_id: str, path: Path,
+                   name: str, size: int, key: str,
+                   progress: Progress | None) -> sealing.StreamResult:
         done = 0
 
         def step(n: int) -> None:
@@ -244,14 +273,19 @@ class ReleaseService:
             src = path.open("rb")
         except OSError as exc:
             raise InputError(f"file {path} cannot be read: {exc.strerror}") from None
-        with src, self.s.vault.writer(key) as out:
+        with src, batch.writer(key) as out:
             return sealing.seal_stream(dek, document_id, src, out, on_progress=step)
 
-    def _free_slug(self, embargo: timerules.Embargo, title: str, tried: set[str]) -> str:
+    def _free_slug(self, embargo: timerules.Embargo, title: str, tried: set[str],
+                   session: Session | None = None) -> str:
+        """A slug no release has, looked up in ``session`` (or a
+        transaction of its own)."""
+        if session is None:
+            with transaction(self.sessions) as own:
+                return self._free_slug(embargo, title, tried, own)
         base = f"{embargo.wall[:10]}-{slugify(title)}"
-        with transaction(self.sessions) as session:
-            taken = tried | set(session.scalars(
-                select(Release.slug).where(Release.slug.like(f"{base}%"))))
+        taken = tried | set(session.connection().execute(
+            _SLUGS_LIKE, {"pattern": f"{base}%"}).scalars())
         slug, n = base, 2
         while slug in taken:
             slug, n = f"{base}-{n}", n + 1
@@ -280,27 +314,29 @@ class ReleaseService:
         :raises ReleaseNotFoundError: no release has this id (or prefix)
         :raises AmbiguousIdError: the prefix matches more than one release"""
         with transaction(self.sessions) as session:
-            release = self._row(session, release_id)
-            notices = session.scalars(select(OutboxMessage).where(
-                OutboxMessage.release_id == release.id).order_by(OutboxMessage.id))
-            events = session.scalars(select(AuditEvent).where(
-                AuditEvent.release_id == release.id).order_by(AuditEvent.seq))
-            public_now: dict[str, str] | None = None
-            if release.state in (FAILED, CANCELLED):  # a partial publication, perhaps
-                found = set(self._public_keys(release.slug, release.documents))
-                public_now = {d.id: self.s.public.url(key) for d in release.documents
-                              if (key := f"{release.slug}/{d.filename}") in found}
-            newest = rehearsals.latest(session, [release.id]).get(release.id)
-            rehearsal = None
-            if newest is not None:
-                report = rehearsals.report_of(newest, release)
-                rehearsal = RehearsalView(at=presenting.moment_at(report.at, release.zone),
-                                          lead=rehearsals.lead_text(report.lead),
-                                          ready=report.ready, lines=tuple(report.lines()))
-            return presenting.detail(release, self.s.clock.now(),
-                                     copies=tracing.copies_of(session, release.id),
-                                     notices=list(notices), events=list(events),
-                                     public_now=public_now, rehearsal=rehearsal)
+            return self._detail(session, self._row(session, release_id))
+
+    def _detail(self, session: Session, release: Release) -> ReleaseDetail:
+        notices = session.scalars(select(OutboxMessage).where(
+            OutboxMessage.release_id == release.id).order_by(OutboxMessage.id))
+        events = session.scalars(select(AuditEvent).where(
+            AuditEvent.release_id == release.id).order_by(AuditEvent.seq))
+        public_now: dict[str, str] | None = None
+        if release.state in (FAILED, CANCELLED):  # a partial publication, perhaps
+            found = set(self._public_keys(release.slug, release.documents))
+            public_now = {d.id: self.s.public.url(key) for d in release.documents
+                          if (key := f"{release.slug}/{d.filename}") in found}
+        newest = rehearsals.latest(session, [release.id]).get(release.id)
+        rehearsal = None
+        if newest is not None:
+            report = rehearsals.report_of(newest, release)
+            rehearsal = RehearsalView(at=presenting.moment_at(report.at, release.zone),
+                                      lead=rehearsals.lead_text(report.lead),
+                                      ready=report.ready, lines=tuple(report.lines()))
+        return presenting.detail(release, self.s.clock.now(),
+                                 copies=tracing.copies_of(session, release.id),
+                                 notices=list(notices), events=list(events),
+                                 public_now=public_now, rehearsal=rehearsal)
 
     def list_releases(self) -> list[ReleaseSummary]:
         """Every release, soonest embargo first."""
@@ -527,6 +563,15 @@ class ReleaseService:
     def verify_audit(self) -> audit.ChainReport:
         with transaction(self.sessions) as session:
             return audit.verify(session)
+
+
+class _SlugTaken(Exception):
+    """The slug chosen was taken by another queue between the look and the insert."""
+
+    def __init__(self, slug: str, error: Exception) -> None:
+        super().__init__(slug)
+        self.slug = slug
+        self.error = error
 
 
 def _same_as_checked(doc: DocumentSpec, result: sealing.StreamResult,

@@ -112,6 +112,42 @@ class Vault(ABC):
         with self.reader(key) as src:
             return src.read()
 
+    def batch(self) -> VaultBatch:
+        """Writes whose durability is settled once for all of them, by the
+        batch's ``sync()``, instead of once per object: what a queue writes
+        before it commits the release that names the objects.
+
+        Each object written through the batch appears as :meth:`writer`
+        says (whole, when its block exits), at once, for every reader; it is
+        durable (survives a crash of the machine) once ``sync()`` returns.
+        ``put_bytes(key, data, durable=False)`` writes an object that
+        ``sync()`` does not make durable: a crash may lose it (a marker that
+        only running processes need). Stores whose writes are durable when
+        they return keep this default, which writes through :meth:`writer`."""
+        return VaultBatch(self)
+
+
+class VaultBatch:
+    """A batch of writes to one vault (see :meth:`Vault.batch`)."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+
+    def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return self.vault.writer(key)
+
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        with self._writer(key, durable=durable) as out:
+            out.write(data)
+
+    def _writer(self, key: str, *, durable: bool) -> AbstractContextManager[BinaryIO]:
+        return self.writer(key)
+
+    def sync(self) -> None:
+        """Make every object written through the batch with ``durable``
+        (the default) durable."""
+        return None
+
 
 class PublicTarget(ABC):
     """Where published documents go: readable by anyone once written. The

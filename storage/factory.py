@@ -35,14 +35,14 @@ def make_vault(location: Location, *, s3_client: Any = None) -> Vault:
 def make_public(location: Location, settings: Settings, *, s3_client: Any = None) -> PublicTarget:
     base_url = settings.storage.public_base_url
     if location.kind == "s3":
-        from storage.s3 import S3PublicTarget
+        from storage.s3 import S3PublicTarget, Verify
 
         if s3_client is None:
             raise ConfigError("an S3 public target needs an S3 client")
         target: PublicTarget = S3PublicTarget(
             s3_client, bucket=location.bucket, prefix=location.prefix, base_url=base_url,
             acl=settings.s3.acl, cache_control=settings.s3.cache_control,
-            staging=settings.staging_dir)
+            staging=settings.staging_dir, verify=Verify(settings.s3.verify))
         return target
     assert location.path is not None
     return LocalPublicTarget(location.path, base_url=base_url, staging=settings.staging_dir)

@@ -20,6 +20,7 @@ from storage.base import (
     StagingArea,
     StoredObject,
     Vault,
+    VaultBatch,
     check_key,
 )
 
@@ -36,13 +37,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the folders whose
+    entries a new object in ``folder`` changes: ``folder`` itself, and the
+    parent of each folder made here (a new folder is durable only once the
+    folder holding it is fsynced)."""
+    changed = [folder]
+    walked = folder
+    while not walked.is_dir() and walked.parent != walked:
+        changed.append(walked.parent)
+        walked = walked.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return changed
+
+
 @contextmanager
-def _staged(root: Path, target: Path, *, create_only: bool,
-            sync_dir: bool = True) -> Iterator[BinaryIO]:
-    """Write into a temporary file beside the root, fsync it, then move it to
-    ``target`` atomically (``link`` when it must not replace anything). With
-    ``sync_dir`` false the caller fsyncs the folder later (see ``flush``)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _staged(root: Path, target: Path, *, durable: bool = True,
+            unsynced: set[Path] | None = None) -> Iterator[BinaryIO]:
+    """Write into a temporary file beside the root, then move it to
+    ``target`` atomically (replacing any old one). ``durable``: the file is
+    fsynced before the move and the folders whose entries changed after it;
+    with ``unsynced`` those folders are added to it instead, for the caller
+    to fsync once (see ``_LocalVaultBatch.sync``)."""
+    changed = _make_folder(target.parent)
     staging = root / ".staging"
     staging.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=staging, prefix=".part-")
@@ -51,17 +68,15 @@ def _staged(root: Path, target: Path, *, create_only: bool,
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
-        if create_only:
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise ObjectExistsError(str(target)) from None
-        else:
-            os.replace(tmp, target)
-        if sync_dir:
-            _fsync_dir(target.parent)
+        os.replace(tmp, target)
+        if durable and unsynced is not None:
+            unsynced.update(changed)
+        elif durable:
+            for folder in changed:
+                _fsync_dir(folder)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -100,7 +115,10 @@ class LocalVault(Vault):
         self.root = root
 
     def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
-        return _staged(self.root, _safe_path(self.root, key), create_only=False)
+        return _staged(self.root, _safe_path(self.root, key))
+
+    def batch(self) -> VaultBatch:
+        return _LocalVaultBatch(self)
 
     def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
         return _open(_safe_path(self.root, key), key)
@@ -108,7 +126,9 @@ class LocalVault(Vault):
     def delete(self, key: str) -> None:
         path = _safe_path(self.root, key)
         path.unlink(missing_ok=True)
-        _prune(path.parent, self.root)
+        # Empty folders go, but not the top ones (``releases/``, ``pending/``):
+        # each queue would make ``pending/`` again and remove it again.
+        _prune(path.parent, self.root / path.relative_to(self.root).parts[0])
 
     def exists(self, key: str) -> bool:
         return _safe_path(self.root, key).is_file()
@@ -145,6 +165,28 @@ class LocalVault(Vault):
                 continue
             count, size = count + 1, size + info.st_size
         return count, size
+
+
+class _LocalVaultBatch(VaultBatch):
+    """Each object's file is fsynced as it is written; the folders whose
+    entries changed, once each, in ``sync``."""
+
+    def __init__(self, vault: LocalVault) -> None:
+        super().__init__(vault)
+        self.root = vault.root
+        self._unsynced: set[Path] = set()
+
+    def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return self._writer(key, durable=True)
+
+    def _writer(self, key: str, *, durable: bool) -> AbstractContextManager[BinaryIO]:
+        return _staged(self.root, _safe_path(self.root, key), durable=durable,
+                       unsynced=self._unsynced)
+
+    def sync(self) -> None:
+        folders, self._unsynced = self._unsynced, set()
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            _fsync_dir(folder)
 
 
 class LocalPublicTarget(PublicTarget):

@@ -394,6 +394,7 @@ def test_embargo_run_sweeps_old_orphans_at_start(settings: Settings, services: S
             {"release_id": release_id, "started_at": started.isoformat()}).encode())
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBARGO_")}
     env["PYTHONPATH"] = str(ROOT)
+    env["EMBARGO_METRICS_BIND"] = "127.0.0.1:0"  # a port of its own: 9464 may be taken
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--data-dir",
                              str(settings.data_dir), "run"], env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

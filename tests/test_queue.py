@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import random
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from config.errors import EmbargoError, InputError, NotFoundError, SealError, StateError
 from config.settings import Settings
@@ -133,6 +134,53 @@ def test_queue_records_the_release(svc: ReleaseService, bundle: Path) -> None:
     assert "00:01 BST" in details["embargo"] and "23:01 UTC" in details["embargo"]
     assert [d["id"] for d in details["documents"]] == [d.id for d in release.documents]
     assert svc.verify_audit().ok
+
+
+@pytest.mark.parametrize("approval", [False, True])
+@pytest.mark.parametrize("officers", [3, 0])
+def test_queue_returns_what_get_reads_back(services14: Services, tmp_path: Path,
+                                           approval: bool, officers: int) -> None:
+    """queue builds its detail from what it wrote, in the same transaction,
+    instead of reading the release back: it must be the detail get() reads."""
+    svc = ReleaseService(dataclasses.replace(services14, approval_required=approval),
+                         actor="comms@test")
+    release = svc.queue(load_manifest(write_bundle(tmp_path / "b", letters=officers)))
+    assert release == svc.get(release.id)
+    assert len(release.recipients) == officers and len(release.events) == 1
+
+
+def test_sealed_objects_are_durable_before_the_release_commits(
+        svc: ReleaseService, services14: Services, settings: Settings, bundle: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each sealed object's file, the release's folder that holds them, and
+    the folder that holds that new folder are fsynced before the commit
+    that records the release (a crash after it must find every object)."""
+    steps: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        steps.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    event.listen(services14.engine, "commit", lambda conn: steps.append("COMMIT"))
+    vault = settings.vault.path
+    assert vault is not None
+    first = not (vault / "releases").exists()
+    release = svc.queue(load_manifest(bundle))
+    before = steps[:steps.index("COMMIT")]
+    # Files are fsynced under their staging name, before the move into place.
+    files = [s for s in before if s.startswith(str(vault / ".staging" / ".part-"))]
+    assert len(files) == len(release.documents) + 1  # each document and the data key
+    assert str(vault / "releases" / release.id) in before
+    assert str(vault / "releases") in before  # the new folder's own entry
+    assert str(vault / "pending") not in before  # the marker is never made durable
+    # Each folder once, not once per object; the vault's own folder too when
+    # this queue made its releases folder.
+    assert sorted(set(before) - set(files)) == sorted(before[len(files):])
+    assert set(before) - set(files) == {str(vault / "releases" / release.id),
+                                        str(vault / "releases")} | ({str(vault)} if first
+                                                                    else set())
 
 
 def test_vault_holds_only_sealed_objects(svc: ReleaseService, services14: Services,
@@ -304,13 +352,19 @@ def _fail_sealing_the_dek(monkeypatch: pytest.MonkeyPatch, services: Services
 
 def _fail_storing_the_dek(monkeypatch: pytest.MonkeyPatch, services: Services
                           ) -> type[BaseException]:
-    real = services.vault.put_bytes
+    real_batch = services.vault.batch
 
-    def put_bytes(key: str, data: bytes) -> None:
-        if key.endswith("dek.hpke"):
-            raise OSError(28, "No space left on device")
-        real(key, data)
-    monkeypatch.setattr(services.vault, "put_bytes", put_bytes)
+    def batch() -> Any:
+        inner = real_batch()
+        real = inner.put_bytes
+
+        def put_bytes(key: str, data: bytes, *, durable: bool = True) -> None:
+            if key.endswith("dek.hpke"):
+                raise OSError(28, "No space left on device")
+            real(key, data, durable=durable)
+        monkeypatch.setattr(inner, "put_bytes", put_bytes)
+        return inner
+    monkeypatch.setattr(services.vault, "batch", batch)
     return OSError
 
 
@@ -337,12 +391,12 @@ def _interrupt_in_progress(monkeypatch: pytest.MonkeyPatch, services: Services
     callback, i.e. while its vault object is being written)."""
     real = ReleaseService._seal_file
 
-    def _seal_file(self: ReleaseService, dek: bytes, document_id: str, path: Path, name: str,
-                   size: int, key: str, progress: Any) -> sealing.StreamResult:
+    def _seal_file(self: ReleaseService, batch: Any, dek: bytes, document_id: str, path: Path,
+                   name: str, size: int, key: str, progress: Any) -> sealing.StreamResult:
         def interrupting(name: str, done: int, total: int) -> None:
             if name == "force-1.txt" and done > 0:
                 raise KeyboardInterrupt
-        return real(self, dek, document_id, path, name, size, key, interrupting)
+        return real(self, batch, dek, document_id, path, name, size, key, interrupting)
 
     monkeypatch.setattr(ReleaseService, "_seal_file", _seal_file)
     return KeyboardInterrupt

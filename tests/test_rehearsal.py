@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -130,6 +131,22 @@ def test_good_release_passes_and_is_recorded_audited_and_mailed(
     sent = alerts(services)
     assert sorted(m.to_addr for m in sent) == [ALERTS_TO, "press@inspectorate.example"]
     assert "Ready: Core business" in (sent[0].details or "")
+
+
+def test_a_pass_note_is_logged_as_news_and_a_failure_as_a_warning(
+        services: Services, settings: Settings, release_id: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    live_node(services, HOUR_BEFORE)
+    caplog.set_level(logging.INFO, logger="release.alerts")
+    rehearser(services, settings).rehearse(release_id, now=HOUR_BEFORE)
+    ready = [r for r in caplog.records if "Ready: Core business" in r.getMessage()]
+    assert [r.levelno for r in ready] == [logging.INFO]
+    caplog.clear()
+    report = rehearser(services, settings, key=X25519PrivateKey.generate()).rehearse(
+        release_id, now=HOUR_BEFORE)
+    assert report is not None and not report.ready
+    failed = [r for r in caplog.records if "REHEARSAL FAILED" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.WARNING]
 
 
 def test_pass_note_can_be_turned_off(services: Services, settings: Settings,

@@ -6,6 +6,7 @@ published through S3 with every object verified."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import http.client
@@ -54,7 +55,9 @@ class Fault:
     """Answer the next ``times`` requests that match with ``status``/``code``.
     ``after_forwarding``: the server does the work, the client sees the
     fault (a lost response). ``hold``: say nothing for that many seconds,
-    then drop the connection (a timeout)."""
+    then drop the connection (a timeout). ``edit``: relay the server's
+    answer with these response headers replaced (None: removed), e.g. a
+    store that reports another checksum than the one it was sent."""
 
     method: str
     path_contains: str = ""
@@ -64,6 +67,7 @@ class Fault:
     times: int = 1
     after_forwarding: bool = False
     hold: float = 0.0
+    edit: dict[str, str | None] | None = None
 
     def matches(self, method: str, path: str, query: str) -> bool:
         return (self.times > 0 and method == self.method and self.path_contains in path
@@ -143,16 +147,20 @@ class FaultProxy:
                 path, _, query = self.path.partition("?")
                 body = self._body()
                 fault = proxy._take(self.command, path, query)
+                edit = fault.edit if fault is not None else None
                 with proxy.lock:
                     proxy.seen.append(Seen(self.command, path, query,
-                                           fault.status if fault else None))
+                                           fault.status if fault and edit is None else None))
                 if fault is not None and fault.hold:
                     time.sleep(fault.hold)
                     self.close_connection = True
                     return
-                if fault is None or fault.after_forwarding:
+                if fault is None or fault.after_forwarding or edit is not None:
                     status, headers, answer = self._forward(body)
-                if fault is not None:
+                if edit is not None:
+                    headers = [(n, v) for n, v in headers if n.lower() not in edit]
+                    headers += [(n, v) for n, v in edit.items() if v is not None]
+                elif fault is not None:
                     status, headers, answer = self._fault(fault)
                 self.send_response(status)
                 for name, value in headers:
@@ -361,6 +369,108 @@ def test_a_refused_head_is_an_error_not_a_read_back(
     assert proxy.requests("GET", "/site/slug/d.txt") == []
 
 
+# -- publish_file: the PUT's checksum, trusted only when it is ours ---------------------------
+def staged(tmp_path: Path, data: bytes) -> tuple[Path, str]:
+    path = tmp_path / "staged.bin"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+OTHER_SHA256 = base64.b64encode(hashlib.sha256(b"someone else's bytes").digest()).decode()
+
+
+@pytest.mark.parametrize("returned", [OTHER_SHA256, None], ids=["other", "missing"])
+def test_a_put_that_confirms_another_or_no_checksum_is_not_trusted(
+        tmp_path: Path, proxy: FaultProxy, proxied: Any, s3_client: Any, s3_buckets: Buckets,
+        returned: str | None) -> None:
+    """The store answers the PUT with another SHA-256 than the one sent, or
+    none: publish_file does not vouch for the object; it asks with a HEAD
+    (which here, unedited, reports the true one)."""
+    source, digest = staged(tmp_path, b"published bytes")
+    proxy.inject(Fault("PUT", path_contains="/site/slug/a.txt",
+                       edit={"x-amz-checksum-sha256": returned}))
+    found = target_on(proxied, s3_buckets.public).publish_file(
+        "slug/a.txt", source, content_type="text/plain", size=15, sha256=digest)
+    assert (found.size, found.sha256) == (15, digest)
+    assert len(proxy.requests("PUT", "/site/slug/a.txt")) == 1
+    assert len(proxy.requests("HEAD", "/site/slug/a.txt")) == 1
+    assert stored(s3_client, s3_buckets.public, "site/slug/a.txt") == b"published bytes"
+
+
+def test_a_store_that_reports_other_content_fails_the_release(
+        tmp_path: Path, proxy: FaultProxy, proxied: Any, s3_buckets: Buckets,
+        s3_client: Any) -> None:
+    """PUT and HEAD both report someone else's SHA-256 for one document: the
+    release is not published, no manifest, and the error says so."""
+    settings = s3_settings(tmp_path, proxy.endpoint, s3_buckets)
+    services = build_services(settings, s3_client=proxied,
+                              clock=FakeClock(datetime(2014, 9, 1, tzinfo=UTC)))
+    try:
+        release = ReleaseService(services, actor="comms").queue(
+            load_manifest(write_bundle(tmp_path / "bundle", letters=2)))
+        victim = f"/site/{release.slug}/{release.documents[1].filename}"
+        for method in ("PUT", "HEAD"):
+            proxy.inject(Fault(method, path_contains=victim, times=5,
+                               edit={"x-amz-checksum-sha256": OTHER_SHA256}))
+        outcome = publish_at_seed(settings, services, release.id)
+        assert outcome.status in ("retry", "failed")
+        assert "holds other content" in (outcome.detail or "")
+        assert release_row(services, release.id).state != PUBLISHED
+    finally:
+        services.engine.dispose()
+    # publish_file's HEAD, then the failure's account of which documents are public
+    assert len(proxy.requests("HEAD", victim)) == 2
+    assert f"site/{release.slug}/manifest.json" not in all_keys(s3_client, s3_buckets.public)
+
+
+def test_publish_file_after_a_lost_response_is_settled_by_the_publishers_stat(
+        tmp_path: Path, proxy: FaultProxy, proxied: Any, s3_client: Any,
+        s3_buckets: Buckets) -> None:
+    """The PUT went through but its answer was lost: botocore's retry gets a
+    412, publish_file says ObjectExistsError, and stat (the publisher's next
+    step) finds our bytes: one object, written once."""
+    source, digest = staged(tmp_path, b"once")
+    proxy.inject(Fault("PUT", path_contains="/site/slug/a.txt", after_forwarding=True))
+    target = target_on(proxied, s3_buckets.public)
+    with pytest.raises(ObjectExistsError):
+        target.publish_file("slug/a.txt", source, content_type="text/plain", size=4,
+                            sha256=digest)
+    assert [p.faulted for p in proxy.requests("PUT", "/site/slug/a.txt")] == [503, None]
+    assert target.stat("slug/a.txt").sha256 == digest
+    assert all_keys(s3_client, s3_buckets.public) == ["site/slug/a.txt"]
+
+
+def test_publish_file_resends_the_whole_staged_file_after_a_503(
+        tmp_path: Path, proxy: FaultProxy, proxied: Any, s3_client: Any,
+        s3_buckets: Buckets) -> None:
+    data = os.urandom(300 * 1024)
+    source, digest = staged(tmp_path, data)
+    proxy.inject(Fault("PUT", path_contains="/site/slug/b.bin", status=503, code="SlowDown"))
+    found = target_on(proxied, s3_buckets.public).publish_file(
+        "slug/b.bin", source, content_type="application/octet-stream", size=len(data),
+        sha256=digest)
+    assert found.sha256 == digest
+    assert [p.faulted for p in proxy.requests("PUT", "/site/slug/b.bin")] == [503, None]
+    assert proxy.requests("HEAD", "/site/slug/b.bin") == []
+    assert stored(s3_client, s3_buckets.public, "site/slug/b.bin") == data
+
+
+def test_parts_whose_checksum_the_store_does_not_confirm_are_read_back(
+        tmp_path: Path, proxy: FaultProxy, proxied: Any, s3_buckets: Buckets) -> None:
+    """The HEAD after a multipart upload reports another checksum of the
+    parts than ours: not trusted; the object is read back and hashed."""
+    data = os.urandom(6 * MiB)
+    source, digest = staged(tmp_path, data)
+    proxy.inject(Fault("HEAD", path_contains="/site/slug/big.bin", times=2,
+                       edit={"x-amz-checksum-sha256": f"{OTHER_SHA256}-2"}))
+    target = target_on(proxied, s3_buckets.public, multipart_threshold=5 * MiB,
+                       part_size=5 * MiB)
+    found = target.publish_file("slug/big.bin", source, content_type="application/pdf",
+                                size=len(data), sha256=digest)
+    assert (found.size, found.sha256) == (len(data), digest)
+    assert len(proxy.requests("GET", "/site/slug/big.bin")) == 1
+
+
 # -- access errors at start ----------------------------------------------------------------
 @pytest.mark.parametrize(("method", "status", "code", "words"), [
     ("HEAD", 403, "Forbidden", "access to bucket {bucket} denied"),
@@ -380,7 +490,7 @@ def test_check_names_refused_access(proxy: FaultProxy, proxied: Any, s3_buckets:
 
 # -- flat memory -----------------------------------------------------------------------------
 CHILD = r"""
-import hashlib, json, sys, time
+import hashlib, json, pathlib, sys, time
 import boto3
 from botocore.config import Config
 from storage.s3 import S3PublicTarget, S3Vault
@@ -455,25 +565,37 @@ def public_put():
         for chunk in chunks():
             out.write(chunk)
 
+def public_publish_file():
+    return public.publish_file("staged.bin", staged, content_type="application/octet-stream",
+                               size=size, sha256=expected)
+
 expected = measure("vault_put", vault_put)
 got = measure("vault_get", vault_get)
 measure("public_put", public_put)
 stat = measure("public_stat", lambda: public.stat("big.bin"))
+staged = pathlib.Path(sys.argv[5])
+with staged.open("wb") as out:
+    for chunk in chunks():
+        out.write(chunk)
+published = measure("public_publish_file", public_publish_file)
 print(json.dumps({
     "end_mib": status("VmRSS"), "growth_mib": max(phases.values()), "phases": phases,
     "timings": timings,
-    "sha_ok": got == expected and stat.sha256 == expected and stat.size == size}))
+    "sha_ok": got == expected and stat.sha256 == expected and stat.size == size
+              and published.sha256 == expected and published.size == size}))
 """
 
 
 @pytest.mark.slow
-def test_large_objects_keep_memory_flat(s3_server: str, s3_buckets: Buckets) -> None:
+def test_large_objects_keep_memory_flat(s3_server: str, s3_buckets: Buckets,
+                                        tmp_path: Path) -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("measuring peak RSS needs Linux's /proc/self/clear_refs")
     size_mib = int(os.environ.get("LARGE_OBJECT_MIB", "256"))
     done = subprocess.run(
         [sys.executable, "-c", CHILD, s3_server, s3_buckets.vault, s3_buckets.public,
-         str(size_mib)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+         str(size_mib), str(tmp_path / "staged.bin")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     steps = ", ".join(f"{name} +{figures['phases'][name]:.1f} MiB in {seconds:.2f} s"
@@ -486,13 +608,14 @@ def test_large_objects_keep_memory_flat(s3_server: str, s3_buckets: Buckets) -> 
 
 
 # -- publication end to end through S3 ----------------------------------------------------
-def s3_settings(tmp_path: Path, endpoint: str, buckets: Buckets) -> Settings:
+def s3_settings(tmp_path: Path, endpoint: str, buckets: Buckets,
+                verify: str = "checksum") -> Settings:
     data_dir = tmp_path / "var"
     data_dir.mkdir()
     settings = load_settings(environ={}, overrides={
         "data_dir": str(data_dir), "storage.vault": f"s3://{buckets.vault}/sealed",
         "storage.public": f"s3://{buckets.public}/site", "s3.endpoint_url": endpoint,
-        "s3.addressing_style": "path", "s3.acl": "public-read"})
+        "s3.addressing_style": "path", "s3.acl": "public-read", "s3.verify": verify})
     keyfile.init_keys(settings.keys_dir)
     return settings
 

@@ -14,6 +14,7 @@ import array
 import base64
 import hashlib
 import io
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -22,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from config.errors import NotFoundError
-from config.settings import Settings
+from config.errors import NotFoundError, StorageError
+from config.settings import Settings, load_settings
 from jobs.app import build_services
 from release.manifest import load_manifest
 from release.records import PUBLISHED
 from release.service import ReleaseService, Services
 from storage.base import ObjectExistsError
-from storage.s3 import PART_SIZE, S3PublicTarget, _whole_object_sha256
+from storage.s3 import PART_SIZE, S3PublicTarget, Verify, _whole_object_sha256, make_client
 from tests.conftest import FakeClock, release_row, write_bundle
 from tests.test_s3_faults import all_keys, publish_at_seed, s3_settings, stored
 
@@ -45,11 +46,15 @@ class Calls:
 
     def __init__(self, client: Any) -> None:
         self.seen: list[tuple[str, str, str, str]] = []
+        self.params: dict[str, dict[str, Any]] = {}  # key -> its last PutObject's, no Body
         client.meta.events.register("before-parameter-build.s3", self._record)
 
     def _record(self, params: dict[str, Any], model: Any, **_: Any) -> None:
         self.seen.append((model.name, str(params.get("Bucket", "")),
                           str(params.get("Key", "")), str(params.get("ChecksumMode", ""))))
+        if model.name == "PutObject":
+            self.params[str(params.get("Key", ""))] = {
+                name: value for name, value in params.items() if name != "Body"}
 
     def count(self, operation: str, bucket: str, key: str | None = None) -> int:
         return sum(1 for op, b, k, _ in self.seen
@@ -71,6 +76,7 @@ def _counted(s3_server: str) -> tuple[Any, Calls]:
 def counted(_counted: tuple[Any, Calls]) -> Iterator[tuple[Any, Calls]]:
     """A client to the moto server whose calls are counted, from zero."""
     _counted[1].seen.clear()
+    _counted[1].params.clear()
     yield _counted
 
 
@@ -184,6 +190,140 @@ def test_an_object_without_a_sha256_is_read_back_not_taken_as_a_match(
     assert calls.by_operation(s3_buckets.public) == {"HeadObject": 1, "GetObject": 1}
 
 
+# -- publish_file: the PUT's own account -------------------------------------------------
+def staged_file(tmp_path: Path, data: bytes) -> tuple[Path, str]:
+    path = tmp_path / "staged.bin"
+    path.write_bytes(data)
+    return path, sha(data)
+
+
+@pytest.mark.parametrize("size", [0, 1, 100 * 1024, PART_SIZE],
+                         ids=["empty", "1B", "100KiB", "threshold"])
+def test_publish_file_is_one_put_trusting_the_checksum_it_returns(
+        tmp_path: Path, counted: tuple[Any, Calls], s3_buckets: Buckets, size: int) -> None:
+    client, calls = counted
+    data = (hashlib.sha256(b"%d" % size).digest() * (size // 32 + 1))[:size]
+    source, digest = staged_file(tmp_path, data)
+    target = S3PublicTarget(client, bucket=s3_buckets.public, prefix="site/",
+                            cache_control="public, max-age=300")
+    found = target.publish_file("slug/doc.bin", source, content_type="application/pdf",
+                                size=size, sha256=digest)
+    assert (found.key, found.size, found.sha256) == ("slug/doc.bin", size, digest)
+    assert calls.by_operation(s3_buckets.public) == {"PutObject": 1}
+    put = calls.params["site/slug/doc.bin"]
+    assert (put["IfNoneMatch"], put["ChecksumAlgorithm"]) == ("*", "SHA256")
+    assert put["ChecksumSHA256"] == base64.b64encode(bytes.fromhex(digest)).decode()
+    assert stored(client, s3_buckets.public, "site/slug/doc.bin") == data
+    head = client.head_object(Bucket=s3_buckets.public, Key="site/slug/doc.bin")
+    assert (head["ContentType"], head["CacheControl"]) == ("application/pdf",
+                                                           "public, max-age=300")
+    assert head["Metadata"]["sha256"] == digest
+
+
+def test_publish_file_with_verify_head_asks_the_store_again(
+        tmp_path: Path, counted: tuple[Any, Calls], s3_buckets: Buckets) -> None:
+    client, calls = counted
+    source, digest = staged_file(tmp_path, b"checked twice")
+    target = S3PublicTarget(client, bucket=s3_buckets.public, prefix="site/",
+                            verify=Verify.HEAD)
+    found = target.publish_file("slug/a.txt", source, content_type="text/plain",
+                                size=len(b"checked twice"), sha256=digest)
+    assert (found.size, found.sha256) == (len(b"checked twice"), digest)
+    assert calls.by_operation(s3_buckets.public) == {"PutObject": 1, "HeadObject": 1}
+    assert ("HeadObject", s3_buckets.public, "site/slug/a.txt", "ENABLED") in calls.seen
+
+
+def test_publish_file_is_create_only(tmp_path: Path, counted: tuple[Any, Calls],
+                                     s3_buckets: Buckets) -> None:
+    """A 412 is ObjectExistsError and nothing more: the publisher then asks
+    with stat(); the object there is left alone."""
+    client, calls = counted
+    put_out_of_band(client, s3_buckets.public, "site/slug/a.txt", b"already public")
+    source, digest = staged_file(tmp_path, b"ours")
+    target = S3PublicTarget(client, bucket=s3_buckets.public, prefix="site/")
+    calls.seen.clear()
+    with pytest.raises(ObjectExistsError):
+        target.publish_file("slug/a.txt", source, content_type="text/plain", size=4,
+                            sha256=digest)
+    assert calls.by_operation(s3_buckets.public) == {"PutObject": 1}
+    assert stored(client, s3_buckets.public, "site/slug/a.txt") == b"already public"
+
+
+def test_a_staged_file_that_is_not_the_verified_size_is_not_published(
+        tmp_path: Path, counted: tuple[Any, Calls], s3_buckets: Buckets) -> None:
+    """Staging changed after it was verified (truncated here): refused before
+    any request, so a store that does not check the checksum cannot make
+    the wrong bytes public."""
+    client, calls = counted
+    source, digest = staged_file(tmp_path, b"the verified bytes")
+    source.write_bytes(b"the verif")
+    target = S3PublicTarget(client, bucket=s3_buckets.public, prefix="site/")
+    with pytest.raises(StorageError, match=r"staged staged\.bin is 9 bytes, not the 18"):
+        target.publish_file("slug/a.txt", source, content_type="text/plain", size=18,
+                            sha256=digest)
+    assert calls.by_operation(s3_buckets.public) == {}
+    assert all_keys(client, s3_buckets.public) == []
+
+
+@pytest.mark.parametrize("verify", [Verify.CHECKSUM, Verify.HEAD])
+def test_publish_file_of_a_big_file_goes_up_in_parts_confirmed_by_their_checksum(
+        tmp_path: Path, counted: tuple[Any, Calls], s3_buckets: Buckets,
+        verify: Verify) -> None:
+    """Above the threshold, a multipart upload from the staged file itself,
+    whose SHA-256 is checked while the parts go up; the store's checksum of
+    the parts' checksums (from a HEAD, since moto's CompleteMultipartUpload
+    reports none) is the one these parts make: no read-back."""
+    client, calls = counted
+    data = (hashlib.sha256(b"big").digest() * (6 * MiB // 32 + 1))[:6 * MiB + 7]
+    source, digest = staged_file(tmp_path, data)
+    target = S3PublicTarget(client, bucket=s3_buckets.public, prefix="site/",
+                            multipart_threshold=5 * MiB, part_size=5 * MiB, verify=verify)
+    found = target.publish_file("slug/big.bin", source, content_type="application/pdf",
+                                size=len(data), sha256=digest)
+    assert (found.size, found.sha256) == (len(data), digest)
+    ops = calls.by_operation(s3_buckets.public)
+    assert ops == {"HeadObject": 2, "CreateMultipartUpload": 1, "UploadPart": 2,
+                   "CompleteMultipartUpload": 1}  # the HEADs: exists first, then the check
+    assert stored(client, s3_buckets.public, "site/slug/big.bin") == data
+    with pytest.raises(ObjectExistsError):
+        target.publish_file("slug/big.bin", source, content_type="application/pdf",
+                            size=len(data), sha256=digest)
+    assert client.list_multipart_uploads(Bucket=s3_buckets.public).get("Uploads", []) == []
+
+
+def test_a_big_staged_file_that_is_not_the_one_verified_is_never_visible(
+        tmp_path: Path, counted: tuple[Any, Calls], s3_buckets: Buckets) -> None:
+    """Same size, other bytes (changed after it was verified): the whole
+    file's SHA-256 is checked before CompleteMultipartUpload, so the upload
+    is aborted and nothing is published."""
+    client, calls = counted
+    data = os.urandom(6 * MiB)
+    source, digest = staged_file(tmp_path, data)
+    source.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    target = S3PublicTarget(client, bucket=s3_buckets.public, prefix="site/",
+                            multipart_threshold=5 * MiB, part_size=5 * MiB)
+    with pytest.raises(StorageError, match=r"is not the one verified"):
+        target.publish_file("slug/big.bin", source, content_type="application/pdf",
+                            size=len(data), sha256=digest)
+    assert calls.count("CompleteMultipartUpload", s3_buckets.public) == 0
+    assert all_keys(client, s3_buckets.public) == []
+    assert client.list_multipart_uploads(Bucket=s3_buckets.public).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize(("workers", "publish_workers", "pool"),
+                         [(16, 4, 64), (1, 1, 32), (32, 8, 256)])
+def test_the_client_keeps_a_connection_for_every_put_in_flight(
+        tmp_path: Path, workers: int, publish_workers: int, pool: int) -> None:
+    """Releases published at once (scheduler.workers) times the documents of
+    each put at once (scheduler.publish_workers), and never fewer than 32:
+    a connection handed back to a full pool is closed, and the next PUT after
+    the instant would open a new one."""
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path), "s3.endpoint_url": "http://127.0.0.1:9",
+        "scheduler.workers": workers, "scheduler.publish_workers": publish_workers})
+    assert make_client(settings).meta.config.max_pool_connections == pool
+
+
 # -- multipart: read back ------------------------------------------------------------------
 def test_a_multipart_object_is_read_back_and_verified(counted: tuple[Any, Calls],
                                                       s3_buckets: Buckets) -> None:
@@ -226,23 +366,41 @@ def queue(services: Services, tmp_path: Path, letters: int) -> tuple[Any, Callab
     return release, lambda filename: files[filename].read_bytes()
 
 
-def test_publication_verifies_each_document_by_head_without_reading_it_back(
-        tmp_path: Path, counted_services: tuple[Settings, Services],
-        counted: tuple[Any, Calls], s3_buckets: Buckets) -> None:
-    settings, services = counted_services
+@pytest.mark.parametrize("verify", ["checksum", "head"])
+def test_each_document_after_the_instant_is_one_put_and_a_head_only_if_asked(
+        tmp_path: Path, s3_server: str, s3_buckets: Buckets, counted: tuple[Any, Calls],
+        verify: str) -> None:
+    """s3.verify = "checksum" (the default): the PUT's returned SHA-256 is the
+    store's account, so the only requests to the public bucket after the
+    instant are one create-only PUT per document (with its SHA-256 for the
+    store to check) and the manifest's; "head": a HEAD after each PUT too."""
     client, calls = counted
-    release, plaintext = queue(services, tmp_path, letters=3)
-    calls.seen.clear()
-    outcome = publish_at_seed(settings, services, release.id)
+    settings = s3_settings(tmp_path, s3_server, s3_buckets, verify=verify)
+    services = build_services(settings, s3_client=client,
+                              clock=FakeClock(datetime(2014, 9, 1, tzinfo=UTC)))
+    try:
+        release, plaintext = queue(services, tmp_path, letters=3)
+        calls.seen.clear()
+        calls.params.clear()
+        outcome = publish_at_seed(settings, services, release.id)
+    finally:
+        services.engine.dispose()
     assert outcome.status == "published", outcome.detail
     public = s3_buckets.public
-    assert calls.count("GetObject", public) == 0
+    documents = len(release.documents)
+    assert calls.by_operation(public) == (
+        {"PutObject": documents + 1} if verify == "checksum"
+        else {"PutObject": documents + 1, "HeadObject": documents})
     for doc in release.documents:
         key = f"site/{release.slug}/{doc.filename}"
         assert calls.count("PutObject", public, key) == 1
-        assert ("HeadObject", public, key, "ENABLED") in calls.seen
+        assert calls.count("HeadObject", public, key) == (verify == "head")
+        put = calls.params[key]
+        assert put["IfNoneMatch"] == "*"
+        assert put["ChecksumSHA256"] == base64.b64encode(bytes.fromhex(doc.sha256)).decode()
         assert stored(client, public, key) == plaintext(doc.filename)
-    assert len(all_keys(client, public)) == len(release.documents) + 1
+    assert release_row(services, release.id).state == PUBLISHED
+    assert len(all_keys(client, public)) == documents + 1
 
 
 def test_a_resumed_publication_accepts_its_own_earlier_object_by_head(
@@ -262,6 +420,8 @@ def test_a_resumed_publication_accepts_its_own_earlier_object_by_head(
     assert calls.count("PutObject", s3_buckets.public, key) == 1  # answered 412
     assert calls.count("HeadObject", s3_buckets.public, key) == 1
     assert calls.count("GetObject", s3_buckets.public, key) == 0
+    # the documents this attempt created are vouched for by their PUTs
+    assert calls.count("HeadObject", s3_buckets.public) == 1
 
 
 def test_another_object_with_its_own_sha256_fails_the_release_loudly(

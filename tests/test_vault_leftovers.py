@@ -86,3 +86,66 @@ def test_probes_write_and_leave_nothing_behind(vault: Vault, request: pytest.Fix
         assert [p for p in public.root.rglob("*") if p.is_file()] == []
     else:
         assert "Contents" not in public.client.list_objects_v2(Bucket=public.bucket)
+
+
+def test_a_batch_writes_as_the_vault_does(vault: Vault) -> None:
+    """Objects written through a batch are there at once, for every reader,
+    before sync(); a writer that raises leaves nothing; sync() keeps them."""
+    batch = vault.batch()
+    batch.put_bytes("pending/r.json", b"{}", durable=False)
+    with batch.writer("releases/r/d.emb") as out:
+        out.write(b"sealed")
+    batch.put_bytes("releases/r/dek.hpke", b"key")
+    with pytest.raises(RuntimeError), batch.writer("releases/r/half.emb") as out:
+        out.write(b"half")
+        raise RuntimeError("killed")
+    assert vault.get_bytes("pending/r.json") == b"{}"
+    assert vault.get_bytes("releases/r/d.emb") == b"sealed"
+    batch.sync()
+    assert sorted(vault.keys()) == ["pending/r.json", "releases/r/d.emb",
+                                    "releases/r/dek.hpke"]
+    assert vault.get_bytes("releases/r/dek.hpke") == b"key"
+
+
+def _fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_a_new_folder_is_durable_with_its_first_object(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder made for an object is an entry in its parent folder: that
+    parent is fsynced too, or a crash can lose the folder and the object."""
+    vault = LocalVault(tmp_path / "vault")
+    vault.put_bytes("releases/old/d.emb", b"x")
+    synced = _fsynced(monkeypatch)
+    vault.put_bytes("releases/new/d.emb", b"x")
+    folders = [s for s in synced if "/.staging/" not in s]
+    assert folders == [str(tmp_path / "vault" / "releases" / "new"),
+                       str(tmp_path / "vault" / "releases")]
+    synced.clear()
+    vault.put_bytes("releases/new/e.emb", b"x")  # the folder exists: only itself
+    assert [s for s in synced if "/.staging/" not in s] == [
+        str(tmp_path / "vault" / "releases" / "new")]
+
+
+def test_a_batch_fsyncs_each_folder_once(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    vault = LocalVault(tmp_path / "vault")
+    vault.put_bytes("releases/old/d.emb", b"x")
+    synced = _fsynced(monkeypatch)
+    batch = vault.batch()
+    batch.put_bytes("pending/new.json", b"{}", durable=False)
+    for name in ("a.emb", "b.emb", "dek.hpke"):
+        batch.put_bytes(f"releases/new/{name}", b"x")
+    assert len(synced) == 3 and all("/.staging/" in s for s in synced)  # the files alone
+    batch.sync()
+    assert synced[3:] == [str(tmp_path / "vault" / "releases" / "new"),
+                          str(tmp_path / "vault" / "releases")]

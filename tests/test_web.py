@@ -737,3 +737,27 @@ async def test_an_editor_discards_only_their_own_draft(app: Any, users: dict[str
     assert (await editor.post(f"/releases/{mine}/cancel", {"reason": "tidy"})).status_code == 303
     assert ReleaseService(services, actor="t").get(mine).state == "cancelled"
     assert ReleaseService(services, actor="t").get(theirs).state == "draft"
+
+
+async def test_an_unstampable_pdf_upload_is_refused_as_the_command_line_refuses_it(
+        app: Any, users: dict[str, str], settings: Settings, services: Services) -> None:
+    """A PDF that cannot be stamped is refused at upload, not found out when the
+    pre-embargo copies go; a good PDF beside it is accepted."""
+    from release.pdf_text import text_pdf
+
+    client = await signed_in(app, "editor")
+    release_id = await new_draft(client)
+    parts = bundle_parts()
+    parts[0] = ("report", "national-report.pdf", text_pdf([["National report, page 1"]]))
+    good = [(n, f.replace(".txt", ".pdf") if f else f,
+             text_pdf([[c.decode()]]) if f else c) for n, f, c in parts[1:]]
+    bad = list(good)
+    bad[3] = ("letter_2", "force-2.pdf", b"this is a text file\n")
+    response = await upload(client, release_id, [parts[0], *bad])
+    assert response.status_code == 422
+    assert "force-2.pdf cannot be stamped" in response.text
+    assert not list((settings.data_dir / "vault").rglob("*.emb"))
+    assert (await upload(client, release_id, [parts[0], *good])).status_code == 303
+    release = ReleaseService(services, actor="t").get(release_id)
+    assert [d.filename for d in release.documents] == [
+        "national-report.pdf", "force-1.pdf", "force-2.pdf", "force-3.pdf"]

@@ -169,10 +169,10 @@ class DocumentUpload:
                                    src=pipe)  # type: ignore[arg-type]
             except BaseException as exc:
                 self._error = exc
-                while True:  # let the parser's puts through until it stops
+                while not pipe.done:  # let the parser's puts through until it stops
                     item = pipe.q.get()
                     if isinstance(item, BaseException) or item == _END:
-                        break
+                        pipe.done = True
 
         self._thread = threading.Thread(target=seal, name="embargo-upload-seal", daemon=True)
         self._thread.start()
