@@ -2,28 +2,30 @@
 records the deliveries in batches, and backs off while the mail server is
 down.
 
-Exactly once, as far as it can be kept: a worker claims its notices a few at
-a time in one statement (one at a time while the mail server takes longer
-than ``RECORD_WAIT`` a message, so that a slow server's notices are spread
-over every relay, and a relay holds at most ``workers`` rows), a thread
-renews the claims while the messages are on their way, a worker checks
-that it still holds a claim right before it hands the message over, unless
-it took it so recently that no other relay can have taken it since (a
-third of the lease short of its lapse, and of the moment this node's
-heartbeat would be too old were it to stop), and a delivery
-is recorded only by an update that still names the claimant. A claim lapses
+Exactly once, as far as it can be kept: a run's workers take their notices
+from rows claimed in one statement, as many as they send in a few
+``RECORD_WAIT`` while the mail server is fast, and one at a time while it
+takes longer than ``RECORD_WAIT`` a message (so that a slow server's notices
+are spread over every relay, and a relay then holds at most ``workers``
+rows; rows claimed and not yet taken go back when the server turns out
+slow). A thread renews the claims while the messages are on their way; a
+worker checks that it still holds a claim right before it hands the message
+over, unless it took it so recently that no other relay can have taken it
+since (a third of the lease short of its lapse, and of the moment this
+node's heartbeat would be too old were it to stop); and a delivery is
+recorded only by an update that still names the claimant. A claim lapses
 ``lease`` after its last renewal, and at once when the node that holds it
 has stopped heartbeating for longer than ``lease``.
 
-Deliveries are recorded per worker in batches: after ``record_batch``
-messages or once ``RECORD_WAIT`` has passed since the first of them began,
-whichever comes first, in one transaction (with the worker's next claim
-when it needs one). What remains is one window per worker: a relay that
-dies after the mail server took messages and before it recorded them
-leaves those rows to be sent again, under the same Message-ID, by the relay
-that takes over; at most ``record_batch`` messages a worker, and only
-messages that each took less than ``RECORD_WAIT`` (a slower one is recorded
-at once, as with ``record_batch = 1``).
+Deliveries are recorded per worker in batches: in one transaction (with the
+worker's next claim when it needs one) after ``record_batch`` messages, or
+before its next message once ``RECORD_WAIT`` has passed since the first of
+them began, whichever comes first. What remains is one window per worker: a
+relay that dies after the mail server took messages and before it recorded
+them leaves those rows to be sent again, under the same Message-ID, by the
+relay that takes over: at most ``record_batch`` messages a worker, and
+about ``RECORD_WAIT`` of them (one, when a message takes longer than that;
+``record_batch = 1`` keeps it to one always, at a transaction a notice).
 
 The "published" notices of a release about to be published can be built
 before the instant (:meth:`OutboxRelay.prepare`, from the public addresses
