@@ -267,7 +267,6 @@ class OutboxRelay:
         self.watch: DatabaseWatch | None = None  # set by the node it runs in
         self._lock = threading.Lock()
         self._pace: float | None = None  # seconds a notice took the mail server, lately
-        self._hint: float | None = None  # seconds a connection took to open, at best
         self._ready: dict[str, _Ready] = {}
         self._idle: list[tuple[MailTransport, float]] = []  # open, with when last used
 
@@ -304,10 +303,11 @@ class OutboxRelay:
 
     def claim_size(self) -> int:
         """How many rows a worker claims at once: one until the mail server
-        has been seen to take notices quickly, then as many as it takes in
-        a few ``RECORD_WAIT`` (at most ``record_batch``)."""
+        has been seen to take notices quickly (a quick greeting says nothing
+        of how long it takes over a message), then as many as it takes in a
+        few ``RECORD_WAIT`` (at most ``record_batch``)."""
         with self._lock:
-            pace = self._pace if self._pace is not None else self._hint
+            pace = self._pace
         if pace is None or pace >= RECORD_WAIT.total_seconds():
             return 1
         return max(1, min(self.record_batch, int(_CLAIM_HOLD / max(pace, 1e-6))))
@@ -503,18 +503,13 @@ class OutboxRelay:
         return threads
 
     def _connect(self, transport: MailTransport) -> None:
-        began = time.monotonic()
         try:
             transport.connect()
         except DeliveryError as exc:
             log.warning("cannot open a connection ahead of the notices: %s", exc)
             return
-        took = time.monotonic() - began
         with self._lock:
             self._idle.append((transport, time.monotonic()))
-            # Until a notice has been timed: a message takes about as many round
-            # trips as the greeting and EHLO (and TLS and login: an overestimate).
-            self._hint = took if self._hint is None else min(self._hint, took)
 
     def ready_for(self, release_id: str) -> Release | None:
         """The release as prepared, if its notices were built ahead."""

@@ -308,3 +308,44 @@ def test_prepare_message_matches_what_smtplib_would_send() -> None:
     assert prepared.data(later).replace(b"23:01:02", b"23:01:00") == sent[0][2]
     message.replace_header("To", "jöns@force.example")
     assert prepare_message(message) is None  # SMTPUTF8: sent the ordinary way
+
+
+class SlowRawInbox(RawInbox):
+    """Quick to greet, 0.4 s over each message."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import asyncio
+
+        await asyncio.sleep(0.4)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_relay_that_prepared_for_a_slow_server_still_holds_at_most_its_workers_rows(
+        settings: Settings, services: Services, tmp_path: Path) -> None:
+    """Connections opened ahead say nothing of how long the server takes over
+    a message: a relay that has not timed one yet claims one row a worker,
+    so a node killed then leaves at most ``workers`` rows to be taken over
+    (two nodes, a 2 s server: a fresh node had claimed 32, and the survivor
+    needed 18 s to take them all)."""
+    port, inbox = free_port(), SlowRawInbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        release_id = queued(services, tmp_path, letters=8)
+        clock = FakeClock(SEED_INSTANT - timedelta(seconds=1))
+        relay = smtp_relay(dataclasses.replace(services, clock=clock), port, workers=3)
+        assert relay.prepare(release_id) == 8
+        publish(settings, services, release_id)
+        clock.set(SEED_INSTANT)
+        held: list[int] = []
+        runner = __import__("threading").Thread(target=relay.run_once)
+        runner.start()
+        while runner.is_alive():
+            with services.sessions() as session:
+                held.append(len(session.scalars(select(OutboxMessage.id).where(
+                    OutboxMessage.claim_expires_at.is_not(None))).all()))
+            time.sleep(0.05)
+        runner.join()
+    finally:
+        controller.stop()
+    assert max(held) == 3 and len(inbox.raw) == 9
