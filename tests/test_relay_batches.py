@@ -8,11 +8,13 @@ and only while the published release is what it was built from."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -314,8 +316,6 @@ class SlowRawInbox(RawInbox):
     """Quick to greet, 0.4 s over each message."""
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        import asyncio
-
         await asyncio.sleep(0.4)
         return await super().handle_DATA(server, session, envelope)
 
@@ -338,7 +338,7 @@ def test_a_relay_that_prepared_for_a_slow_server_still_holds_at_most_its_workers
         publish(settings, services, release_id)
         clock.set(SEED_INSTANT)
         held: list[int] = []
-        runner = __import__("threading").Thread(target=relay.run_once)
+        runner = threading.Thread(target=relay.run_once)
         runner.start()
         while runner.is_alive():
             with services.sessions() as session:
