@@ -3,9 +3,9 @@ records the deliveries in batches, and backs off while the mail server is
 down.
 
 Exactly once, as far as it can be kept: a run's workers take their notices
-from rows claimed in one statement, as many as they send in a few
-``RECORD_WAIT`` while the mail server is fast, and one at a time while it
-takes longer than ``RECORD_WAIT`` a message (so that a slow server's notices
+from rows claimed in one statement, as many as they send in a tenth of a
+second while the mail server is fast, and one at a time while it takes
+longer than 50 ms a message (so that a slow server's notices
 are spread over every relay, and a relay then holds at most ``workers``
 rows; rows claimed and not yet taken go back when the server turns out
 slow). A thread renews the claims while the messages are on their way; a
@@ -110,11 +110,12 @@ log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=3)
 # A worker records its deliveries once this long has passed since the first
-# unrecorded one began (or after record_batch of them); it claims several
-# rows at once only while each message takes less than this.
+# unrecorded one began (or after record_batch of them).
 RECORD_WAIT = timedelta(milliseconds=10)
-# How much work (in time, at the mail server's recent pace) a worker claims at once.
-_CLAIM_HOLD = 4 * RECORD_WAIT.total_seconds()
+# How much work (in time, at the mail server's recent pace) a worker claims at once:
+# one row at a time once a message takes more than half this (issue 12's slow servers,
+# whose notices are spread over every relay).
+_CLAIM_HOLD = 0.1
 # Prepared notices and connections are kept this long past the instant, then dropped.
 PREPARED_FOR = timedelta(seconds=60)
 # An idle prepared connection is checked (NOOP) this often, and before use once
@@ -304,11 +305,12 @@ class OutboxRelay:
     def claim_size(self) -> int:
         """How many rows a worker claims at once: one until the mail server
         has been seen to take notices quickly (a quick greeting says nothing
-        of how long it takes over a message), then as many as it takes in a
-        few ``RECORD_WAIT`` (at most ``record_batch``)."""
+        of how long it takes over a message), then as many as it takes in
+        ``_CLAIM_HOLD`` (at most ``record_batch``): one again once a message
+        takes more than half that."""
         with self._lock:
             pace = self._pace
-        if pace is None or pace >= RECORD_WAIT.total_seconds():
+        if pace is None:
             return 1
         return max(1, min(self.record_batch, int(_CLAIM_HOLD / max(pace, 1e-6))))
 
@@ -949,8 +951,8 @@ class _Run:
     def _next(self, pending: list[_Sent], record: bool) -> OutboxMessage | None:
         """The next row of this run's shared queue; when it is empty, claim
         more (one worker at a time) and record ``pending`` in the same
-        transaction: as many as the workers send in a few ``RECORD_WAIT``
-        while the server is fast, one while it is slow. ``record``: record
+        transaction: as many as the workers send in ``_CLAIM_HOLD`` while
+        the server is fast, one while it is slow. ``record``: record
         ``pending`` now in any case. Empties ``pending`` once recorded. None
         when nothing is left for this worker (or the relay is stopping)."""
         relay = self.relay
