@@ -568,22 +568,20 @@ class OutboxRelay:
         for transport, _ in idle:
             transport.close()
 
-    def _transports(self) -> list[tuple[MailTransport, bool]]:
-        """A transport for each worker of a run: the idle prepared ones first
-        (checked with NOOP if they idled a while), then this relay's own,
-        then new ones. Each with whether it may go back to the pool."""
+    def _transports(self) -> list[tuple[MailTransport, bool, bool]]:
+        """A transport for each worker of a run: the idle prepared ones first,
+        then this relay's own, then new ones. Each with whether it may go
+        back to the pool, and whether it idled long enough to be checked
+        (NOOP, by its worker) before use."""
         with self._lock:
             pooled, self._idle = self._idle[:self.workers], self._idle[self.workers:]
-        chosen: list[tuple[MailTransport, bool]] = []
-        for transport, at in pooled:
-            if time.monotonic() - at >= IDLE_CHECK_SECONDS:
-                transport.keep_alive()  # a dropped connection is closed: reopened on send
-            chosen.append((transport, True))
+        now = time.monotonic()
+        chosen = [(transport, True, now - at >= IDLE_CHECK_SECONDS) for transport, at in pooled]
         if len(chosen) < self.workers:
-            chosen.append((self.transport, False))
+            chosen.append((self.transport, False, False))
         while len(chosen) < self.workers:
             assert self.make_transport is not None
-            chosen.append((self.make_transport(), True))
+            chosen.append((self.make_transport(), True, False))
         return chosen
 
     def _put_back(self, transport: MailTransport, poolable: bool) -> None:
@@ -976,8 +974,10 @@ class _Run:
             pending.clear()
         return row
 
-    def _work(self, transport: MailTransport, poolable: bool) -> None:
+    def _work(self, transport: MailTransport, poolable: bool, check: bool = False) -> None:
         relay = self.relay
+        if check:  # idle a while: a connection the server dropped is closed, reopened on send
+            transport.keep_alive()
         wait = RECORD_WAIT.total_seconds()
         pending: list[_Sent] = []  # this worker's deliveries, not yet recorded
         began = 0.0  # when the first of ``pending`` began
@@ -1033,9 +1033,9 @@ class _Run:
             return 0
         self.queue.extend(first)
         transports = relay._transports()
-        threads = [threading.Thread(target=self._work, args=(t, poolable),
+        threads = [threading.Thread(target=self._work, args=chosen,
                                     name=f"embargo-relay-{i + 1}", daemon=True)
-                   for i, (t, poolable) in enumerate(transports[1:])]
+                   for i, chosen in enumerate(transports[1:])]
         # The releases whose notices were built ahead: the records are read beside
         # the sending, for the owner's summary, composed once the others are done.
         ahead = sorted({r.release_id for r in first if relay.ready_for(r.release_id)})
