@@ -308,6 +308,10 @@ FIELDS: tuple[Field, ...] = (
     Field(key="scheduler.lead_seconds", default=0.5, check=_number(0, 600),
           help="the job wakes this early, decrypts and verifies every document into private "
                "staging, then waits for the exact instant"),
+    Field(key="scheduler.staging_mib_per_second", default=50.0, check=_number(1, 100_000),
+          help="the rate assumed for decrypting and verifying into private staging: the "
+               "job for an instant wakes lead_seconds plus the bytes due then at this rate "
+               "early (set it below what this node measures: its log says, per release)"),
     Field(key="testing.clock_offset_ms", default=0.0, check=_number(-86_400_000, 86_400_000),
           help="shift this node's clock (rehearsals of clock trouble only; the skew check "
                "stops such a node from publishing)"),
@@ -416,6 +420,7 @@ class SchedulerSettings:
     publish_workers: int
     horizon: timedelta
     lead_seconds: float
+    staging_mib_per_second: float
 
 
 @dataclass(frozen=True, kw_only=True)

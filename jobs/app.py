@@ -125,7 +125,7 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
         services, publisher, relay, poll_seconds=sched.poll_seconds,
         workers=sched.workers,
         lead=timedelta(seconds=sched.lead_seconds), on_outcome=on_outcome,
-        horizon=sched.horizon,
+        horizon=sched.horizon, staging_rate=sched.staging_mib_per_second * 2**20,
         guard=lambda: monitor.clock_ok, watch=watch)
     monitor.doing = scheduler.doing
     monitor.start()

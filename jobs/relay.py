@@ -104,7 +104,7 @@ from release.records import (
     ReleaseState,
     table_of,
 )
-from storage.db import affected, server_time, transaction
+from storage.db import affected, read_transaction, server_time, transaction
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ class OutboxRelay:
         published."""
         if not self.transport.prepares:
             return 0
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             release = session.scalars(select(Release).where(Release.id == release_id)).first()
             if release is None or release.state not in (ReleaseState.QUEUED,
                                                         ReleaseState.PUBLISHING):
@@ -599,24 +599,27 @@ class OutboxRelay:
         """Deliver every notice that is due now and that no live relay
         holds. Returns how many were delivered."""
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
-            late = list(session.scalars(select(OutboxMessage).where(
-                OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
-                OutboxMessage.not_after.is_not(None), OutboxMessage.not_after <= now,
-                self._free(now, []))))
-            for row in late:
-                row.given_up_at, row.last_error, row.claim_expires_at = now, TOO_LATE, None
-                audit.record(session, action="notice_given_up", actor=self.worker, at=now,
-                             release_id=row.release_id,
-                             details={"to": row.to_addr, "purpose": row.purpose,
-                                      "message_id": row.message_id, "reason": TOO_LATE})
+        overdue = and_(
+            OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
+            OutboxMessage.not_after.is_not(None), OutboxMessage.not_after <= now,
+            self._free(now, []))
+        with read_transaction(self.sessions) as session:  # seldom any: no writer lock
+            any_late = session.scalars(select(OutboxMessage.id).where(overdue).limit(1)).first()
+        if any_late is not None:
+            with transaction(self.sessions) as session:
+                for row in session.scalars(select(OutboxMessage).where(overdue)).all():
+                    row.given_up_at, row.last_error, row.claim_expires_at = now, TOO_LATE, None
+                    audit.record(session, action="notice_given_up", actor=self.worker, at=now,
+                                 release_id=row.release_id,
+                                 details={"to": row.to_addr, "purpose": row.purpose,
+                                          "message_id": row.message_id, "reason": TOO_LATE})
         return _Run(self, f"{self.worker}#{secrets.token_hex(4)}").go()
 
     def next_due(self) -> float | None:
         """Seconds until the next undelivered notice is due or a claim on
         one lapses, if any."""
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             pending = and_(OutboxMessage.delivered_at.is_(None),
                            OutboxMessage.given_up_at.is_(None), ~_waiting_summary())
             free = or_(OutboxMessage.claim_expires_at.is_(None),
@@ -636,7 +639,7 @@ class OutboxRelay:
             return []
         if self.opener is None:
             raise DeliveryError("this relay cannot open documents (no private key)")
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             copy = session.scalars(select(Copy).where(Copy.message_id == row.message_id)).one()
             wanted = json.loads(copy.document_ids)
         documents = {d.id: d for d in release.documents}
@@ -646,7 +649,7 @@ class OutboxRelay:
                            copy_id=copy.id) for d in wanted]
 
     def _summary(self, release: Release) -> list[Delivery]:
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             rows = session.execute(select(
                 OutboxMessage.recipient_id, OutboxMessage.to_addr, OutboxMessage.delivered_at,
                 OutboxMessage.last_error).where(OutboxMessage.release_id == release.id,
@@ -853,7 +856,7 @@ class _Run:
         return release
 
     def _load(self, release_id: str) -> Release:
-        with transaction(self.relay.sessions) as session:
+        with read_transaction(self.relay.sessions) as session:
             release = session.scalars(select(Release).where(Release.id == release_id)).one()
             release.documents  # noqa: B018 - load before the session closes
             release.recipients  # noqa: B018
@@ -878,7 +881,7 @@ class _Run:
                 facts = self.facts.get(release_id)
             if facts is not None:
                 return facts
-            with transaction(self.relay.sessions) as session:
+            with read_transaction(self.relay.sessions) as session:
                 connection = session.connection()
                 release = connection.execute(_RELEASE_FACTS, {"release": release_id}).one()
                 documents = connection.execute(_DOCUMENT_FACTS, {"release": release_id}).all()

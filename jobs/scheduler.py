@@ -1,10 +1,12 @@
 """The long-running scheduler (``embargo run``) on APScheduler 3.
 
 The database is the source of truth: the scheduler derives one date job per
-active release from it at start and re-reads it every ``poll_seconds``, so a
-queue, cancel or reschedule made by another process reaches it within one
-poll. A job wakes ``lead`` before the instant and the publisher waits, reading
-the clock, for the instant itself. The outbox is delivered beside it, by
+instant from it at start (every release due then: a burst is one job, one
+claim, one wait) and re-reads it every ``poll_seconds``, so a queue, cancel or
+reschedule made by another process reaches it within one poll. A job wakes
+early enough to stage the bytes due at its instant (``lead`` plus those bytes
+at ``staging_rate``) and the publisher waits, reading the clock, for the
+instant itself. The outbox is delivered beside it, by
 :class:`jobs.delivery.DeliveryLoop`, which a publication or an issue of
 copies wakes."""
 
@@ -27,8 +29,8 @@ from jobs.relay import OutboxRelay
 from release.context import Services
 from release.copies import issue_copies
 from release.publishing import Outcome, Publisher, PublishStatus
-from release.records import PUBLISHING, QUEUED, Release
-from storage.db import transaction
+from release.records import PUBLISHING, QUEUED, Document, Release
+from storage.db import read_transaction
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ class EmbargoScheduler:
                  on_outcome: Callable[[Outcome], None] | None = None,
                  guard: Callable[[], bool] = lambda: True,
                  horizon: timedelta = timedelta(hours=1),
-                 watch: DatabaseWatch | None = None) -> None:
+                 watch: DatabaseWatch | None = None,
+                 staging_rate: float = 50 * 2**20) -> None:
         self.watch = watch
         self.guard = guard
         self.horizon = horizon
@@ -49,6 +52,7 @@ class EmbargoScheduler:
         self.relay = relay
         self.poll_seconds = poll_seconds
         self.lead = lead
+        self.staging_rate = staging_rate  # bytes per second assumed for staging
         self.on_outcome = on_outcome
         self.stop_event = publisher.stop
         self.sessions = services.sessions
@@ -63,6 +67,9 @@ class EmbargoScheduler:
         self._running: set[str] = set()
         self._due: dict[str, datetime] = {}  # publish timers not yet run: when each is due
         self._kicked: set[str] = set()  # overdue ones started by the poll itself
+        self._jobs: dict[datetime, str] = {}  # run time -> the job id of its group
+        self._waits: dict[datetime, timedelta] = {}  # run time -> how far ahead it wakes
+        self._runs = 0
         self._fingerprint: tuple[int, int] | None = None
         self._refresh_at = datetime.min.replace(tzinfo=UTC)  # when to look past the horizon
         self._active = 0  # queued or publishing, due within the horizon or not
@@ -112,16 +119,27 @@ class EmbargoScheduler:
                 if self.watch is not None:
                     self.watch.ok()
 
+    def lead_for(self, size: int) -> timedelta:
+        """How early the job for an instant wakes when ``size`` bytes are due
+        then: ``lead`` (the floor), plus the time to stage them at
+        ``staging_rate``; never more than half the horizon."""
+        longest = max(self.lead, self.horizon / 2)
+        staging = size / self.staging_rate
+        if staging >= longest.total_seconds():
+            return longest
+        return min(self.lead + timedelta(seconds=staging), longest)
+
     def sync(self, *, force: bool = False) -> int:
         """Bring the jobs in line with the database; return how many releases
         are active (queued or publishing). Cheap when nothing has changed:
-        one aggregate query.
+        one aggregate query, in a read transaction (it never waits for, nor
+        holds up, a publication's commits).
 
         Only releases due within ``horizon`` get a timer; the rest are looked
         at again every half horizon, so the work at start and at each change
         grows with the releases due soon, not with everything queued."""
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             fingerprint = session.execute(select(
                 func.count(), func.coalesce(func.sum(Release.revision), 0),
                 func.count().filter(Release.state.in_((QUEUED, PUBLISHING))))).one()
@@ -131,12 +149,15 @@ class EmbargoScheduler:
                 with self._lock:
                     return self._active
             within = now + self.horizon
+            size = (select(func.coalesce(func.sum(Document.size), 0))
+                    .where(Document.release_id == Release.id).scalar_subquery())
             rows = session.execute(
                 select(Release.id, Release.state, Release.instant, Release.revision,
-                       Release.lease_expires_at, Release.copies_at, Release.copies_issued_at)
+                       Release.lease_expires_at, Release.copies_at, Release.copies_issued_at,
+                       size)
                 .where(or_(Release.state == PUBLISHING,
                            (Release.state == QUEUED) & or_(
-                               Release.instant <= within + self.lead,
+                               Release.instant <= within + max(self.lead, self.horizon / 2),
                                Release.copies_at <= within)))).all()
         self._refresh_at = now + self.horizon / 2
         fresh: tuple[int, int] | None = fp
@@ -145,11 +166,15 @@ class EmbargoScheduler:
             rows = []  # a node that may not publish schedules nothing,
             fresh = None  # and looks again at the next poll
             active_count = 0
+        bytes_at: dict[datetime, int] = {}
+        for _, state, instant, _, _, _, _, nbytes in rows:
+            if state == QUEUED:
+                bytes_at[instant] = bytes_at.get(instant, 0) + int(nbytes or 0)
         with self._lock:
             active: set[str] = set()
             copies_due: set[str] = set()
             timed: set[str] = set()  # timers set just now, from the clock as it is
-            for release_id, state, instant, revision, lease, copies_at, issued in rows:
+            for release_id, state, instant, revision, lease, copies_at, issued, _ in rows:
                 active.add(release_id)
                 if state == QUEUED and copies_at is not None and issued is None:
                     copies_due.add(release_id)
@@ -162,22 +187,25 @@ class EmbargoScheduler:
                 if release_id in self._running:
                     continue
                 if state == QUEUED:
-                    run_at = instant - self.lead
+                    lead = self.lead_for(bytes_at.get(instant, 0))
+                    run_at = instant - lead
                     if run_at > within:
                         active.discard(release_id)  # here for its copies only
                         continue
+                    if lease is not None and lease > run_at:  # another's claim, or a backoff
+                        run_at = lease
+                        lead = max(instant - run_at, timedelta(0))
                 else:  # publishing: resume when the current claim lapses
                     run_at = max(lease or now, instant)
+                    lead = timedelta(0)
                 key = (revision, run_at)
                 if self._known.get(release_id) == key:
                     continue
                 self._known[release_id] = key
                 self._due[release_id] = run_at
+                self._waits[run_at] = max(self._waits.get(run_at, lead), lead)
                 self._kicked.discard(release_id)
                 timed.add(release_id)
-                self.scheduler.add_job(self._publish, "date", run_date=run_at,
-                                       id=f"publish:{release_id}", args=[release_id],
-                                       replace_existing=True, name=f"publish {release_id}")
             for done in set(self._copies) - copies_due:
                 del self._copies[done]
                 try:
@@ -187,14 +215,31 @@ class EmbargoScheduler:
             for gone in set(self._known) - active:
                 del self._known[gone]
                 self._due.pop(gone, None)
+            wanted = set(self._due.values())
+            for run_at in [r for r in self._jobs if r not in wanted]:
+                job_id = self._jobs.pop(run_at)
+                self._waits.pop(run_at, None)
                 try:
-                    self.scheduler.remove_job(f"publish:{gone}")
+                    self.scheduler.remove_job(job_id)
                 except JobLookupError:
                     pass
+            for run_at in {self._due[r] for r in timed}:
+                self._add_group(run_at, run_at)
             self._fingerprint = fresh
             self._active = active_count
         self._start_overdue(now, skip=timed)
         return active_count
+
+    def _add_group(self, run_at: datetime, run_date: datetime | None) -> None:
+        """(Re)arm the one job of the releases due at ``run_at``; ``run_date``
+        None runs it now. Called with the lock held."""
+        job_id = self._jobs.get(run_at)
+        if job_id is None:
+            self._runs += 1
+            job_id = self._jobs[run_at] = f"publish:{run_at.isoformat()}#{self._runs}"
+        self.scheduler.add_job(self._publish_due, "date", run_date=run_date, id=job_id,
+                               args=[run_at], replace_existing=True,
+                               name=f"publish due {run_at.isoformat()}")
 
     def _start_overdue(self, now: datetime, *, skip: set[str] | None = None) -> None:
         """Start at once every publication whose time has come by our clock,
@@ -209,20 +254,26 @@ class EmbargoScheduler:
                 self._kicked.add(release_id)
                 log.info("publication of %s is due by the clock but its timer has not "
                          "fired (a clock step?): starting it now", release_id)
-                self.scheduler.add_job(self._publish, "date", id=f"publish:{release_id}",
-                                       args=[release_id], replace_existing=True,
-                                       name=f"publish {release_id}")
+            for run_at in {self._due[r] for r in late}:
+                self._add_group(run_at, None)
 
     def _skipped(self, event: JobSubmissionEvent) -> None:
         """APScheduler dropped a run because the job's previous run had not
         returned yet: a sync re-added the job in the moment between a run
-        forgetting its release and returning. Forget it again, so the next
-        sync schedules it once more; never leave a release unscheduled."""
-        kind, _, release_id = event.job_id.partition(":")
-        log.info("%s job for %s overlapped its previous run; rescheduling it", kind,
-                 release_id)
+        forgetting its releases and returning. Forget them again, so the next
+        sync schedules them once more; never leave a release unscheduled."""
+        kind, _, what = event.job_id.partition(":")
+        log.info("%s job %s overlapped its previous run; rescheduling it", kind, what)
         with self._lock:
-            (self._known if kind == "publish" else self._copies).pop(release_id, None)
+            if kind == "publish":
+                run_at = next((r for r, j in self._jobs.items() if j == event.job_id), None)
+                for release_id in [r for r, d in self._due.items() if d == run_at]:
+                    self._known.pop(release_id, None)
+                    self._due.pop(release_id, None)
+                if run_at is not None:
+                    self._jobs.pop(run_at, None)
+            else:
+                self._copies.pop(what, None)
             self._fingerprint = None
 
     # -- jobs ------------------------------------------------------------------
@@ -235,42 +286,62 @@ class EmbargoScheduler:
             return "publishing " + ", ".join(running)
         return f"waiting for {waiting} release{'s' if waiting != 1 else ''}"
 
+    def timer_of(self, release_id: str) -> datetime | None:
+        """When the job that will publish ``release_id`` runs, if it has one."""
+        with self._lock:
+            run_at = self._due.get(release_id)
+            return run_at if run_at is not None and run_at in self._jobs else None
+
     def timers(self) -> set[str]:
         """The releases this node holds a publish timer for, or is publishing
         (for the metrics' unscheduled figure)."""
         with self._lock:
             return set(self._known) | self._running
 
-    def _publish(self, release_id: str) -> None:
+    def _publish_due(self, run_at: datetime) -> None:
+        """The job of one instant: every release due then, published
+        together (one claim, one wait, one finish)."""
+        with self._lock:
+            ids = sorted(r for r, due in self._due.items()
+                         if due == run_at and r not in self._running)
+            wait = self._waits.pop(run_at, self.lead)
+            if self._jobs.get(run_at) is not None:
+                del self._jobs[run_at]
+        if not ids:
+            return
         if not self.guard():
-            log.warning("not publishing %s: this node's clock is not trusted", release_id)
+            log.warning("not publishing %s: this node's clock is not trusted", ", ".join(ids))
             with self._lock:
-                self._known.pop(release_id, None)
+                for release_id in ids:
+                    self._known.pop(release_id, None)
+                    self._due.pop(release_id, None)
                 self._fingerprint = None
             return
         with self._lock:
-            if release_id in self._running:
-                return
-            self._running.add(release_id)
-            self._due.pop(release_id, None)
-            self._kicked.discard(release_id)
-        if self.delivery is not None:  # its notices built, the mail connections opened, now
-            self.delivery.prepare(release_id)
+            ids = [r for r in ids if r not in self._running]
+            for release_id in ids:
+                self._running.add(release_id)
+                self._due.pop(release_id, None)
+                self._kicked.discard(release_id)
+        if self.delivery is not None:  # their notices built, the mail connections opened, now
+            for release_id in ids:
+                self.delivery.prepare(release_id)
         try:
-            outcome = self.publisher.publish(release_id,
-                                             wait_up_to=self.lead + timedelta(seconds=1))
+            outcomes = self.publisher.publish_many(ids, wait_up_to=wait + timedelta(seconds=1))
         except Exception as exc:
-            report(self.watch, exc, doing=f"publishing {release_id}", logger=log)
-            outcome = Outcome(status=PublishStatus.RETRY, release_id=release_id)
+            report(self.watch, exc, doing=f"publishing {', '.join(ids)}", logger=log)
+            outcomes = [Outcome(status=PublishStatus.RETRY, release_id=r) for r in ids]
         finally:
             with self._lock:
-                self._running.discard(release_id)
-                self._known.pop(release_id, None)  # the next sync re-reads it
+                for release_id in ids:
+                    self._running.discard(release_id)
+                    self._known.pop(release_id, None)  # the next sync re-reads it
                 self._fingerprint = None
-        if outcome.status in (PublishStatus.PUBLISHED, PublishStatus.FAILED):
+        if any(o.status in (PublishStatus.PUBLISHED, PublishStatus.FAILED) for o in outcomes):
             self.kick_relay()
         if self.on_outcome is not None:
-            self.on_outcome(outcome)
+            for outcome in outcomes:
+                self.on_outcome(outcome)
 
     def _issue_copies(self, release_id: str) -> None:
         if not self.guard():

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
-from storage.db import server_time
+from storage.db import read_only, server_time
 
 
 class Clock:
@@ -81,7 +81,7 @@ def measure_clock(engine: Engine, clock: Clock, *, tries: int = 3) -> ClockReadi
     cannot be reached."""
     best: tuple[timedelta, float] | None = None
     for _ in range(max(1, tries)):
-        with engine.connect() as connection:
+        with read_only(engine).connect() as connection:  # on SQLite: not the writer lock
             start_real = time.perf_counter()
             before = clock.now()
             server = server_time(connection)

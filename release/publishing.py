@@ -1,12 +1,22 @@
 """Publication at the embargo instant, in two phases.
 
 In the lead window before the instant the claimant opens the data key and
-decrypts every document completely into private staging (mode 0600, outside
-the public tree), checking every tag and SHA-256. Only when all are verified,
-and the reference clock (the database server's) says the instant has come,
-does anything become public: each staged file is moved into place (a rename
-on a folder, a create-only PUT on S3), then the manifest, then one
-transaction marks the release published and fills the outbox.
+decrypts every document completely into private staging (a folder of mode
+0700, outside the public tree), checking every tag and SHA-256, and makes
+ready everything else that does not have to wait: each file's public mode,
+its URL, the manifest but for its time, the rows of the finish. Only when
+all are verified, and the reference clock (the database server's) says the
+instant has come, does anything become public, and then publication is a
+commit: each staged file is linked into place (create-only; a create-only
+PUT on S3), each folder fsynced once, then the manifest, then one
+transaction marks the release published and fills the outbox. Releases due
+at one instant are claimed, waited for and finished together
+(:meth:`Publisher.publish_many`), each with its own outcome.
+
+A release claimed while queued stays ``queued`` (claimed, under a lease)
+while it is staged, so that a cancel or a reschedule still wins; it becomes
+``publishing`` ``freeze_before`` the instant, and from then on nothing but
+this publisher (or, if it dies, the next claimant) touches it.
 
 Storage and database faults are retried with capped backoff, for as long as
 they last, and alerted; a fault that no retry can mend (a tampered document,
@@ -17,20 +27,23 @@ written twice."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from sqlalchemy import bindparam, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, func, or_, select, update
 
 from config.errors import EmbargoError, NotFoundError, SealError, StorageError
 from config.retry import PUBLICATION
@@ -52,8 +65,8 @@ from release.records import (
     table_of,
 )
 from release.vault_keys import dek_key, document_key
-from storage.base import ObjectExistsError, write_private
-from storage.db import affected, server_time, transaction
+from storage.base import ObjectExistsError, PublicBatch, write_private
+from storage.db import affected, read_only, read_transaction, server_time, transaction
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +75,9 @@ _RELEASES = table_of(Release)
 _RECIPIENTS = table_of(Recipient)
 _OUTBOX = table_of(OutboxMessage)
 _DOCUMENTS = table_of(Document)
+_CLAIMED = (_RELEASES.c.id, _RELEASES.c.state, _RELEASES.c.slug, _RELEASES.c.title,
+            _RELEASES.c.owner, _RELEASES.c.instant, _RELEASES.c.zone, _RELEASES.c.wall,
+            _RELEASES.c.started_at, _RELEASES.c.attempts)
 _DOCUMENT_PUBLISHED = (update(_DOCUMENTS).where(_DOCUMENTS.c.id == bindparam("document"))
                        .values(published_at=bindparam("at"), public_url=bindparam("url")))
 
@@ -127,10 +143,50 @@ class _Plan:
     wall: str
     started_at: datetime | None
     attempts: int
+    # Claimed while queued: staged under a claim that a cancel or a reschedule
+    # still overrules, until it is made ``publishing`` just before the instant.
+    fresh: bool
     documents: tuple[_Doc, ...]
+    recipients: tuple[tuple[str, str], ...]  # (id, address), in the release's order
 
     def key(self, doc: _Doc) -> str:
         return f"{self.slug}/{doc.filename}"
+
+
+@dataclass(eq=False)
+class _Job:
+    """One release of a publication run, and what was made ready for it
+    before the instant."""
+
+    plan: _Plan
+    folder: Path
+    staged: dict[str, Path] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)  # document id -> public URL
+    manifest: _Manifest | None = None
+    published_at: datetime | None = None  # when its last document became public
+    error: Exception | None = None
+    found: int = 0  # documents an earlier attempt had made public already
+
+    @property
+    def release_id(self) -> str:
+        return self.plan.release_id
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Manifest:
+    """A release's manifest, built before the instant but for the moment it
+    became public (filled in at the instant)."""
+
+    key: str
+    title: str
+    listing: list[dict[str, object]]
+    template: str  # the JSON text, with ``token`` where the time goes
+    token: str
+
+    def render(self, published_at: datetime, instant: datetime) -> bytes:
+        timing = (f'"published_at": {json.dumps(_iso(published_at))},\n'
+                  f'  "lateness_ms": {json.dumps(_ms(published_at - instant))}')
+        return self.template.replace(self.token, timing).encode()
 
 
 def message_id(release_id: str, purpose: str, recipient_id: str | None) -> str:
@@ -147,13 +203,16 @@ class Publisher:
     monitor's); None until one was made, and then the publisher waits for
     it. Without one the publisher measures the clock itself, once per
     publication. ``trusted_skew`` (the node's skew limit) bounds the skew
-    used to turn local times into reference-clock times."""
+    used to turn local times into reference-clock times. ``freeze_before``:
+    how long before the instant a release claimed while queued becomes
+    ``publishing`` (until then a cancel or a reschedule still wins)."""
 
     def __init__(self, services: Services, private_key: X25519PrivateKey, *, claimant: str,
                  lease: timedelta = timedelta(seconds=30),
                  stop: threading.Event | None = None, workers: int = 1,
                  clock_reading: Callable[[], ClockReading | None] | None = None,
-                 trusted_skew: timedelta = timedelta(milliseconds=500)) -> None:
+                 trusted_skew: timedelta = timedelta(milliseconds=500),
+                 freeze_before: timedelta = timedelta(milliseconds=200)) -> None:
         self.workers = max(1, workers)
         self.s = services
         self.key = private_key
@@ -163,6 +222,9 @@ class Publisher:
         self.sessions = services.sessions
         self.clock_reading = clock_reading
         self.trusted_skew = trusted_skew
+        self.freeze_before = freeze_before
+        self._pool_lock = threading.Lock()
+        self._pools: dict[str, ThreadPoolExecutor] = {}
 
     def publish(self, release_id: str, *, wait_up_to: timedelta = timedelta(0)) -> Outcome:
         """Publish ``release_id`` if its instant has come.
@@ -172,71 +234,198 @@ class Publisher:
         claimed, every document staged and verified, and the publisher waits
         for the instant by the reference clock. ``not_ours`` means another
         publisher holds the claim."""
-        now = self.s.clock.now()
-        with transaction(self.sessions) as session:  # read and claim: one transaction
-            release = session.get(Release, release_id)
-            if release is None or release.state not in (QUEUED, PUBLISHING):
-                return Outcome(status=PublishStatus.INACTIVE, release_id=release_id)
-            if release.instant - now > wait_up_to:
-                return Outcome(status=PublishStatus.NOT_YET, release_id=release_id)
-            if not self._claim(session, release_id, now):
-                return Outcome(status=PublishStatus.NOT_OURS, release_id=release_id)
-            plan = _plan_of(session, release)
-        with _LeaseKeeper(self, release_id) as keeper:
-            try:
-                with self.s.public.staging.folder(release_id) as folder:
-                    staged = self._stage(plan, folder, keeper)
-                    reading = self._wait_for_instant(plan.instant)
-                    if reading is None:
-                        keeper.close()
-                        self._unclaim(release_id)
-                        return Outcome(status=PublishStatus.NOT_YET, release_id=release_id,
-                                       detail="stopping")
-                    return self._go_public(plan, staged, keeper, reading)
-            except Exception as exc:
-                keeper.close()
-                return self._failed(plan, exc)
+        return self.publish_many([release_id], wait_up_to=wait_up_to)[0]
+
+    def publish_many(self, release_ids: Sequence[str], *,
+                     wait_up_to: timedelta = timedelta(0)) -> list[Outcome]:
+        """Publish several releases as :meth:`publish` does one, returning
+        an outcome for each, in order. They are claimed in one statement and
+        staged together; those due at one instant are waited for once, made
+        public together and finished in one transaction. Each keeps its own
+        outcome: one that fails (a tampered document, a lost claim) does not
+        hold up or fail the others."""
+        ids = list(dict.fromkeys(release_ids))
+        outcomes: dict[str, Outcome] = {}
+        plans = self._claim(ids, self.s.clock.now(), wait_up_to, outcomes)
+        if plans:
+            with _LeaseKeeper(self, [p.release_id for p in plans]) as keeper, \
+                    ExitStack() as folders:
+                jobs = self._stage_all(plans, keeper, folders, outcomes)
+                at: dict[datetime, list[_Job]] = {}
+                for job in jobs:
+                    at.setdefault(job.plan.instant, []).append(job)
+                for instant in sorted(at):
+                    self._publish_at(instant, at[instant], keeper, outcomes)
+        return [outcomes[release_id] for release_id in release_ids]
 
     # -- claim ---------------------------------------------------------------
-    def _claim(self, session: Session, release_id: str, now: datetime) -> bool:
-        """The compare-and-set: exactly one publisher gets the release."""
-        claimed = affected(session.connection().execute(
-            update(_RELEASES)
-            .where(_RELEASES.c.id == release_id,
-                   or_(_RELEASES.c.state == QUEUED,
-                       (_RELEASES.c.state == PUBLISHING)
-                       & or_(_RELEASES.c.lease_expires_at.is_(None),
-                             _RELEASES.c.lease_expires_at < now)))
-            .values(state=PUBLISHING, claimant=self.claimant,
-                    lease_expires_at=now + self.lease, revision=_RELEASES.c.revision + 1,
-                    attempts=_RELEASES.c.attempts + 1)
-        ))
-        return bool(claimed)
+    def _claim(self, ids: list[str], now: datetime, wait_up_to: timedelta,
+               outcomes: dict[str, Outcome]) -> list[_Plan]:
+        """The compare-and-set, for every release at once: exactly one
+        publisher gets each. A queued release stays queued (see ``fresh``);
+        one left ``publishing`` by a publisher whose lease lapsed is resumed.
+        Loads what publication needs in the same transaction."""
+        with transaction(self.sessions) as session:
+            connection = session.connection()
+            claimed = connection.execute(
+                update(_RELEASES)
+                .where(_RELEASES.c.id.in_(ids),
+                       _RELEASES.c.state.in_((QUEUED, PUBLISHING)),
+                       _RELEASES.c.instant <= now + wait_up_to,
+                       or_(_RELEASES.c.lease_expires_at.is_(None),
+                           _RELEASES.c.lease_expires_at < now))
+                .values(claimant=self.claimant, lease_expires_at=now + self.lease,
+                        revision=_RELEASES.c.revision + 1, attempts=_RELEASES.c.attempts + 1)
+                .returning(*_CLAIMED)).all()
+            rows = {row.id: row for row in claimed}
+            missing = [release_id for release_id in ids if release_id not in rows]
+            found = {r.id: r for r in connection.execute(
+                select(_RELEASES.c.id, _RELEASES.c.state, _RELEASES.c.instant)
+                .where(_RELEASES.c.id.in_(missing)))} if missing else {}
+            documents: dict[str, list[_Doc]] = {release_id: [] for release_id in rows}
+            recipients: dict[str, list[tuple[str, str]]] = {release_id: [] for release_id in rows}
+            if rows:
+                for r in connection.execute(
+                        select(_DOCUMENTS.c.release_id, _DOCUMENTS.c.id, _DOCUMENTS.c.filename,
+                               _DOCUMENTS.c.kind, _DOCUMENTS.c.organisation, _DOCUMENTS.c.size,
+                               _DOCUMENTS.c.sha256, _DOCUMENTS.c.content_type)
+                        .where(_DOCUMENTS.c.release_id.in_(list(rows)))
+                        .order_by(_DOCUMENTS.c.release_id, _DOCUMENTS.c.position)):
+                    documents[r.release_id].append(_Doc(
+                        id=r.id, filename=r.filename, kind=r.kind, organisation=r.organisation,
+                        size=r.size, sha256=r.sha256, content_type=r.content_type))
+                for release_id, recipient_id, email in connection.execute(
+                        select(_RECIPIENTS.c.release_id, _RECIPIENTS.c.id, _RECIPIENTS.c.email)
+                        .where(_RECIPIENTS.c.release_id.in_(list(rows)))
+                        .order_by(_RECIPIENTS.c.release_id, _RECIPIENTS.c.position)):
+                    recipients[release_id].append((recipient_id, email))
+        for release_id in missing:
+            row = found.get(release_id)
+            if row is None or row.state not in (QUEUED, PUBLISHING):
+                status = PublishStatus.INACTIVE
+            elif row.instant - now > wait_up_to:
+                status = PublishStatus.NOT_YET
+            else:
+                status = PublishStatus.NOT_OURS
+            outcomes[release_id] = Outcome(status=status, release_id=release_id)
+        return [_Plan(release_id=r.id, slug=r.slug, title=r.title, owner=r.owner,
+                      instant=r.instant, zone=r.zone, wall=r.wall, started_at=r.started_at,
+                      attempts=r.attempts, fresh=r.state == QUEUED,
+                      documents=tuple(documents[r.id]), recipients=tuple(recipients[r.id]))
+                for r in (rows[release_id] for release_id in ids if release_id in rows)]
 
-    def _renew(self, release_id: str) -> None:
+    def _renew(self, release_ids: Collection[str]) -> set[str]:
+        """Extend the lease on ``release_ids``; returns those still ours."""
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
-            held = affected(session.execute(
-                update(Release)
-                .where(Release.id == release_id, Release.state == PUBLISHING,
-                       Release.claimant == self.claimant)
+            return set(session.connection().execute(
+                update(_RELEASES)
+                .where(_RELEASES.c.id.in_(list(release_ids)),
+                       _RELEASES.c.state.in_((QUEUED, PUBLISHING)),
+                       _RELEASES.c.claimant == self.claimant)
                 .values(lease_expires_at=now + self.lease)
-            ))
-        if not held:
-            raise StorageError(f"lost the claim on {release_id} to another publisher")
+                .returning(_RELEASES.c.id)).scalars())
 
-    def _unclaim(self, release_id: str) -> None:
-        """Give back a claim taken before the instant, when nothing was
-        published yet (stopping, or a clock that stepped back)."""
+    def _freeze(self, instant: datetime, jobs: list[_Job],
+                outcomes: dict[str, Outcome]) -> list[_Job]:
+        """Just before the instant, make the fresh releases of ``jobs``
+        ``publishing`` (from then on cancel and reschedule refuse them), if
+        they are still queued, still ours and still due at ``instant``.
+        Returns the jobs that go on; the others are let go."""
+        fresh = [job for job in jobs if job.plan.fresh]
+        if not fresh:
+            return jobs
+        try:
+            with transaction(self.sessions) as session:
+                moved = set(session.connection().execute(
+                    update(_RELEASES)
+                    .where(_RELEASES.c.id.in_([job.release_id for job in fresh]),
+                           _RELEASES.c.state == QUEUED,
+                           _RELEASES.c.claimant == self.claimant,
+                           _RELEASES.c.instant == instant)
+                    .values(state=PUBLISHING, revision=_RELEASES.c.revision + 1)
+                    .returning(_RELEASES.c.id)).scalars())
+        except StorageError as exc:
+            for job in fresh:
+                outcomes[job.release_id] = self._failed(job.plan, exc)
+            return [job for job in jobs if not job.plan.fresh]
+        changed = [job.plan for job in fresh if job.release_id not in moved]
+        if changed:
+            self._give_back(changed)
+            with read_transaction(self.sessions) as session:
+                states = dict(session.connection().execute(
+                    select(_RELEASES.c.id, _RELEASES.c.state)
+                    .where(_RELEASES.c.id.in_([p.release_id for p in changed]))).all())
+            for plan in changed:
+                state = states.get(plan.release_id)
+                status = (PublishStatus.NOT_YET if state == QUEUED
+                          else PublishStatus.NOT_OURS if state == PUBLISHING
+                          else PublishStatus.INACTIVE)
+                log.info("release %s changed while it was staged (now %s): not publishing it "
+                         "at %s", plan.release_id, state or "gone", _iso(instant))
+                outcomes[plan.release_id] = Outcome(status=status, release_id=plan.release_id,
+                                                    detail="changed before the instant")
+        return [job for job in jobs if not job.plan.fresh or job.release_id in moved]
+
+    def _give_back(self, plans: Sequence[_Plan]) -> None:
+        """Give back claims taken before the instant, when nothing was
+        published by them (stopping, a clock that stepped back, a release
+        changed meanwhile): a fresh one goes back to the queue; a resumed one
+        keeps its state and only loses its claimant."""
+        fresh = [p.release_id for p in plans if p.fresh]
+        resumed = [p.release_id for p in plans if not p.fresh]
         with transaction(self.sessions) as session:
-            session.execute(
-                update(Release).where(Release.id == release_id, Release.state == PUBLISHING,
-                                      Release.claimant == self.claimant,
-                                      Release.started_at.is_(None))
-                .values(state=QUEUED, claimant=None, lease_expires_at=None,
-                        revision=Release.revision + 1, attempts=Release.attempts - 1))
+            connection = session.connection()
+            if fresh:
+                connection.execute(
+                    update(_RELEASES)
+                    .where(_RELEASES.c.id.in_(fresh), _RELEASES.c.claimant == self.claimant,
+                           _RELEASES.c.state.in_((QUEUED, PUBLISHING)),
+                           _RELEASES.c.started_at.is_(None))
+                    .values(state=QUEUED, claimant=None, lease_expires_at=None,
+                            revision=_RELEASES.c.revision + 1,
+                            attempts=_RELEASES.c.attempts - 1))
+            if resumed:
+                connection.execute(
+                    update(_RELEASES)
+                    .where(_RELEASES.c.id.in_(resumed), _RELEASES.c.claimant == self.claimant,
+                           _RELEASES.c.state == PUBLISHING)
+                    .values(claimant=None, lease_expires_at=None,
+                            revision=_RELEASES.c.revision + 1,
+                            attempts=_RELEASES.c.attempts - 1))
 
     # -- phase one: stage and verify, before the instant ---------------------------
+    def _stage_all(self, plans: list[_Plan], keeper: _LeaseKeeper, folders: ExitStack,
+                   outcomes: dict[str, Outcome]) -> list[_Job]:
+        """Stage every release (several at once when there are several);
+        those that fail are recorded as failed and left out."""
+        jobs: list[_Job] = []
+        for plan in plans:
+            try:
+                folder = folders.enter_context(self.s.public.staging.folder(plan.release_id))
+            except Exception as exc:
+                keeper.done([plan.release_id])
+                outcomes[plan.release_id] = self._failed(plan, exc)
+                continue
+            jobs.append(_Job(plan=plan, folder=folder))
+        if len(jobs) > 1 and self.workers > 1:
+            list(self._pool("stage").map(lambda job: self._stage_job(job, keeper), jobs))
+        else:
+            for job in jobs:
+                self._stage_job(job, keeper)
+        for job in jobs:
+            if job.error is not None:
+                keeper.done([job.release_id])
+                outcomes[job.release_id] = self._failed(job.plan, job.error)
+        return [job for job in jobs if job.error is None]
+
+    def _stage_job(self, job: _Job, keeper: _LeaseKeeper) -> None:
+        try:
+            job.staged = self._stage(job.plan, job.folder, keeper)
+            self._prepare(job)
+        except Exception as exc:
+            job.error = exc
+
     def _stage(self, plan: _Plan, folder: Path, keeper: _LeaseKeeper) -> dict[str, Path]:
         """Decrypt every document into ``folder`` (files of mode 0600) and
         check each against its recorded size and SHA-256. Raises
@@ -252,15 +441,16 @@ class Publisher:
         except SealError as exc:
             raise UnverifiableError(f"the data key of {release_id}: {exc}") from None
         staged: dict[str, Path] = {}
+        began = time.perf_counter()
         for doc in plan.documents:
-            keeper.check()
+            keeper.check(release_id)
             path = folder / doc.id
             try:
                 with self.s.vault.reader(document_key(release_id, doc.id)) as sealed, \
                         write_private(path) as out:
                     opened = sealing.open_stream(dek, doc.id, sealed, out)
                     out.flush()
-                    os.fsync(out.fileno())  # durable once renamed into place
+                    os.fsync(out.fileno())  # durable once linked into place
             except SealError as exc:
                 raise UnverifiableError(f"{doc.filename}: {exc}") from None
             except NotFoundError:
@@ -272,8 +462,43 @@ class Publisher:
                                         f"{opened.sha256[:12]}…; expected {doc.size} bytes, "
                                         f"{doc.sha256[:12]}…)")
             staged[doc.id] = path
-        log.info("release %s: %d documents staged and verified", release_id, len(staged))
+        took = time.perf_counter() - began
+        size = sum(doc.size for doc in plan.documents)
+        log.info("release %s: %d documents (%.1f MiB) staged and verified in %.0f ms "
+                 "(%.0f MiB/s)", release_id, len(staged), size / 2**20, took * 1000,
+                 size / 2**20 / took if took > 0 else 0.0)
         return staged
+
+    def _prepare(self, job: _Job) -> None:
+        """Everything else that does not have to wait for the instant: each
+        document made ready for its public place (a folder's public mode,
+        inside the private staging folder), its URL, and the manifest but
+        for its time."""
+        plan, public = job.plan, self.s.public
+        for doc in plan.documents:
+            key = plan.key(doc)
+            public.prepare_file(key, job.staged[doc.id], content_type=doc.content_type,
+                                size=doc.size, sha256=doc.sha256)
+            job.urls[doc.id] = public.url(key)
+        embargo = timerules.Embargo(instant=plan.instant, zone=plan.zone, wall=plan.wall)
+        listing: list[dict[str, object]] = [
+            {"name": d.filename, "kind": d.kind, "organisation": d.organisation,
+             "size": d.size, "sha256": d.sha256, "content_type": d.content_type,
+             "url": job.urls[d.id]} for d in plan.documents]
+        token = f"@@{secrets.token_hex(16)}@@"
+        body = {
+            "title": plan.title,
+            "embargo": {"local": embargo.local.isoformat(), "zone": embargo.zone,
+                        "utc": embargo.instant.isoformat().replace("+00:00", "Z"),
+                        "text": embargo.describe_long()},
+            token: None,
+            "clock": "reference (the database server's)",
+            "documents": listing,
+        }
+        template = json.dumps(body, indent=2, ensure_ascii=False) + "\n"
+        job.manifest = _Manifest(key=f"{plan.slug}/manifest.json", title=plan.title,
+                                 listing=listing, token=f'"{token}": null',
+                                 template=template)
 
     # -- the instant -------------------------------------------------------------
     def _reading(self) -> ClockReading | None:
@@ -300,7 +525,7 @@ class Publisher:
                                                            self.stop):
             return None
         while True:
-            with self.s.engine.connect() as connection:
+            with read_only(self.s.engine).connect() as connection:  # no writer lock
                 server = server_time(connection)
             if server >= instant:
                 return reading
@@ -320,148 +545,289 @@ class Publisher:
                                 f"{reading.skew_ms:+.1f} ms off the reference) before the "
                                 f"embargo {instant.isoformat()}")
 
-    # -- phase two: make public ------------------------------------------------------
-    def _go_public(self, plan: _Plan, staged: dict[str, Path], keeper: _LeaseKeeper,
-                   reading: ClockReading) -> Outcome:
-        release_id, instant = plan.release_id, plan.instant
-        self._check_time(instant, reading)
-        started = self._reference_now(reading)
-        with transaction(self.sessions) as session:
-            first = affected(session.connection().execute(
-                update(_RELEASES).where(_RELEASES.c.id == release_id,
-                                        _RELEASES.c.claimant == self.claimant,
-                                        _RELEASES.c.started_at.is_(None))
-                .values(started_at=started)))
-            audit.record(session, action="publication_started" if first
-                         else "publication_resumed", actor=self.claimant, at=started,
-                         release_id=release_id,
-                         details={"lateness_ms": _ms(started - instant),
-                                  "attempt": plan.attempts})
-        documents = plan.documents
-        if self.workers == 1 or len(documents) < 2:
-            for doc in documents:
-                self._publish_one(keeper, plan, doc, staged[doc.id])
-        else:  # several at once: on S3 each put waits mostly on the network
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="publish") as pool:
-                futures = [pool.submit(self._publish_one, keeper, plan, doc, staged[doc.id])
-                           for doc in documents]
-                for future in as_completed(futures):
-                    if not future.cancelled() and future.exception() is not None:
-                        for other in futures:
-                            other.cancel()
-                for future in futures:  # the first failure, in document order
-                    if not future.cancelled():
-                        future.result()
-        keeper.check()
-        self.s.public.flush()
-        published_at = self._reference_now(reading)  # the last document is public
-        published_at = self._write_manifest(plan, published_at)
-        self.s.public.flush()
-        keeper.close()
-        return self._finish(plan, published_at)
-
-    def _publish_one(self, keeper: _LeaseKeeper, plan: _Plan, doc: _Doc, staged: Path) -> None:
-        keeper.check()
-        self._publish_document(plan, doc, staged)
-
-    def _publish_document(self, plan: _Plan, doc: _Doc, staged: Path) -> None:
-        key = plan.key(doc)
-        public = self.s.public
+    def _publish_at(self, instant: datetime, jobs: list[_Job], keeper: _LeaseKeeper,
+                    outcomes: dict[str, Outcome]) -> None:
+        """Wait for ``instant`` (once, for every release due then), then make
+        them public and finish them."""
+        if any(job.plan.fresh for job in jobs):
+            if not self.s.clock.sleep_until(instant - self.freeze_before, self.stop):
+                self._let_go(jobs, keeper, outcomes, "stopping")
+                return
+            jobs = self._freeze(instant, jobs, outcomes)
+            keeper.done([r for r in outcomes])
+            if not jobs:
+                return
+        reading = self._wait_for_instant(instant)
+        if reading is None:
+            self._let_go(jobs, keeper, outcomes, "stopping")
+            return
         try:
-            stored = public.publish_file(key, staged, content_type=doc.content_type,
-                                         size=doc.size, sha256=doc.sha256)
+            self._check_time(instant, reading)
+        except TooEarlyError as exc:
+            log.error("%s", exc)
+            self._let_go(jobs, keeper, outcomes, str(exc))
+            return
+        self._go_public(jobs, keeper, reading, outcomes)
+
+    def _let_go(self, jobs: list[_Job], keeper: _LeaseKeeper, outcomes: dict[str, Outcome],
+                detail: str) -> None:
+        keeper.done([job.release_id for job in jobs])
+        self._give_back([job.plan for job in jobs])
+        for job in jobs:
+            outcomes[job.release_id] = Outcome(status=PublishStatus.NOT_YET,
+                                               release_id=job.release_id, detail=detail)
+
+    # -- phase two: make public ------------------------------------------------------
+    def _go_public(self, jobs: list[_Job], keeper: _LeaseKeeper, reading: ClockReading,
+                   outcomes: dict[str, Outcome]) -> None:
+        """Link (or put) every staged document in place, then the manifests,
+        then one transaction for all. That publication started is recorded
+        beside it, not before it: a publisher that dies first leaves its
+        releases ``publishing``, and the next claimant resumes them."""
+        started = self._reference_now(reading)
+        recorder: Future[None] | None = None
+        with self.s.public.batch() as batch:
+            try:
+                self._publish_documents(batch, jobs, keeper, reading)
+                # Every attempt that reached the instant counts, a failing one too.
+                recorder = self._pool("record", 1).submit(self._record_started, jobs, started)
+                public = [job for job in jobs if job.error is None]
+                batch.flush()
+                for job in public:
+                    try:
+                        assert job.published_at is not None
+                        job.published_at = self._write_manifest(batch, job, job.published_at)
+                    except Exception as exc:
+                        job.error = exc
+                batch.flush()
+            except Exception as exc:  # the batch itself failed (its folders' fsync)
+                for job in jobs:
+                    job.error = job.error or exc
+            finally:
+                if recorder is not None:
+                    try:
+                        recorder.result()
+                    except Exception as exc:  # the finish records it, or fails the same way
+                        log.warning("could not record that publication started: %s", exc)
+        keeper.done([job.release_id for job in jobs])
+        for job in jobs:
+            if job.error is not None:
+                outcomes[job.release_id] = self._failed(job.plan, job.error)
+        done = [job for job in jobs if job.error is None]
+        if not done:
+            return
+        try:
+            outcomes.update(self._finish(done, started))
+        except Exception as exc:
+            if len(done) == 1:
+                outcomes[done[0].release_id] = self._failed(done[0].plan, exc)
+                return
+            log.warning("finishing %d releases together failed (%s): finishing each alone",
+                        len(done), exc)
+            for job in done:
+                try:
+                    outcomes.update(self._finish([job], started))
+                except Exception as one:
+                    outcomes[job.release_id] = self._failed(job.plan, one)
+
+    def _publish_documents(self, batch: PublicBatch, jobs: list[_Job], keeper: _LeaseKeeper,
+                           reading: ClockReading) -> None:
+        """Every document of ``jobs``, in order; on a store where it helps,
+        several at once. A failure fails its own release only."""
+        total = sum(len(job.plan.documents) for job in jobs)
+        if not self.s.public.parallel_writes or self.workers == 1 or total < 2:
+            for job in jobs:
+                try:
+                    keeper.check(job.release_id)
+                    for doc in job.plan.documents:
+                        job.found += self._publish_document(batch, job.plan, doc,
+                                                            job.staged[doc.id])
+                    job.published_at = self._reference_now(reading)
+                except Exception as exc:
+                    job.error = exc
+            return
+        pool = self._pool("publish")
+        left: dict[_Job, int] = {job: len(job.plan.documents) for job in jobs}
+        futures: dict[Future[None], _Job] = {}
+        for job in jobs:
+            for doc in job.plan.documents:
+                futures[pool.submit(self._publish_one, keeper, batch, job, doc)] = job
+            if not job.plan.documents:
+                job.published_at = self._reference_now(reading)
+        for future in as_completed(futures):
+            job = futures[future]
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if error is not None:
+                if job.error is None:
+                    job.error = error if isinstance(error, Exception) else Exception(error)
+                    for other, owner in futures.items():
+                        if owner is job:
+                            other.cancel()
+                continue
+            left[job] -= 1
+            if left[job] == 0:
+                job.published_at = self._reference_now(reading)
+
+    def _publish_one(self, keeper: _LeaseKeeper, batch: PublicBatch, job: _Job,
+                     doc: _Doc) -> None:
+        if job.error is not None:
+            return
+        keeper.check(job.release_id)
+        if self._publish_document(batch, job.plan, doc, job.staged[doc.id]):
+            with self._pool_lock:
+                job.found += 1
+
+    def _publish_document(self, batch: PublicBatch, plan: _Plan, doc: _Doc,
+                          staged: Path) -> int:
+        """Make one document public; returns 1 if an earlier attempt had
+        already (the same bytes), else 0."""
+        key = plan.key(doc)
+        found = 0
+        try:
+            stored = batch.publish_file(key, staged, content_type=doc.content_type,
+                                        size=doc.size, sha256=doc.sha256)
         except ObjectExistsError:  # an earlier attempt got this far, or someone else did
-            stored = public.stat(key)
+            stored = self.s.public.stat(key)
+            found = 1
         if stored.sha256 != doc.sha256 or stored.size != doc.size:
             raise PublicConflictError(
-                f"{public.url(key)} holds other content than {doc.filename} ({stored.size} "
-                f"bytes, sha256 {stored.sha256[:12]}…; expected {doc.size} bytes, "
-                f"{doc.sha256[:12]}…); refusing to overwrite it")
-        log.info("published %s", public.url(key))
+                f"{self.s.public.url(key)} holds other content than {doc.filename} "
+                f"({stored.size} bytes, sha256 {stored.sha256[:12]}…; expected {doc.size} "
+                f"bytes, {doc.sha256[:12]}…); refusing to overwrite it")
+        return found
 
-    def _write_manifest(self, plan: _Plan, published_at: datetime) -> datetime:
+    def _record_started(self, jobs: list[_Job], started: datetime) -> None:
+        """That publication started (or resumed), in one transaction for
+        every release of the instant."""
+        with transaction(self.sessions) as session:
+            first = set(session.connection().execute(
+                update(_RELEASES)
+                .where(_RELEASES.c.id.in_([job.release_id for job in jobs]),
+                       _RELEASES.c.claimant == self.claimant,
+                       _RELEASES.c.started_at.is_(None))
+                .values(started_at=started).returning(_RELEASES.c.id)).scalars())
+            for job in jobs:
+                # An attempt that died before recording its start still left documents
+                # public: this one resumes it.
+                resumed = job.release_id not in first or job.found > 0
+                details: dict[str, object] = {"lateness_ms": _ms(started - job.plan.instant),
+                                              "attempt": job.plan.attempts}
+                if job.found:
+                    details["found_public"] = job.found
+                audit.record(session, action="publication_resumed" if resumed
+                             else "publication_started", actor=self.claimant, at=started,
+                             release_id=job.release_id, details=details)
+
+    def _write_manifest(self, batch: PublicBatch, job: _Job, published_at: datetime) -> datetime:
         """Write the manifest, last; returns when the release became public
         (an earlier attempt's, if its manifest is there already)."""
-        embargo = timerules.Embargo(instant=plan.instant, zone=plan.zone, wall=plan.wall)
-        listing = [{"name": d.filename, "kind": d.kind, "organisation": d.organisation,
-                    "size": d.size, "sha256": d.sha256, "content_type": d.content_type,
-                    "url": self.s.public.url(plan.key(d))} for d in plan.documents]
-        body = {
-            "title": plan.title,
-            "embargo": {"local": embargo.local.isoformat(), "zone": embargo.zone,
-                        "utc": embargo.instant.isoformat().replace("+00:00", "Z"),
-                        "text": embargo.describe_long()},
-            "published_at": _iso(published_at),
-            "lateness_ms": _ms(published_at - plan.instant),
-            "clock": "reference (the database server's)",
-            "documents": listing,
-        }
-        data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
-        key = f"{plan.slug}/manifest.json"
+        manifest = job.manifest
+        assert manifest is not None
+        data = manifest.render(published_at, job.plan.instant)
+        path = job.folder / "manifest.json"
+        with write_private(path) as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        digest = hashlib.sha256(data).hexdigest()
+        public = self.s.public
+        public.prepare_file(manifest.key, path, content_type="application/json",
+                            size=len(data), sha256=digest)
         try:
-            with self.s.public.writer(key, content_type="application/json") as out:
-                out.write(data)
+            batch.publish_file(manifest.key, path, content_type="application/json",
+                               size=len(data), sha256=digest)
         except ObjectExistsError:
-            with self.s.public.reader(key) as existing:
+            with public.reader(manifest.key) as existing:
                 try:
                     found = json.loads(existing.read())
-                    same = (found["documents"] == listing and found["title"] == plan.title)
+                    same = (found["documents"] == manifest.listing
+                            and found["title"] == manifest.title)
                     earlier = datetime.fromisoformat(found["published_at"])
                 except (ValueError, KeyError, TypeError):
                     same = False
             if not same:
-                raise PublicConflictError(f"{self.s.public.url(key)} exists with other "
+                raise PublicConflictError(f"{public.url(manifest.key)} exists with other "
                                           "content; refusing to overwrite it") from None
             return earlier
         return published_at
 
-    def _finish(self, plan: _Plan, published_at: datetime) -> Outcome:
-        """Mark the release published, stamp its documents and fill the
-        outbox, in one transaction. Plain statements on the connection, from
-        the records loaded in the claim: this is on the path of every release
-        at the instant, and the ORM's loading and bookkeeping were most of
-        its cost."""
-        release_id = plan.release_id
-        lateness_ms = _ms(published_at - plan.instant)
+    def _finish(self, jobs: list[_Job], started: datetime) -> dict[str, Outcome]:
+        """Mark the releases published, stamp their documents and fill the
+        outbox, in one transaction for all. Plain statements on the
+        connection, from what was loaded in the claim and made ready before
+        the instant: this is on the path of every release at the instant.
+        A release whose claim was lost meanwhile is left out (and reported)."""
         now = self.s.clock.now()
+        outcomes: dict[str, Outcome] = {}
+        lost: list[_Job] = []
         with transaction(self.sessions) as session:
             connection = session.connection()
-            done = affected(connection.execute(
-                update(_RELEASES).where(_RELEASES.c.id == release_id,
-                                        _RELEASES.c.state == PUBLISHING,
-                                        _RELEASES.c.claimant == self.claimant)
-                .values(state=PUBLISHED, published_at=published_at, lateness_ms=lateness_ms,
-                        lease_expires_at=None, reason=None, failing_since=None,
-                        revision=_RELEASES.c.revision + 1)))
-            if not done:
-                raise StorageError(f"lost the claim on {release_id} before finishing")
+            done: list[tuple[_Job, datetime, float]] = []
+            for job in jobs:
+                assert job.published_at is not None
+                lateness_ms = _ms(job.published_at - job.plan.instant)
+                if affected(connection.execute(
+                        update(_RELEASES).where(_RELEASES.c.id == job.release_id,
+                                                _RELEASES.c.state == PUBLISHING,
+                                                _RELEASES.c.claimant == self.claimant)
+                        .values(state=PUBLISHED, published_at=job.published_at,
+                                lateness_ms=lateness_ms, lease_expires_at=None, reason=None,
+                                failing_since=None,
+                                started_at=func.coalesce(_RELEASES.c.started_at, started),
+                                revision=_RELEASES.c.revision + 1))):
+                    done.append((job, job.published_at, lateness_ms))
+                else:
+                    lost.append(job)
             # Every document was verified (its stored SHA-256 checked); the store itself
             # is the checkpoint a resumed publisher relies on.
-            connection.execute(_DOCUMENT_PUBLISHED, [
-                {"document": d.id, "at": published_at, "url": self.s.public.url(plan.key(d))}
-                for d in plan.documents])
-            targets: list[tuple[str | None, str, str]] = [
-                (rid, email, Purpose.PUBLISHED) for rid, email in connection.execute(
-                    select(_RECIPIENTS.c.id, _RECIPIENTS.c.email)
-                    .where(_RECIPIENTS.c.release_id == release_id)
-                    .order_by(_RECIPIENTS.c.position))]
-            if plan.owner:
-                targets.append((None, plan.owner, Purpose.OWNER_SUMMARY))
-            if targets:
-                connection.execute(_OUTBOX.insert(), [
-                    {"message_id": message_id(release_id, purpose, recipient_id),
-                     "release_id": release_id, "recipient_id": recipient_id,
-                     "purpose": purpose, "to_addr": address, "created_at": now,
-                     "not_before": now, "attempts": 0, "next_attempt_at": now}
-                    for recipient_id, address, purpose in targets])
-            audit.record(session, action="release_published", actor=self.claimant, at=now,
-                         release_id=release_id,
-                         details={"lateness_ms": lateness_ms, "documents": len(plan.documents),
-                                  "notices": len(targets),
-                                  "published_at": _iso(published_at)})
-        log.info("release %s published, %.1f ms late", release_id, lateness_ms)
-        return Outcome(status=PublishStatus.PUBLISHED, release_id=release_id,
-                       lateness_ms=lateness_ms)
+            stamps = [{"document": d.id, "at": published_at, "url": job.urls[d.id]}
+                      for job, published_at, _ in done for d in job.plan.documents]
+            if stamps:
+                connection.execute(_DOCUMENT_PUBLISHED, stamps)
+            notices: list[dict[str, object]] = []
+            counts: dict[str, int] = {}
+            for job, _, _ in done:
+                plan = job.plan
+                targets: list[tuple[str | None, str, str]] = [
+                    (rid, email, Purpose.PUBLISHED) for rid, email in plan.recipients]
+                if plan.owner:
+                    targets.append((None, plan.owner, Purpose.OWNER_SUMMARY))
+                counts[plan.release_id] = len(targets)
+                notices += [{"message_id": message_id(plan.release_id, purpose, recipient_id),
+                             "release_id": plan.release_id, "recipient_id": recipient_id,
+                             "purpose": purpose, "to_addr": address, "created_at": now,
+                             "not_before": now, "attempts": 0, "next_attempt_at": now}
+                            for recipient_id, address, purpose in targets]
+            if notices:
+                connection.execute(_OUTBOX.insert(), notices)
+            for job, published_at, lateness_ms in done:
+                audit.record(session, action="release_published", actor=self.claimant, at=now,
+                             release_id=job.release_id,
+                             details={"lateness_ms": lateness_ms,
+                                      "documents": len(job.plan.documents),
+                                      "notices": counts[job.release_id],
+                                      "published_at": _iso(published_at)})
+                outcomes[job.release_id] = Outcome(status=PublishStatus.PUBLISHED,
+                                                   release_id=job.release_id,
+                                                   lateness_ms=lateness_ms)
+        for job, _, lateness_ms in done:
+            log.info("release %s published (%d documents), %.1f ms late", job.release_id,
+                     len(job.plan.documents), lateness_ms)
+        for job in lost:
+            outcomes[job.release_id] = self._failed(
+                job.plan, StorageError(f"lost the claim on {job.release_id} before finishing"))
+        return outcomes
+
+    def _pool(self, purpose: str, size: int | None = None) -> ThreadPoolExecutor:
+        """This publisher's threads for ``purpose``, started once and kept."""
+        with self._pool_lock:
+            pool = self._pools.get(purpose)
+            if pool is None:
+                pool = self._pools[purpose] = ThreadPoolExecutor(
+                    size or self.workers, thread_name_prefix=f"{purpose}-{self.claimant}")
+            return pool
 
     # -- faults ------------------------------------------------------------------------
     def public_report(self, plan: _Plan) -> tuple[list[str], list[str]]:
@@ -479,7 +845,7 @@ class Publisher:
         release_id = plan.release_id
         if isinstance(exc, TooEarlyError):
             log.error("%s", exc)
-            self._unclaim(release_id)
+            self._give_back([plan])
             return Outcome(status=PublishStatus.NOT_YET, release_id=release_id, detail=str(exc))
         now = self.s.clock.now()
         reason = str(exc) if isinstance(exc, EmbargoError) else f"{type(exc).__name__}: {exc}"
@@ -492,14 +858,19 @@ class Publisher:
                         release_id, reason, db_exc)
             return Outcome(status=PublishStatus.RETRY, release_id=release_id, detail=reason)
 
+
     def _record_failure(self, plan: _Plan, now: datetime, reason: str, permanent: bool,
                         public: list[str], hidden: list[str]) -> Outcome:
         release_id = plan.release_id
         with transaction(self.sessions) as session:
             connection = session.connection()
-            row = connection.execute(select(_RELEASES.c.claimant, _RELEASES.c.failing_since)
+            row = connection.execute(select(_RELEASES.c.claimant, _RELEASES.c.failing_since,
+                                            _RELEASES.c.state)
                                      .where(_RELEASES.c.id == release_id)).one_or_none()
-            if row is None or row.claimant != self.claimant:
+            if row is None or row.state not in (QUEUED, PUBLISHING):  # cancelled meanwhile
+                return Outcome(status=PublishStatus.INACTIVE, release_id=release_id,
+                               detail=reason)
+            if row.claimant != self.claimant:
                 return Outcome(status=PublishStatus.NOT_OURS, release_id=release_id, detail=reason)
             since = row.failing_since or now
             delay = PUBLICATION.delay(plan.attempts)
@@ -547,33 +918,19 @@ class Publisher:
         return Outcome(status=PublishStatus.RETRY, release_id=release_id, detail=reason)
 
 
-def _plan_of(session: Session, release: Release) -> _Plan:
-    rows = session.execute(
-        select(_DOCUMENTS.c.id, _DOCUMENTS.c.filename, _DOCUMENTS.c.kind,
-               _DOCUMENTS.c.organisation, _DOCUMENTS.c.size, _DOCUMENTS.c.sha256,
-               _DOCUMENTS.c.content_type)
-        .where(_DOCUMENTS.c.release_id == release.id).order_by(_DOCUMENTS.c.position)).all()
-    return _Plan(release_id=release.id, slug=release.slug, title=release.title,
-                 owner=release.owner, instant=release.instant, zone=release.zone,
-                 wall=release.wall, started_at=release.started_at,
-                 attempts=release.attempts + 1,
-                 documents=tuple(_Doc(id=r.id, filename=r.filename, kind=r.kind,
-                                      organisation=r.organisation, size=r.size,
-                                      sha256=r.sha256, content_type=r.content_type)
-                                 for r in rows))
-
-
 class _LeaseKeeper:
-    """Renews a publisher's claim every third of the lease while it works,
-    so a long publication keeps it and a dead publisher loses it quickly."""
+    """Renews a publisher's claims every third of the lease while it works
+    (one statement for all of them), so a long publication keeps them and a
+    dead publisher loses them quickly."""
 
-    def __init__(self, publisher: Publisher, release_id: str) -> None:
+    def __init__(self, publisher: Publisher, release_ids: list[str]) -> None:
         self.publisher = publisher
-        self.release_id = release_id
-        self.lost: Exception | None = None
+        self._ids = set(release_ids)
+        self._lost: dict[str, str] = {}
+        self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"lease-{release_id}")
+                                        name=f"lease-{release_ids[0]}")
 
     def __enter__(self) -> _LeaseKeeper:
         self._thread.start()
@@ -587,19 +944,34 @@ class _LeaseKeeper:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
+    def done(self, release_ids: Iterable[str]) -> None:
+        """Stop renewing these (finished, failed or given back)."""
+        with self._lock:
+            self._ids.difference_update(release_ids)
+
     def _run(self) -> None:
         every = self.publisher.lease.total_seconds() / 3
         while not self._done.wait(every):
+            with self._lock:
+                ids = set(self._ids)
+            if not ids:
+                continue
             try:
-                self.publisher._renew(self.release_id)
-            except Exception as exc:  # reported to the publishing thread by check()
-                self.lost = exc
-                return
+                held = self.publisher._renew(ids)
+                why = "another publisher has it, or it was cancelled"
+            except Exception as exc:  # reported to the publishing threads by check()
+                held, why = set(), str(exc)
+            with self._lock:
+                for release_id in ids - held:
+                    self._lost[release_id] = why
+                self._ids &= held
 
-    def check(self) -> None:
-        """Raise if the claim was lost (another node may be publishing)."""
-        if self.lost is not None:
-            raise StorageError(f"lost the claim on {self.release_id}: {self.lost}")
+    def check(self, release_id: str) -> None:
+        """Raise if the claim on ``release_id`` was lost (another node may be
+        publishing it)."""
+        why = self._lost.get(release_id)
+        if why is not None:
+            raise StorageError(f"lost the claim on {release_id}: {why}")
 
 
 def _ms(delta: timedelta) -> float:

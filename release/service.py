@@ -74,7 +74,7 @@ from release.views import (
     TraceResult,
 )
 from storage.base import VaultBatch
-from storage.db import affected, server_time, transaction
+from storage.db import affected, read_transaction, server_time, transaction
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class ReleaseService:
 
         :raises ReleaseNotFoundError: no release has this id (or prefix)
         :raises AmbiguousIdError: the prefix matches more than one release"""
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             return self._detail(session, self._row(session, release_id))
 
     def _detail(self, session: Session, release: Release) -> ReleaseDetail:
@@ -341,7 +341,7 @@ class ReleaseService:
     def list_releases(self) -> list[ReleaseSummary]:
         """Every release, soonest embargo first."""
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             return [presenting.summary(r, now) for r in session.scalars(
                 select(Release).options(selectinload(Release.documents),
                                         selectinload(Release.recipients))
@@ -351,7 +351,7 @@ class ReleaseService:
         """The release and who received pre-embargo copies of it, of what,
         and when."""
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             release = self._row(session, release_id)
             return presenting.summary(release, now), list(tracing.access_list(session, release))
 
@@ -361,7 +361,7 @@ class ReleaseService:
 
         :raises NotFoundError: no copy id in it, or no such copy issued here"""
         copy_id = tracing.copy_id_in(what, data)
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             return tracing.trace(session, copy_id)
 
     def nodes(self) -> list[NodeStatus]:
@@ -369,18 +369,18 @@ class ReleaseService:
         heartbeat first, as the database server's clock sees them."""
         with self.s.engine.connect() as connection:
             server = server_time(connection)
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             return [presenting.node_status(node, server) for node in session.scalars(
                 select(Node).order_by(Node.heartbeat_at.desc()))]
 
     def counts(self) -> Counts:
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             rows = session.execute(select(Release.state, func.count()).group_by(Release.state))
             return Counts(**{ReleaseState(state).value: n for state, n in rows})
 
     # -- change ------------------------------------------------------------
     def _load(self, release_id: str) -> Release:
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             return self._row(session, release_id)
 
     def cancel(self, release_id: str, *, reason: str) -> ReleaseDetail:

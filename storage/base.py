@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -158,6 +158,10 @@ class PublicTarget(ABC):
     target on the same filesystem, so that publishing is a rename)."""
 
     staging: StagingArea
+    # Whether publishing several documents at once from threads is faster than
+    # one after another (a store on the network: yes; a folder, whose
+    # publication is one link each: no, threads only add their overhead).
+    parallel_writes: bool = True
 
     @abstractmethod
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
@@ -206,6 +210,23 @@ class PublicTarget(ABC):
             while chunk := src.read(CHUNK):
                 out.write(chunk)
         return self.stat(key)
+
+    def prepare_file(self, key: str, source: Path, *, content_type: str, size: int,
+                     sha256: str) -> None:
+        """Before the instant: do for the staged ``source`` whatever
+        :meth:`publish_file` would otherwise do first, short of making
+        anything public (a folder gives the file its public mode, still
+        private inside the 0700 staging folder). This default does nothing."""
+        return None
+
+    def batch(self) -> AbstractContextManager[PublicBatch]:
+        """Documents published together (at one instant): a batch's
+        :meth:`PublicBatch.publish_file` may keep what it opened (a folder's
+        open directories) for the next document, and its ``flush`` makes
+        all of them durable at once. Use one batch from one publication; it
+        is closed when the block exits. This default delegates to the
+        target itself."""
+        return nullcontext(PublicBatch(self))
 
     def sweep_staging(self) -> int:
         """Remove what killed publishers left in ``staging`` (at node start);
@@ -257,6 +278,24 @@ class PublicTarget(ABC):
         with self.reader(key) as src:
             found = hash_stream(src)
         return StoredObject(key=key, size=found.size, sha256=found.sha256)
+
+
+class PublicBatch:
+    """One publication's writes to a public target (see :meth:`PublicTarget.batch`).
+    Safe to use from several threads of that publication."""
+
+    def __init__(self, target: PublicTarget) -> None:
+        self.target = target
+
+    def publish_file(self, key: str, source: Path, *, content_type: str, size: int,
+                     sha256: str) -> StoredObject:
+        """As :meth:`PublicTarget.publish_file`."""
+        return self.target.publish_file(key, source, content_type=content_type, size=size,
+                                        sha256=sha256)
+
+    def flush(self) -> None:
+        """Make every object of this batch durable (as :meth:`PublicTarget.flush`)."""
+        self.target.flush()
 
 
 class StagingArea:

@@ -26,6 +26,9 @@ from config.settings import mask_url
 # transaction starts the moment the previous one commits. (Other processes
 # still meet the busy handler.)
 _WRITERS: WeakKeyDictionary[Engine, threading.RLock] = WeakKeyDictionary()
+# The execution option that makes SQLite's BEGIN a plain (deferred) one: a
+# reader neither takes the writer lock nor waits for it.
+_READ_ONLY = "embargo_read_only"
 
 
 def make_engine(url: str) -> Engine:
@@ -57,7 +60,8 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            reading = connection.get_execution_options().get(_READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
         _WRITERS[engine] = threading.RLock()
         return engine
@@ -86,7 +90,14 @@ def _private_file(path: Path) -> None:
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        try:
+            # Only ever open a file that is not there yet: closing a descriptor of the
+            # database drops every POSIX lock this process holds on it, those of its live
+            # SQLite connections too, and another process that then thinks itself the
+            # last one checkpoints and removes the WAL under them (a corrupt database).
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
     except OSError as exc:
@@ -111,6 +122,31 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     session = factory()
     try:
         with writer if writer is not None else nullcontext(), session.begin():
+            yield session
+    except DBAPIError as exc:
+        raise StorageError(f"database error: {mask_url(str(exc.orig))}") from exc
+    finally:
+        session.close()
+
+
+def read_only(engine: Engine) -> Engine:
+    """``engine`` for connections that only read (on SQLite: a plain BEGIN,
+    without the writer lock), e.g. to ask the server's clock."""
+    return engine.execution_options(**{_READ_ONLY: True}) if engine in _WRITERS else engine
+
+
+@contextmanager
+def read_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A unit of work that only reads: one consistent snapshot, without the
+    writer lock that :func:`transaction` takes on SQLite (a plain deferred
+    BEGIN, and not the in-process writer lock), so a reader never queues
+    behind a publication's commits nor holds one up. Writing in it is a
+    mistake (SQLite would have to upgrade the lock and may refuse with
+    "database is locked"). Database outages become StorageError."""
+    bind = factory.kw.get("bind")
+    session = factory(bind=read_only(bind)) if isinstance(bind, Engine) else factory()
+    try:
+        with session.begin():
             yield session
     except DBAPIError as exc:
         raise StorageError(f"database error: {mask_url(str(exc.orig))}") from exc

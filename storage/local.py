@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -12,10 +13,12 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import quote
 
 from config.errors import NotFoundError, StorageError
 from storage.base import (
     ObjectExistsError,
+    PublicBatch,
     PublicTarget,
     StagingArea,
     StoredObject,
@@ -190,28 +193,35 @@ class _LocalVaultBatch(VaultBatch):
 
 
 class LocalPublicTarget(PublicTarget):
+    parallel_writes = False  # a link each: threads would only add their overhead
+
     def __init__(self, root: Path, *, base_url: str | None = None,
                  staging: Path | None = None) -> None:
         self.root = root
         self.base_url = base_url
+        self._root_uri: str | None = None
         # Beside the public folder, not in it: same filesystem, so a rename publishes.
         self.staging = StagingArea(staging or root.with_name(root.name + ".staging"))
         self._unsynced: set[Path] = set()
         self._lock = threading.Lock()
 
-    @contextmanager
-    def _folder(self, parts: list[str], *, create: bool) -> Iterator[int]:
-        """An open descriptor of the folder ``parts`` below the root, walked
-        one step at a time without following a symbolic link."""
+    def _open_folder(self, parts: list[str], *, create: bool,
+                     created: set[tuple[str, ...]] | None = None) -> int:
+        """An open descriptor (the caller closes it) of the folder ``parts``
+        below the root, walked one step at a time without following a
+        symbolic link. The parents of folders it had to create go in
+        ``created`` (their entries changed: fsync them too)."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             walked = self.root
-            for part in parts:
+            for depth, part in enumerate(parts):
                 walked = walked / part
                 if create:
                     try:
                         os.mkdir(part, 0o755, dir_fd=fd)
+                        if created is not None:
+                            created.add(tuple(parts[:depth]))
                     except FileExistsError:
                         pass
                 try:
@@ -224,26 +234,49 @@ class LocalPublicTarget(PublicTarget):
                     raise
                 os.close(fd)
                 fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextmanager
+    def _folder(self, parts: list[str], *, create: bool) -> Iterator[int]:
+        fd = self._open_folder(parts, create=create)
+        try:
             yield fd
         finally:
             os.close(fd)
 
+    @contextmanager
+    def _folder_created(self, parts: list[str], created: set[tuple[str, ...]]
+                        ) -> Iterator[int]:
+        fd = self._open_folder(parts, create=True, created=created)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _link(self, key: str, source: Path, name: str, fd: int) -> None:
+        try:
+            os.link(source, name, dst_dir_fd=fd)
+        except FileExistsError:
+            raise ObjectExistsError(key) from None
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise StorageError(f"staging folder {self.staging.root} is not on the "
+                                   f"filesystem of the public folder {self.root}: set "
+                                   "storage.staging to a folder beside it") from None
+            raise StorageError(f"cannot publish {key} in {self.root}: "
+                               f"{exc.strerror}") from None
+
     def _place(self, key: str, source: Path) -> None:
         """Link ``source`` in at ``key`` if nothing is there (create-only)."""
         parts = check_key(key).split("/")
-        with self._folder(parts[:-1], create=True) as fd:
-            try:
-                os.link(source, parts[-1], dst_dir_fd=fd)
-            except FileExistsError:
-                raise ObjectExistsError(key) from None
-            except OSError as exc:
-                if exc.errno == errno.EXDEV:
-                    raise StorageError(f"staging folder {self.staging.root} is not on the "
-                                       f"filesystem of the public folder {self.root}: set "
-                                       "storage.staging to a folder beside it") from None
-                raise StorageError(f"cannot publish {key} in {self.root}: "
-                                   f"{exc.strerror}") from None
+        created: set[tuple[str, ...]] = set()
+        with self._folder_created(parts[:-1], created) as fd:
+            self._link(key, source, parts[-1], fd)
         with self._lock:
+            self._unsynced.update(self.root.joinpath(*p) for p in created)
             self._unsynced.add(self.root.joinpath(*parts[:-1]))
 
     @contextmanager
@@ -263,6 +296,13 @@ class LocalPublicTarget(PublicTarget):
 
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
         return self._create(key)
+
+    def prepare_file(self, key: str, source: Path, *, content_type: str, size: int,
+                     sha256: str) -> None:
+        os.chmod(source, 0o644)  # still private: its folder is 0700
+
+    def batch(self) -> AbstractContextManager[PublicBatch]:
+        return _LocalBatch(self)
 
     def publish_file(self, key: str, source: Path, *, content_type: str, size: int,
                      sha256: str) -> StoredObject:
@@ -305,7 +345,9 @@ class LocalPublicTarget(PublicTarget):
     def url(self, key: str) -> str:
         if self.base_url:
             return f"{self.base_url}/{key}"
-        return _safe_path(self.root, key).resolve().as_uri()
+        if self._root_uri is None:  # resolved once: nothing below the root is a link
+            self._root_uri = self.root.resolve().as_uri()
+        return f"{self._root_uri}/{quote(check_key(key))}"
 
     def check(self) -> None:
         _check_folder(self.root, "public")
@@ -318,3 +360,56 @@ class LocalPublicTarget(PublicTarget):
         finally:
             if fresh:  # leave the public folder as it was found
                 _prune(staging, self.root)
+
+
+class _LocalBatch(PublicBatch):
+    """A folder's batch: each public folder is walked and opened once, every
+    document is one link into it, and ``flush`` fsyncs each folder once."""
+
+    target: LocalPublicTarget
+
+    def __init__(self, target: LocalPublicTarget) -> None:
+        super().__init__(target)
+        self._folders: dict[tuple[str, ...], int] = {}
+        self._created: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _LocalBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            fds, self._folders = list(self._folders.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def _fd(self, parts: list[str]) -> int:
+        with self._lock:
+            fd = self._folders.get(tuple(parts))
+            if fd is None:
+                fd = self.target._open_folder(parts, create=True, created=self._created)
+                self._folders[tuple(parts)] = fd
+            return fd
+
+    def publish_file(self, key: str, source: Path, *, content_type: str, size: int,
+                     sha256: str) -> StoredObject:
+        info = os.stat(source)
+        if stat.S_IMODE(info.st_mode) != 0o644:  # not prepared before the instant
+            os.chmod(source, 0o644)
+        parts = check_key(key).split("/")
+        self.target._link(key, source, parts[-1], self._fd(parts[:-1]))
+        # At once, not with the staging folder later: the unlink sets the public file's
+        # st_ctime, which then says when it became public (a witness of never early).
+        source.unlink()
+        # The inode linked in is the file staged and verified: its bytes hashed to sha256.
+        return StoredObject(key=key, size=info.st_size, sha256=sha256)
+
+    def flush(self) -> None:
+        with self._lock:
+            fds = list(self._folders.values())
+            created, self._created = self._created, set()
+        for fd in fds:
+            os.fsync(fd)
+        for parts in created - set(self._folders):  # a parent whose new folder is an entry
+            with self.target._folder(list(parts), create=False) as fd:
+                os.fsync(fd)

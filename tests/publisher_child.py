@@ -20,6 +20,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -51,26 +53,35 @@ def main() -> int:
     if args.kill_after is not None:
         done = 0
         original_doc = publisher._publish_document
-        original_publish_file = services.public.publish_file
+        original_batch = services.public.batch
 
         def die() -> None:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-        def publish_file(*a: Any, **kw: Any) -> Any:  # public, not yet checked
-            result = original_publish_file(*a, **kw)
-            if args.kill_point == "before-checkpoint" and done + 1 == args.kill_after:
-                die()
-            return result
+        @contextmanager
+        def batch() -> Iterator[Any]:
+            with original_batch() as inner:
+                original_publish_file = inner.publish_file
 
-        def publish_document(*a: Any, **kw: Any) -> None:
+                def publish_file(*a: Any, **kw: Any) -> Any:  # public, not yet checked
+                    result = original_publish_file(*a, **kw)
+                    if args.kill_point == "before-checkpoint" and done + 1 == args.kill_after:
+                        die()
+                    return result
+
+                inner.publish_file = publish_file
+                yield inner
+
+        def publish_document(*a: Any, **kw: Any) -> int:
             nonlocal done
-            original_doc(*a, **kw)
+            found = original_doc(*a, **kw)
             done += 1
             if args.kill_point == "after" and done == args.kill_after:
                 die()
+            return found
 
-        services.public.publish_file = publish_file  # type: ignore[method-assign]
+        services.public.batch = batch  # type: ignore[method-assign]
         publisher._publish_document = publish_document  # type: ignore[method-assign]
     start_at = args.start_at
     if args.gate:

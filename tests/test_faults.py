@@ -192,11 +192,11 @@ def test_documents_are_staged_privately_outside_the_public_tree(
     seen: list[tuple[Path, int, int]] = []
     original = publisher._publish_document
 
-    def spy(plan: Any, doc: Any, staged: Path) -> None:
+    def spy(batch: Any, plan: Any, doc: Any, staged: Path) -> int:
         seen.append((staged, stat.S_IMODE(staged.stat().st_mode),
                      stat.S_IMODE(staged.parent.stat().st_mode)))
         assert MARKER.encode() in staged.read_bytes()
-        original(plan, doc, staged)
+        return original(batch, plan, doc, staged)
 
     publisher._publish_document = spy  # type: ignore[method-assign]
     assert publisher.publish(release_id).status == "published"
@@ -204,7 +204,8 @@ def test_documents_are_staged_privately_outside_the_public_tree(
     assert root is not None
     assert len(seen) == 4
     for staged, mode, folder_mode in seen:
-        assert mode == 0o600 and folder_mode == 0o700
+        # Given its public mode before the instant, and still private: its folder is 0700.
+        assert mode == 0o644 and folder_mode == 0o700
         assert root not in staged.parents
         assert staged.stat().st_dev if staged.exists() else True
     assert not any(".part-" in key or key.startswith(".") for key in public_tree(settings))
@@ -225,7 +226,11 @@ def test_a_killed_publisher_leaves_no_decrypted_byte_under_the_public_root(
     assert len(tree) == 1 and set(tree) <= names  # one document, made public whole
     staging = services.public.staging.root
     left = [p for p in staging.rglob("*") if p.is_file() and p.name != ".lock"]
-    assert left and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in left)
+    # Private by their folders (0700; the files have their public mode from before the
+    # instant), and none outside them.
+    assert left and all(stat.S_IMODE(p.parent.stat().st_mode) == 0o700 for p in left)
+    assert all(p.parent.parent == staging for p in left)
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o700
     assert services.public.sweep_staging() == 1  # at node start
     assert list(staging.iterdir()) == []
 
@@ -416,7 +421,8 @@ def test_the_publisher_loads_the_release_row_at_most_twice(
         assert publisher.publish(release_id).status == "published"
     finally:
         event.remove(services.engine, "before_cursor_execute", count)
-    assert len(loads) == 1, loads  # the claim; the finish only updates (was 2 before)
+    # The claim is an UPDATE … RETURNING the row; the finish only updates (was 2, then 1).
+    assert loads == [], loads
 
 
 # -- 8. database outages ------------------------------------------------------------------
