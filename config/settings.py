@@ -280,6 +280,10 @@ FIELDS: tuple[Field, ...] = (
           help="SMTP password (set EMBARGO_MAIL_SMTP_PASSWORD, not the file)"),
     Field(key="mail.workers", default=4, check=_number(1, 32, int),
           help="notices handed to the mail server at once (one connection each)"),
+    Field(key="mail.record_batch", default=8, check=_number(1, 64, int),
+          help="deliveries a relay worker records in one transaction (or after 10 ms, "
+               "whichever first); a relay killed between handing notices over and "
+               "recording them sends at most this many again per worker, same Message-ID"),
     Field(key="mail.give_up_after", default="24h", check=parse_duration,
           help="a notice the mail server cannot take (4xx, no connection) is retried with "
                "backoff this long, then given up and alerted (`embargo resend` sends it "
@@ -402,6 +406,7 @@ class MailSettings:
     smtp_username: str | None
     smtp_password: str | None
     workers: int
+    record_batch: int
     give_up_after: timedelta
 
 

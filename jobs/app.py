@@ -119,7 +119,7 @@ def start_node(settings: Settings, services: Services, stop: threading.Event,
                         worker=name, give_up_after=mail.give_up_after,
                         lease=lease,
                         opener=DocumentOpener(services, private_key),
-                        workers=mail.workers,
+                        workers=mail.workers, record_batch=mail.record_batch,
                         make_transport=transports, stop=stop)
     scheduler = EmbargoScheduler(
         services, publisher, relay, poll_seconds=sched.poll_seconds,

@@ -1,17 +1,25 @@
 """The thread that keeps the outbox moving on a scheduler node: it runs the
 relay at once when woken (a release published, copies issued), otherwise
-when the next notice is due, and at least every few polls."""
+when the next notice is due, and at least every few polls. Told that a
+publication is coming, a second thread builds its notices and opens the
+connections to the mail server ahead of the instant, and keeps them alive
+until they are used or dropped."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
+from datetime import datetime
 
 from jobs.outage import DatabaseWatch, report
 from jobs.relay import OutboxRelay
 
 log = logging.getLogger(__name__)
+
+# How often the preparing thread looks after the connections it holds.
+_TEND_SECONDS = 0.5
 
 
 class DeliveryLoop:
@@ -25,10 +33,27 @@ class DeliveryLoop:
         self.guard = guard
         self.poll_seconds = poll_seconds
         self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._coming: deque[tuple[str, datetime | None]] = deque()
+        self._preparer: threading.Thread | None = None
+        self._prepare_wake = threading.Event()
 
     def wake(self) -> None:
         """Run the relay now rather than at its next turn."""
         self._wake.set()
+
+    def prepare(self, release_id: str, instant: datetime | None = None) -> None:
+        """A publication of ``release_id`` (at ``instant``, if known) is
+        coming: build its "published" notices and open the connections now,
+        in the background (:meth:`OutboxRelay.prepare`); returns at once.
+        Nothing is sent before the release is published."""
+        with self._lock:
+            self._coming.append((release_id, instant))
+            if self._preparer is None:
+                self._preparer = threading.Thread(target=self._prepare_loop,
+                                                  name="embargo-relay-prepare", daemon=True)
+                self._preparer.start()
+        self._prepare_wake.set()
 
     def thread(self) -> threading.Thread:
         return threading.Thread(target=self._run, name="embargo-relay", daemon=True)
@@ -47,3 +72,33 @@ class DeliveryLoop:
             self._wake.wait(self.poll_seconds if wait is None
                             else min(max(wait, 0.01), self.poll_seconds * 4))
             self._wake.clear()
+
+    def _prepare_loop(self) -> None:
+        """Prepare each release as it is announced, then tend what is held
+        (keep-alive, expiry) until nothing is; then end (the next
+        announcement starts another)."""
+        while True:
+            with self._lock:
+                coming = self._coming.popleft() if self._coming else None
+                if coming is None and self.stop.is_set():
+                    self._preparer = None
+                    self.relay.drop_prepared()
+                    break
+            if coming is not None:
+                try:
+                    self.relay.prepare(*coming)
+                except Exception as exc:  # only slower: the relay composes at the instant
+                    report(self.watch, exc, doing=f"preparing the notices of {coming[0]}",
+                           logger=log)
+                continue
+            try:
+                held = self.relay.keep_alive()
+            except Exception as exc:
+                report(self.watch, exc, doing="keeping mail connections open", logger=log)
+                held = True
+            with self._lock:
+                if not held and not self._coming:
+                    self._preparer = None
+                    break
+            self._prepare_wake.wait(_TEND_SECONDS)
+            self._prepare_wake.clear()

@@ -1,8 +1,15 @@
 """Mail transports: ``.eml`` files (the embedded default, for trying Embargo
-out: a copy delivered there is plaintext on this disk) and SMTP."""
+out: a copy delivered there is plaintext on this disk) and SMTP.
+
+An SMTP transport can also send a message flattened ahead of time
+(:class:`Prepared`, made by :func:`prepare_message`): the "published"
+notices are built in the lead window before the instant, so that at the
+instant the relay only hands bytes over an open connection."""
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import re
 import smtplib
@@ -11,8 +18,13 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from email.generator import BytesGenerator
 from email.message import Message
+from email.utils import format_datetime, getaddresses
 from pathlib import Path
+from typing import ClassVar
 
 from sqlalchemy import select
 
@@ -25,8 +37,59 @@ from release.records import OutboxMessage, Purpose
 from storage.db import transaction
 
 
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    """A message flattened as SMTP sends it (CRLF line ends), with its
+    envelope, and its Date header left to be filled in when it goes: the
+    bytes of ``message`` from :func:`prepare_message`, the Date aside."""
+
+    message_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    before_date: bytes
+    after_date: bytes
+
+    def data(self, date: datetime) -> bytes:
+        return self.before_date + format_datetime(date).encode("ascii") + self.after_date
+
+
+def prepare_message(message: Message) -> Prepared | None:
+    """``message`` flattened ahead of time, as ``smtplib.SMTP.send_message``
+    would flatten it, with the envelope it would take from the headers; None
+    when that is not possible here (an address that needs SMTPUTF8, no single
+    Date header): such a message is sent by :meth:`MailTransport.send`."""
+    sender = message["Sender"] if message["Sender"] is not None else message["From"]
+    if sender is None or len(message.get_all("Date", [])) != 1:
+        return None
+    from_addr = getaddresses([str(sender)])[0][1]
+    to_addrs = tuple(a[1] for a in getaddresses(
+        [str(v) for field in ("To", "Cc", "Bcc") for v in message.get_all(field, [])]))
+    if not from_addr or not to_addrs or not all(
+            a.isascii() for a in (from_addr, *to_addrs)):
+        return None
+    flat = copy.copy(message)
+    del flat["Bcc"]
+    del flat["Resent-Bcc"]
+    with io.BytesIO() as out:
+        BytesGenerator(out).flatten(flat, linesep="\r\n")
+        data = out.getvalue()
+    value = str(message["Date"])
+    line = b"\r\nDate: " + value.encode("ascii", "replace") + b"\r\n"
+    head = b"\r\n" + data[:data.find(b"\r\n\r\n") + 2]  # the top-level headers
+    at = head.find(line)
+    if not value.isascii() or at < 0 or head.find(line, at + 1) >= 0:
+        return None
+    start = at + len(b"\r\nDate: ") - 2  # in ``data``, which lacks the leading CRLF
+    return Prepared(message_id=str(message["Message-ID"]), sender=from_addr,
+                    recipients=to_addrs, before_date=data[:start],
+                    after_date=data[start + len(value):])
+
+
 class MailTransport(ABC):
     """Hands messages to their next hop. Used by one relay thread at a time."""
+
+    #: Whether :meth:`send_prepared` is supported (messages flattened ahead).
+    prepares: ClassVar[bool] = False
 
     @abstractmethod
     def send(self, message: Message) -> str:
@@ -35,6 +98,22 @@ class MailTransport(ABC):
         transport can prevent it. Raises DeliveryRefused when the server refused it
         for good (a 5xx about the message or its recipient), DeliveryError when
         it may be retried (a 4xx, no connection, a 5xx about the session)."""
+
+    def send_prepared(self, prepared: Prepared, date: datetime) -> str:
+        """Deliver a message flattened ahead of time, its Date set to
+        ``date``; as :meth:`send` otherwise. Only where ``prepares``."""
+        raise NotImplementedError(f"{type(self).__name__} does not send prepared messages")
+
+    def connect(self) -> None:
+        """Open the connection now rather than at the first send, where there
+        is one. Raises DeliveryError when it cannot be opened."""
+        return None
+
+    def keep_alive(self) -> bool:
+        """Check an open connection that has been idle (SMTP ``NOOP``),
+        closing it when the server has dropped it, so the next send opens a
+        new one. Returns whether a connection is still open."""
+        return False
 
     def close(self) -> None:
         """Release any connection held between sends."""
@@ -111,7 +190,44 @@ class SmtpMailTransport(MailTransport):
             smtp.sock.settimeout(max(self.timeout, self.reply_timeout))
         return smtp
 
+    prepares = True
+
     def send(self, message: Message) -> str:
+        return self._send(lambda smtp: smtp.send_message(message))
+
+    def send_prepared(self, prepared: Prepared, date: datetime) -> str:
+        data = prepared.data(date)
+        return self._send(lambda smtp: smtp.sendmail(prepared.sender, list(prepared.recipients),
+                                                     data))
+
+    def connect(self) -> None:
+        if self._smtp is not None:
+            return
+        where = f"smtp://{self.host}:{self.port}"
+        try:
+            self._smtp = self._connect()
+        except smtplib.SMTPAuthenticationError as exc:
+            raise DeliveryError(f"{where} refused the login: {exc.smtp_code}") from None
+        except (OSError, smtplib.SMTPException) as exc:
+            raise DeliveryError(f"{where} cannot be reached: {exc}") from None
+
+    def keep_alive(self) -> bool:
+        if self._smtp is None:
+            return False
+        try:
+            if self._smtp.sock is not None:
+                self._smtp.sock.settimeout(self.timeout)
+            code, _ = self._smtp.noop()
+            if self._smtp.sock is not None:
+                self._smtp.sock.settimeout(max(self.timeout, self.reply_timeout))
+        except (OSError, smtplib.SMTPException):
+            code = 0
+        if code != 250:
+            self.close()
+            return False
+        return True
+
+    def _send(self, hand_over: Callable[[smtplib.SMTP], object]) -> str:
         where = f"smtp://{self.host}:{self.port}"
         for attempt in (1, 2):  # a connection held since the last send may have been closed
             connecting = self._smtp is None
@@ -119,7 +235,7 @@ class SmtpMailTransport(MailTransport):
                 if self._smtp is None:
                     self._smtp = self._connect()
                 connecting = False
-                self._smtp.send_message(message)
+                hand_over(self._smtp)
                 return where
             except smtplib.SMTPServerDisconnected:
                 self.close()

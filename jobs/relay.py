@@ -1,16 +1,41 @@
-"""The outbox relay: claims due notices row by row, composes and hands each to
-the mail transport, records delivery, and backs off while the mail server is
+"""The outbox relay: claims due notices, hands each to the mail transport,
+records the deliveries in batches, and backs off while the mail server is
 down.
 
-Exactly once, as far as it can be kept: each worker claims one row at a time
-(so a relay holds at most ``workers`` rows), a thread renews the claims while
-the messages are on their way, a worker checks that it still holds its claim
-right before it hands the message over, and a delivery is recorded only by
-an update that still names the claimant. A claim lapses ``lease`` after its
-last renewal, and at once when the node that holds it has stopped
-heartbeating for longer than ``lease``. What remains is one window per
-worker: a relay that dies after the mail server took a message and before it
-recorded that, leaves the row to be sent again by the relay that takes over.
+Exactly once, as far as it can be kept: a run's workers take their notices
+from rows claimed in one statement, as many as they send in a tenth of a
+second while the mail server is fast, and one at a time while it takes
+longer than 50 ms a message (so that a slow server's notices
+are spread over every relay, and a relay then holds at most ``workers``
+rows; rows claimed and not yet taken go back when the server turns out
+slow). A thread renews the claims while the messages are on their way; a
+worker checks that it still holds a claim right before it hands the message
+over, unless it took it so recently that no other relay can have taken it
+since (a third of the lease short of its lapse, and of the moment this
+node's heartbeat would be too old were it to stop); and a delivery is
+recorded only by an update that still names the claimant. A claim lapses
+``lease`` after its last renewal, and at once when the node that holds it
+has stopped heartbeating for longer than ``lease``.
+
+Deliveries are recorded per worker in batches: in one transaction (with the
+worker's next claim when it needs one) after ``record_batch`` messages, or
+before its next message once ``RECORD_WAIT`` has passed since the first of
+them began, whichever comes first. What remains is one window per worker: a
+relay that dies after the mail server took messages and before it recorded
+them leaves those rows to be sent again, under the same Message-ID, by the
+relay that takes over: at most ``record_batch`` messages a worker, and
+about ``RECORD_WAIT`` of them (one, when a message takes longer than that;
+``record_batch = 1`` keeps it to one always, at a transaction a notice).
+
+The "published" notices of a release about to be published can be built
+before the instant (:meth:`OutboxRelay.prepare`, from the public addresses
+its documents will have) with the connections to the mail server opened,
+so that at the instant the relay only sends. Nothing is sent before its
+outbox row exists, which is only once the release is published; a prepared
+message is sent only when the published release and the row give the same
+inputs it was built from (``release.notices.published_inputs``), and
+composed afresh otherwise. Prepared connections that idle are checked with
+``NOOP`` and closed when the publication does not come.
 
 Failures are told apart. A 5xx reply about the message or a refused recipient
 is permanent: the notice is ``failed`` after one attempt. So is a message that
@@ -24,37 +49,97 @@ delivered would never end)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.errors import MessageError
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, or_, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    case,
+    exists,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import BindParameter
 
 from config.errors import DeliveryError, DeliveryRefused, SealError
 from config.retry import NOTICE_DELIVERY
-from jobs.mail import MailTransport
+from jobs.mail import MailTransport, Prepared, prepare_message
 from jobs.outage import DatabaseWatch, report
 from release import audit
 from release.alerts import ALERT, Alert, raise_alert
 from release.context import Services
 from release.copies import DocumentOpener
-from release.notices import Attachment, Delivery, compose
-from release.records import Copy, Node, OutboxMessage, Purpose, Recipient, Release, table_of
-from storage.db import affected, server_time, transaction
+from release.notices import (
+    Attachment,
+    Delivery,
+    compose,
+    published_inputs,
+    recipient_inputs,
+    release_inputs,
+)
+from release.publishing import message_id
+from release.records import (
+    Copy,
+    Document,
+    Node,
+    OutboxMessage,
+    Purpose,
+    Recipient,
+    Release,
+    ReleaseState,
+    table_of,
+)
+from storage.db import affected, read_transaction, server_time, transaction
 
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=3)
+# A worker records its deliveries once this long has passed since the first
+# unrecorded one began (or after record_batch of them).
+RECORD_WAIT = timedelta(milliseconds=10)
+# How much work (in time, at the mail server's recent pace) a worker claims at once:
+# one row at a time once a message takes more than half this (issue 12's slow servers,
+# whose notices are spread over every relay).
+_CLAIM_HOLD = 0.1
+# Prepared notices and connections are kept this long past the instant, then dropped.
+PREPARED_FOR = timedelta(seconds=60)
+# An idle prepared connection is checked (NOOP) this often, and before use once
+# it has idled this long.
+KEEPALIVE_SECONDS = 10.0
+IDLE_CHECK_SECONDS = 1.0
 _OUTBOX = table_of(OutboxMessage)
 _COPIES = table_of(Copy)
+_DOCUMENTS = table_of(Document)
+_RECIPIENTS = table_of(Recipient)
 TOO_LATE = "the embargo lifted before this copy could be delivered; it was not sent"
 SUMMARY = Purpose.OWNER_SUMMARY
+_MINE = and_(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)),
+             _OUTBOX.c.claimed_by == bindparam("token"), _OUTBOX.c.delivered_at.is_(None))
+_RECORD = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("row"))
+           .values(attempts=_OUTBOX.c.attempts + 1, delivered_at=bindparam("at"),
+                   delivered_to=bindparam("via"), last_error=None, claim_expires_at=None))
+# Given up while on its way (a cancellation): it went all the same; the reason stays.
+_RECORD_GIVEN_UP = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("row"))
+                    .values(attempts=_OUTBOX.c.attempts + 1, delivered_at=bindparam("at"),
+                            delivered_to=bindparam("via"), claim_expires_at=None))
+_COPY_SENT = (update(_COPIES).where(_COPIES.c.message_id == bindparam("mid"),
+                                    _COPIES.c.sent_at.is_(None))
+              .values(sent_at=bindparam("at")))
 
 
 def _waiting_summary() -> ColumnElement[bool]:
@@ -66,20 +151,106 @@ def _waiting_summary() -> ColumnElement[bool]:
         other.delivered_at.is_(None), other.given_up_at.is_(None)))
 
 
+_NODES = table_of(Node)
+_DEAD_NODES = select(_NODES.c.name).where(
+    _NODES.c.name != bindparam("me"), _NODES.c.heartbeat_at >= bindparam("hour_ago"),
+    or_(_NODES.c.stopped_at.is_not(None), _NODES.c.heartbeat_at < bindparam("lease_ago")))
+_RELEASES = table_of(Release)
+_RELEASE_FACTS = select(_RELEASES.c.id, _RELEASES.c.title, _RELEASES.c.instant, _RELEASES.c.zone,
+                        _RELEASES.c.wall).where(_RELEASES.c.id == bindparam("release"))
+_DOCUMENT_FACTS = select(_DOCUMENTS.c.kind, _DOCUMENTS.c.filename, _DOCUMENTS.c.organisation,
+                         _DOCUMENTS.c.public_url).where(
+    _DOCUMENTS.c.release_id == bindparam("release")).order_by(_DOCUMENTS.c.position)
+_RECIPIENT_FACTS = select(_RECIPIENTS.c.id, _RECIPIENTS.c.name, _RECIPIENTS.c.organisation).where(
+    _RECIPIENTS.c.release_id == bindparam("release"))
+_NODE_BEAT = select(_NODES.c.heartbeat_at, _NODES.c.stopped_at).where(
+    _NODES.c.name == bindparam("me"))
+_HELD = select(_OUTBOX.c.id, _OUTBOX.c.given_up_at).where(_MINE).with_for_update()
+_GIVE_BACK = update(_OUTBOX).where(_MINE).values(claim_expires_at=None)
+
+
+def _due_at(now: Any) -> ColumnElement[bool]:
+    return and_(OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
+                OutboxMessage.not_before <= now, OutboxMessage.next_attempt_at <= now,
+                ~_waiting_summary())
+
+
+def _free_at(now: Any, dead: Sequence[Any]) -> ColumnElement[bool]:
+    """Unclaimed, or the claim lapsed, or its node stopped heartbeating
+    (``dead``: LIKE patterns of their claims)."""
+    return or_(OutboxMessage.claim_expires_at.is_(None), OutboxMessage.claim_expires_at < now,
+               *[OutboxMessage.claimed_by.like(pattern, escape="/") for pattern in dead])
+
+
+@functools.cache
+def _claim_statement(dead: int, notices_only: bool) -> Any:
+    """UPDATE … RETURNING that claims up to ``:n`` due rows that are free at
+    ``:now`` for ``:token`` until ``:until``, passing over the ids ``:skip``;
+    with ``dead`` patterns ``:dead_0`` … of dead nodes' claims. Built once
+    per shape: building and keying the statement cost more than running it."""
+    now: BindParameter[datetime] = bindparam("now")
+    candidates = (
+        select(OutboxMessage.id).where(
+            _due_at(now), _free_at(now, [bindparam(f"dead_{i}") for i in range(dead)]),
+            OutboxMessage.id.notin_(bindparam("skip", expanding=True)),
+            OutboxMessage.purpose != Purpose.COPY if notices_only else true())
+        .order_by(  # notices of publication before (slow, attachment-laden) copies
+            case((OutboxMessage.purpose == Purpose.COPY, 1), else_=0), OutboxMessage.id)
+        .limit(bindparam("n"))
+        # PostgreSQL: rows another relay is claiming are passed over, not waited for
+        # (and re-checked once locked); SQLite has one writer at a time. A CTE, run
+        # once: as a subquery of the UPDATE, PostgreSQL may run it again for each row,
+        # skipping the rows it has just updated, and claim every row there is.
+        .with_for_update(skip_locked=True, of=OutboxMessage)
+        .cte("candidates").prefix_with("MATERIALIZED", dialect="postgresql"))
+    return (update(_OUTBOX).where(_OUTBOX.c.id.in_(select(candidates.c.id)),
+                                  _OUTBOX.c.delivered_at.is_(None),
+                                  _OUTBOX.c.given_up_at.is_(None))
+            .values(claimed_by=bindparam("token"), claim_expires_at=bindparam("until"))
+            .returning(*_OUTBOX.c))
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Sent:
+    """A message the mail server took, to be recorded."""
+
+    row: OutboxMessage
+    at: datetime
+    where: str
+    copy_id: str | None = None
+
+
+@dataclass(kw_only=True)
+class _Ready:
+    """The "published" notices of one release, built before its instant."""
+
+    release: Release  # as read then, the public addresses as they will be
+    inputs: tuple[object, ...]  # release.notices.published_inputs, as predicted
+    messages: dict[str, tuple[tuple[object, ...], Prepared]]  # Message-ID -> (inputs, message)
+    until: datetime
+    used: set[str] = field(default_factory=set)
+
+
 class OutboxRelay:
     def __init__(self, services: Services, transport: MailTransport, *, sender: str,
                  worker: str, give_up_after: timedelta = timedelta(hours=24),
                  lease: timedelta = LEASE, opener: DocumentOpener | None = None,
                  workers: int = 1,
                  make_transport: Callable[[], MailTransport] | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, record_batch: int = 8) -> None:
         """``transport`` serves the first worker; with ``workers`` > 1,
         ``make_transport`` gives each further worker its own (a transport is
         used by one thread at a time). ``worker`` names the node: its claims
         are void once that node's heartbeat is older than ``lease`` or it has
         stopped. Once ``stop`` is set a run takes no new notice and finishes
         those on their way, so the node can say it stopped without leaving a
-        message in flight to be sent again."""
+        message in flight to be sent again. ``record_batch`` bounds the
+        deliveries a worker records in one transaction, and so what a crash
+        can send twice (``mail.record_batch``; 1 records each at once)."""
         if workers > 1 and make_transport is None:
             raise ValueError("several workers need make_transport: one transport each")
         self.opener = opener
@@ -91,57 +262,99 @@ class OutboxRelay:
         self.worker = worker
         self.give_up_after = give_up_after
         self.lease = lease
+        self.record_batch = max(1, record_batch)
         self.stop = stop or threading.Event()
         self.sessions = services.sessions
         self.watch: DatabaseWatch | None = None  # set by the node it runs in
+        self._lock = threading.Lock()
+        self._pace: float | None = None  # seconds a notice took the mail server, lately
+        self._ready: dict[str, _Ready] = {}
+        self._idle: list[tuple[MailTransport, float]] = []  # open, with when last used
 
     # -- claims ---------------------------------------------------------------
 
     def _due(self, now: datetime) -> ColumnElement[bool]:
-        return and_(OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
-                    OutboxMessage.not_before <= now, OutboxMessage.next_attempt_at <= now,
-                    ~_waiting_summary())
+        return _due_at(now)
 
     def _free(self, now: datetime, dead: list[str]) -> ColumnElement[bool]:
         """Unclaimed, or the claim lapsed, or its node stopped heartbeating."""
-        return or_(OutboxMessage.claim_expires_at.is_(None),
-                   OutboxMessage.claim_expires_at < now,
-                   *[OutboxMessage.claimed_by.startswith(f"{name}#", autoescape=True)
-                     for name in dead])
+        return _free_at(now, [f"{_like_prefix(name)}#%" for name in dead])
 
-    def _dead_nodes(self, session: Session) -> list[str]:
+    def _nodes(self, session: Session) -> tuple[list[str], timedelta]:
         """Nodes (other than this one) whose heartbeat is older than the
         lease by the database server's clock, or that have stopped; within
         the last hour (an older one's claims have lapsed by themselves).
         Read afresh for each claim: a node silent for a moment and heard
-        from again is alive, and so are the claims it makes after."""
-        now = server_time(session.connection())
-        return [name for name in session.scalars(select(Node.name).where(
-            Node.name != self.worker, Node.heartbeat_at >= now - timedelta(hours=1),
-            or_(Node.stopped_at.is_not(None), Node.heartbeat_at < now - self.lease)))]
+        from again is alive, and so are the claims it makes after.
 
-    def _claim(self, token: str, skip: set[int]) -> OutboxMessage | None:
-        """Claim one due row for ``token``, notices before copies; None when
-        nothing is left that nobody holds."""
+        And how long the other relays will still take this node's claims for
+        its own: the lease less the age of its heartbeat (the whole lease
+        when it has none: a relay outside a node), nothing once it stopped."""
+        connection = session.connection()
+        now = server_time(connection)
+        dead = list(connection.execute(_DEAD_NODES, {
+            "me": self.worker, "hour_ago": now - timedelta(hours=1),
+            "lease_ago": now - self.lease}).scalars())
+        mine = connection.execute(_NODE_BEAT, {"me": self.worker}).first()
+        if mine is None:
+            return dead, self.lease
+        if mine.stopped_at is not None:
+            return dead, timedelta(0)
+        return dead, max(timedelta(0), self.lease - (now - mine.heartbeat_at))
+
+    def claim_size(self) -> int:
+        """How many rows a worker claims at once: one until the mail server
+        has been seen to take notices quickly (a quick greeting says nothing
+        of how long it takes over a message), then as many as it takes in
+        ``_CLAIM_HOLD`` (at most ``record_batch``): one again once a message
+        takes more than half that."""
+        with self._lock:
+            pace = self._pace
+        if pace is None:
+            return 1
+        return max(1, min(self.record_batch, int(_CLAIM_HOLD / max(pace, 1e-6))))
+
+    def _learn(self, seconds: float) -> None:
+        with self._lock:
+            self._pace = seconds if self._pace is None else 0.7 * self._pace + 0.3 * seconds
+
+    def _claim(self, token: str, skip: set[int], limit: int,
+               sent: Sequence[_Sent] = (), release: Sequence[int] = ()
+               ) -> tuple[int, list[OutboxMessage], datetime | None]:
+        """In one transaction: record ``sent`` (see :meth:`_record`), give
+        back the claims on ``release`` (taken and not sent), and claim up to
+        ``limit`` due rows for ``token``, notices before copies, in one
+        statement (copies one at a time: each is slow, and heavy). Returns
+        how many of ``sent`` were recorded, the rows claimed, and until when
+        (by this relay's clock) no other relay can take them: a third of the
+        lease short of the earlier of their lapse and of the moment this
+        node's heartbeat would be older than the lease, were it to stop."""
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
-            free = self._free(now, self._dead_nodes(session))
-            candidates = list(session.scalars(select(OutboxMessage.id).where(
-                self._due(now), free, OutboxMessage.id.notin_(skip) if skip else true(),
-            ).order_by(  # notices of publication before (slow, attachment-laden) copies
-                case((OutboxMessage.purpose == Purpose.COPY, 1), else_=0), OutboxMessage.id,
-            ).limit(self.workers)))
-            for row_id in candidates:
-                won = affected(session.execute(update(OutboxMessage).where(
-                    OutboxMessage.id == row_id, OutboxMessage.delivered_at.is_(None),
-                    OutboxMessage.given_up_at.is_(None), free)
-                    .values(claimed_by=token, claim_expires_at=now + self.lease)))
-                if won:
-                    row = session.scalars(select(OutboxMessage).where(
-                        OutboxMessage.id == row_id)).one()
-                    session.expunge(row)
-                    return row
-        return None
+            recorded = self._record(session, token, sent)
+            if release:
+                session.connection().execute(_GIVE_BACK, {"ids": list(release), "token": token})
+            rows: list[OutboxMessage] = []
+            safe: datetime | None = None
+            if limit > 0:
+                dead, trusted = self._nodes(session)
+                rows = self._take(session, token, now, dead, skip, limit, notices_only=limit > 1)
+                if not rows and limit > 1:
+                    rows = self._take(session, token, now, dead, skip, 1, notices_only=False)
+                safe = now + min(trusted, self.lease) - self.lease / 3
+        self._delivered_log(sent)
+        return recorded, rows, safe
+
+    def _take(self, session: Session, token: str, now: datetime, dead: list[str],
+              skip: set[int], limit: int, *, notices_only: bool) -> list[OutboxMessage]:
+        params: dict[str, Any] = {"now": now, "skip": sorted(skip), "n": limit,
+                                  "token": token, "until": now + self.lease}
+        params.update({f"dead_{i}": f"{_like_prefix(name)}#%" for i, name in enumerate(dead)})
+        taken = session.connection().execute(
+            _claim_statement(len(dead), notices_only), params).all()
+        rows = [OutboxMessage(**row._mapping) for row in taken]
+        rows.sort(key=lambda r: (r.purpose == Purpose.COPY, r.id))
+        return rows
 
     def _renew(self, token: str) -> None:
         with transaction(self.sessions) as session:
@@ -166,30 +379,247 @@ class OutboxRelay:
         return and_(_OUTBOX.c.id == row.id, _OUTBOX.c.claimed_by == token,
                     _OUTBOX.c.delivered_at.is_(None), _OUTBOX.c.given_up_at.is_(None))
 
+    # -- records --------------------------------------------------------------
+
+    def _record(self, session: Session, token: str, sent: Sequence[_Sent]) -> int:
+        """Record a worker's batch of deliveries in the caller's transaction,
+        each only while the row still names ``token`` (a row given up while
+        on its way, by a cancellation, is recorded as sent all the same); a
+        row taken over by another relay meanwhile is audited as such.
+        Returns how many were this relay's to record."""
+        if not sent:
+            return 0
+        connection = session.connection()
+        held = dict(connection.execute(
+            _HELD, {"ids": [s.row.id for s in sent], "token": token}).all())
+        for statement, batch in (
+                (_RECORD, [s for s in sent if s.row.id in held and held[s.row.id] is None]),
+                (_RECORD_GIVEN_UP, [s for s in sent if held.get(s.row.id) is not None])):
+            if batch:
+                connection.execute(statement, [{"row": s.row.id, "at": s.at, "via": s.where}
+                                               for s in batch])
+        copies = [s for s in sent if s.row.purpose == Purpose.COPY and s.row.id in held]
+        if copies:
+            connection.execute(_COPY_SENT, [{"mid": s.row.message_id, "at": s.at}
+                                            for s in copies])
+        entries = []
+        for s in sent:
+            details: dict[str, Any] = {"to": s.row.to_addr, "purpose": s.row.purpose,
+                                       "message_id": s.row.message_id, "via": s.where}
+            if s.row.id not in held:
+                # Taken over by another relay while on its way; the mail server has
+                # it all the same: say so.
+                log.error("notice %s to %s was handed to %s after its claim was lost; "
+                          "it may arrive twice", s.row.message_id, s.row.to_addr, s.where)
+                details["claim_lost"] = True
+            if s.copy_id is not None:
+                details["copy_id"] = s.copy_id
+            entries.append(audit.Entry(
+                action="copy_sent" if s.row.purpose == Purpose.COPY else "notice_sent",
+                actor=self.worker, at=s.at, release_id=s.row.release_id, details=details))
+        audit.record_many(session, entries)
+        return len(held)
+
+    def _delivered_log(self, sent: Sequence[_Sent]) -> None:
+        if len(sent) == 1:
+            log.info("notice %s delivered to %s via %s", sent[0].row.purpose,
+                     sent[0].row.to_addr, sent[0].where)
+        elif sent:
+            log.info("%d notices delivered via %s: %s", len(sent), sent[0].where,
+                     ", ".join(f"{s.row.purpose} to {s.row.to_addr}" for s in sent))
+
+    # -- prepared notices -----------------------------------------------------
+
+    def prepare(self, release_id: str, instant: datetime | None = None) -> int:
+        """A publication of ``release_id`` is coming (at ``instant``, when the
+        caller knows it): build its "published" notices now, from the public
+        addresses its documents will have, and open ``workers`` connections
+        to the mail server, so that at the instant the relay only sends.
+        Nothing is sent here; the notices go once their outbox rows exist,
+        i.e. once the release is published. Stops building at the instant
+        (what is not built by then is composed when sent). Returns how many
+        notices were built; 0 where the transport does not send prepared
+        messages (the file outbox) or the release is not about to be
+        published."""
+        if not self.transport.prepares:
+            return 0
+        with read_transaction(self.sessions) as session:
+            release = session.scalars(select(Release).where(Release.id == release_id)).first()
+            if release is None or release.state not in (ReleaseState.QUEUED,
+                                                        ReleaseState.PUBLISHING):
+                return 0
+            if instant is not None and release.instant != instant:
+                return 0
+            release.documents  # noqa: B018 - load before the session closes
+            release.recipients  # noqa: B018
+            session.expunge_all()
+        connecting = self._open_connections()
+        try:
+            for document in release.documents:  # detached: the addresses publication gives
+                document.public_url = self.s.public.url(f"{release.slug}/{document.filename}")
+            ready = _Ready(release=release, inputs=published_inputs(release), messages={},
+                           until=release.instant + PREPARED_FOR)
+            with self._lock:
+                self._ready[release.id] = ready
+            for recipient in release.recipients:
+                if self.s.clock.now() >= release.instant:
+                    break
+                row = OutboxMessage(
+                    message_id=message_id(release.id, Purpose.PUBLISHED, recipient.id),
+                    release_id=release.id, recipient_id=recipient.id,
+                    purpose=Purpose.PUBLISHED, to_addr=recipient.email,
+                    created_at=release.instant)
+                try:
+                    prepared = prepare_message(compose(row, release, recipient,
+                                                       sender=self.sender))
+                except Exception:  # composed again when sent, and recorded then
+                    log.warning("cannot prepare the notice to %s; it is composed when it goes",
+                                recipient.email, exc_info=True)
+                    continue
+                if prepared is not None:
+                    with self._lock:
+                        ready.messages[row.message_id] = (
+                            recipient_inputs(row, recipient.name, recipient.organisation,
+                                             self.sender), prepared)
+        finally:
+            for thread in connecting:
+                thread.join()
+        log.info("prepared %d notices of %s and %d connections", len(ready.messages),
+                 release.id, len(self._idle))
+        return len(ready.messages)
+
+    def _open_connections(self) -> list[threading.Thread]:
+        """Open connections up to ``workers`` in the idle pool, each in a
+        thread of its own (a TLS handshake and login take a while)."""
+        if self.make_transport is None:
+            return []
+        with self._lock:
+            wanted = self.workers - len(self._idle)
+        threads = []
+        for _ in range(max(0, wanted)):
+            transport = self.make_transport()
+            thread = threading.Thread(target=self._connect, args=(transport,),
+                                      name="embargo-relay-connect", daemon=True)
+            thread.start()
+            threads.append(thread)
+        return threads
+
+    def _connect(self, transport: MailTransport) -> None:
+        try:
+            transport.connect()
+        except DeliveryError as exc:
+            log.warning("cannot open a connection ahead of the notices: %s", exc)
+            return
+        with self._lock:
+            self._idle.append((transport, time.monotonic()))
+
+    def ready_for(self, release_id: str) -> Release | None:
+        """The release as prepared, if its notices were built ahead."""
+        with self._lock:
+            ready = self._ready.get(release_id)
+            return ready.release if ready is not None else None
+
+    def prepared(self, row: OutboxMessage, inputs: tuple[object, ...], name: str | None,
+                 organisation: str | None) -> Prepared | None:
+        """The message built ahead for ``row``, when the release's and the
+        row's inputs (``release.notices.published_inputs``, and its
+        recipient's ``name`` and ``organisation``) are those it was built
+        from."""
+        with self._lock:
+            ready = self._ready.get(row.release_id)
+            if ready is None or ready.inputs != inputs:
+                return None
+            entry = ready.messages.get(row.message_id)
+            if entry is None or entry[0] != recipient_inputs(row, name, organisation,
+                                                             self.sender):
+                return None
+            ready.used.add(row.message_id)
+            return entry[1]
+
+    def keep_alive(self) -> bool:
+        """Check the idle prepared connections (``NOOP`` after
+        ``KEEPALIVE_SECONDS``), drop prepared notices once used or past
+        their time, and close the connections when nothing is prepared any
+        more. Returns whether anything is still held."""
+        now = self.s.clock.now()
+        with self._lock:
+            for release_id, ready in list(self._ready.items()):
+                if now >= ready.until or (ready.messages and ready.used >= ready.messages.keys()):
+                    del self._ready[release_id]
+            wanted = bool(self._ready)
+            stale = [(t, at) for t, at in self._idle
+                     if not wanted or time.monotonic() - at >= KEEPALIVE_SECONDS]
+            self._idle = [(t, at) for t, at in self._idle if (t, at) not in stale]
+        kept = []
+        for transport, _ in stale:
+            if wanted and transport.keep_alive():
+                kept.append((transport, time.monotonic()))
+            else:
+                transport.close()
+        with self._lock:
+            self._idle.extend(kept)
+            return bool(self._ready or self._idle)
+
+    def drop_prepared(self) -> None:
+        """Forget the prepared notices and close the idle connections."""
+        with self._lock:
+            self._ready.clear()
+            idle, self._idle = self._idle, []
+        for transport, _ in idle:
+            transport.close()
+
+    def _transports(self) -> list[tuple[MailTransport, bool, bool]]:
+        """A transport for each worker of a run: the idle prepared ones first,
+        then this relay's own, then new ones. Each with whether it may go
+        back to the pool, and whether it idled long enough to be checked
+        (NOOP, by its worker) before use."""
+        with self._lock:
+            pooled, self._idle = self._idle[:self.workers], self._idle[self.workers:]
+        now = time.monotonic()
+        chosen = [(transport, True, now - at >= IDLE_CHECK_SECONDS) for transport, at in pooled]
+        if len(chosen) < self.workers:
+            chosen.append((self.transport, False, False))
+        while len(chosen) < self.workers:
+            assert self.make_transport is not None
+            chosen.append((self.make_transport(), True, False))
+        return chosen
+
+    def _put_back(self, transport: MailTransport, poolable: bool) -> None:
+        """After a run: keep the connection open while notices are prepared
+        (another publication is coming), else close it."""
+        with self._lock:
+            if poolable and self._ready and len(self._idle) < self.workers:
+                self._idle.append((transport, time.monotonic()))
+                return
+        transport.close()
+
     # -- the run --------------------------------------------------------------
 
     def run_once(self) -> int:
         """Deliver every notice that is due now and that no live relay
         holds. Returns how many were delivered."""
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
-            late = list(session.scalars(select(OutboxMessage).where(
-                OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
-                OutboxMessage.not_after.is_not(None), OutboxMessage.not_after <= now,
-                self._free(now, []))))
-            for row in late:
-                row.given_up_at, row.last_error, row.claim_expires_at = now, TOO_LATE, None
-                audit.record(session, action="notice_given_up", actor=self.worker, at=now,
-                             release_id=row.release_id,
-                             details={"to": row.to_addr, "purpose": row.purpose,
-                                      "message_id": row.message_id, "reason": TOO_LATE})
+        overdue = and_(
+            OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
+            OutboxMessage.not_after.is_not(None), OutboxMessage.not_after <= now,
+            self._free(now, []))
+        with read_transaction(self.sessions) as session:  # seldom any: no writer lock
+            any_late = session.scalars(select(OutboxMessage.id).where(overdue).limit(1)).first()
+        if any_late is not None:
+            with transaction(self.sessions) as session:
+                for row in session.scalars(select(OutboxMessage).where(overdue)).all():
+                    row.given_up_at, row.last_error, row.claim_expires_at = now, TOO_LATE, None
+                    audit.record(session, action="notice_given_up", actor=self.worker, at=now,
+                                 release_id=row.release_id,
+                                 details={"to": row.to_addr, "purpose": row.purpose,
+                                          "message_id": row.message_id, "reason": TOO_LATE})
         return _Run(self, f"{self.worker}#{secrets.token_hex(4)}").go()
 
     def next_due(self) -> float | None:
         """Seconds until the next undelivered notice is due or a claim on
         one lapses, if any."""
         now = self.s.clock.now()
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             pending = and_(OutboxMessage.delivered_at.is_(None),
                            OutboxMessage.given_up_at.is_(None), ~_waiting_summary())
             free = or_(OutboxMessage.claim_expires_at.is_(None),
@@ -209,7 +639,7 @@ class OutboxRelay:
             return []
         if self.opener is None:
             raise DeliveryError("this relay cannot open documents (no private key)")
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             copy = session.scalars(select(Copy).where(Copy.message_id == row.message_id)).one()
             wanted = json.loads(copy.document_ids)
         documents = {d.id: d for d in release.documents}
@@ -219,7 +649,7 @@ class OutboxRelay:
                            copy_id=copy.id) for d in wanted]
 
     def _summary(self, release: Release) -> list[Delivery]:
-        with transaction(self.sessions) as session:
+        with read_transaction(self.sessions) as session:
             rows = session.execute(select(
                 OutboxMessage.recipient_id, OutboxMessage.to_addr, OutboxMessage.delivered_at,
                 OutboxMessage.last_error).where(OutboxMessage.release_id == release.id,
@@ -232,82 +662,65 @@ class OutboxRelay:
 
     def _deliver(self, row: OutboxMessage, token: str, release: Release,
                  recipient: Recipient | None, transport: MailTransport,
-                 dek: Callable[[], bytes]) -> int:
+                 dek: Callable[[], bytes], *, prepared: Prepared | None = None,
+                 confirmed: bool = False) -> _Sent | None:
+        """Hand one claimed row to ``transport``: the message ``prepared``
+        ahead when there is one, else composed now. ``confirmed``: the claim
+        was taken or confirmed recently enough that it need not be checked
+        again before the hand-over. Returns the delivery to record; failures
+        are recorded here, at once."""
         if row.not_after is not None and self.s.clock.now() >= row.not_after:
             self._give_up(row, token, TOO_LATE)  # before the costly part: opening, stamping
-            return 0
-        try:
-            message = compose(row, release, recipient, sender=self.sender,
-                              attachments=self._attachments(row, release, dek),
-                              summary=self._summary(release) if row.purpose == SUMMARY
-                              else None, unstampable=self.s.copies_unstampable)
-        except (SealError, DeliveryError) as exc:
-            self._fail(row, token, str(exc), release)
-            return 0
-        except Exception as exc:  # a record that cannot be composed: this notice alone
-            log.exception("cannot build notice %s to %s", row.message_id, row.to_addr)
-            self._fail(row, token, f"the message could not be built: "
-                                   f"{type(exc).__name__}: {exc}", release)
-            return 0
-        if row.not_after is not None and self.s.clock.now() >= row.not_after:
-            self._give_up(row, token, TOO_LATE)
-            return 0
-        if not self._still_mine(row, token):
+            return None
+        message = None
+        if prepared is None:
+            try:
+                message = compose(row, release, recipient, sender=self.sender,
+                                  attachments=self._attachments(row, release, dek),
+                                  summary=self._summary(release) if row.purpose == SUMMARY
+                                  else None, unstampable=self.s.copies_unstampable)
+            except (SealError, DeliveryError) as exc:
+                self._fail(row, token, str(exc), release)
+                return None
+            except Exception as exc:  # a record that cannot be composed: this notice alone
+                log.exception("cannot build notice %s to %s", row.message_id, row.to_addr)
+                self._fail(row, token, f"the message could not be built: "
+                                       f"{type(exc).__name__}: {exc}", release)
+                return None
+            if row.not_after is not None and self.s.clock.now() >= row.not_after:
+                self._give_up(row, token, TOO_LATE)
+                return None
+        if not confirmed and not self._still_mine(row, token):
             log.warning("notice %s to %s: claim lost before sending; left to its new holder",
                         row.message_id, row.to_addr)
-            return 0
+            return None
+        began = time.monotonic()
         try:
-            where = transport.send(message)
+            if prepared is not None:
+                where = transport.send_prepared(prepared, row.created_at)
+            else:
+                assert message is not None
+                where = transport.send(message)
         except DeliveryRefused as exc:
             self._fail(row, token, str(exc), release)
-            return 0
+            return None
         except DeliveryError as exc:
             self._retry(row, token, str(exc), release)
-            return 0
+            return None
         except MessageError as exc:  # cannot be flattened: it never will be
             self._fail(row, token, f"the message could not be built: "
                                    f"{type(exc).__name__}: {exc}", release)
-            return 0
+            return None
         except Exception as exc:
             log.exception("sending notice %s to %s failed unexpectedly", row.message_id,
                           row.to_addr)
             self._retry(row, token, f"{type(exc).__name__}: {exc}", release)
-            return 0
-        now = self.s.clock.now()
-        with transaction(self.sessions) as session:
-            # Plain statements on the connection: this runs once per notice,
-            # right after the instant, and the ORM's bookkeeping is not free.
-            connection = session.connection()
-            recorded = affected(connection.execute(update(_OUTBOX).where(
-                self._mine(row, token)).values(
-                attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
-                last_error=None, claim_expires_at=None)))
-            if not recorded:  # given up while on its way (a cancellation): it went
-                recorded = affected(connection.execute(update(_OUTBOX).where(
-                    _OUTBOX.c.id == row.id, _OUTBOX.c.claimed_by == token,
-                    _OUTBOX.c.delivered_at.is_(None)).values(
-                    attempts=row.attempts + 1, delivered_at=now, delivered_to=where,
-                    claim_expires_at=None)))
-            details: dict[str, Any] = {"to": row.to_addr, "purpose": row.purpose,
-                                       "message_id": row.message_id, "via": where}
-            if not recorded:
-                # Taken over by another relay while on its way; the mail server has
-                # it all the same: say so.
-                log.error("notice %s to %s was handed to %s after its claim was lost; "
-                          "it may arrive twice", row.message_id, row.to_addr, where)
-                details["claim_lost"] = True
-            if row.purpose == Purpose.COPY:
-                connection.execute(update(_COPIES).where(
-                    _COPIES.c.message_id == row.message_id, _COPIES.c.sent_at.is_(None))
-                    .values(sent_at=now))
-                details["copy_id"] = str(message["X-Embargo-Copy-Id"])
-            audit.record(session,
-                         action="copy_sent" if row.purpose == Purpose.COPY else "notice_sent",
-                         actor=self.worker, at=now, release_id=row.release_id, details=details)
-        if not recorded:
-            return 0
-        log.info("notice %s delivered to %s via %s", row.purpose, row.to_addr, where)
-        return 1
+            return None
+        if row.purpose != Purpose.COPY:
+            self._learn(time.monotonic() - began)
+        copy_id = (str(message["X-Embargo-Copy-Id"])
+                   if message is not None and row.purpose == Purpose.COPY else None)
+        return _Sent(row=row, at=self.s.clock.now(), where=where, copy_id=copy_id)
 
     def _alert(self, session: Any, row: OutboxMessage, release: Release | None,
                alert: Alert, now: datetime) -> None:
@@ -403,8 +816,9 @@ class OutboxRelay:
 
 
 class _Run:
-    """One run_once: up to ``workers`` threads, each claiming one row at a
-    time, and one thread renewing the claims until they are done."""
+    """One run_once: up to ``workers`` threads sharing the rows claimed, each
+    with its own unrecorded deliveries, and one thread renewing the claims
+    until they are done."""
 
     def __init__(self, relay: OutboxRelay, token: str) -> None:
         self.relay = relay
@@ -414,25 +828,70 @@ class _Run:
         self.delivered = 0
         self.releases: dict[str, Release] = {}
         self.recipients: dict[str, Recipient] = {}
+        # release id -> its published_inputs and its recipients' (name, organisation),
+        # as they are now: what a notice built ahead is checked against
+        self.facts: dict[str, tuple[tuple[object, ...], dict[str, tuple[str, str | None]]]] = {}
         self.deks: dict[str, bytes] = {}
+        self.loading = threading.Lock()
+        self.claiming = threading.Lock()  # one worker claims for the run at a time
+        self.queue: deque[OutboxMessage] = deque()  # claimed, not yet taken by a worker
+        self.safe: dict[int, datetime] = {}  # row id -> until when it needs no re-check
         self.done = threading.Event()
 
     def _context(self, row: OutboxMessage) -> tuple[Release, Recipient | None]:
         """The row's release (its documents and recipients), read once per run."""
+        release = self._context_of(row.release_id)
         with self.lock:
-            release = self.releases.get(row.release_id)
+            return release, self.recipients.get(row.recipient_id or "")
+
+    def _context_of(self, release_id: str) -> Release:
+        with self.lock:
+            release = self.releases.get(release_id)
         if release is None:
-            with transaction(self.relay.sessions) as session:
-                release = session.scalars(select(Release).where(
-                    Release.id == row.release_id)).one()
-                release.documents  # noqa: B018 - load before the session closes
-                release.recipients  # noqa: B018
-                session.expunge_all()
+            with self.loading:  # one worker reads it; the others wait for it
+                with self.lock:
+                    release = self.releases.get(release_id)
+                if release is None:
+                    release = self._load(release_id)
+        return release
+
+    def _load(self, release_id: str) -> Release:
+        with read_transaction(self.relay.sessions) as session:
+            release = session.scalars(select(Release).where(Release.id == release_id)).one()
+            release.documents  # noqa: B018 - load before the session closes
+            release.recipients  # noqa: B018
+            session.expunge_all()
+        with self.lock:
+            for recipient in release.recipients:
+                self.recipients.setdefault(recipient.id, recipient)
+            self.releases[release_id] = release
+        return release
+
+    def _facts(self, release_id: str
+               ) -> tuple[tuple[object, ...], dict[str, tuple[str, str | None]]]:
+        """What the release's notices of publication are built from, as it
+        is now, read once per run in three plain statements (the records
+        themselves are loaded only for a notice composed here)."""
+        with self.lock:
+            facts = self.facts.get(release_id)
+        if facts is not None:
+            return facts
+        with self.loading:
             with self.lock:
-                release = self.releases.setdefault(row.release_id, release)
-                for recipient in release.recipients:
-                    self.recipients.setdefault(recipient.id, recipient)
-        return release, self.recipients.get(row.recipient_id or "")
+                facts = self.facts.get(release_id)
+            if facts is not None:
+                return facts
+            with read_transaction(self.relay.sessions) as session:
+                connection = session.connection()
+                release = connection.execute(_RELEASE_FACTS, {"release": release_id}).one()
+                documents = connection.execute(_DOCUMENT_FACTS, {"release": release_id}).all()
+                people = connection.execute(_RECIPIENT_FACTS, {"release": release_id}).all()
+            facts = (release_inputs(release.id, release.title, release.instant, release.zone,
+                                    release.wall, [tuple(d) for d in documents]),
+                     {p.id: (p.name, p.organisation) for p in people})
+            with self.lock:
+                self.facts[release_id] = facts
+            return facts
 
     def _dek(self, release_id: str) -> Callable[[], bytes]:
         """The release's data key, opened once per run however many copies
@@ -445,39 +904,123 @@ class _Run:
                 return self.deks[release_id]
         return get
 
-    def _next(self) -> OutboxMessage | None:
+    def _claim(self, limit: int, sent: Sequence[_Sent] = (),
+               release: Sequence[int] = ()) -> list[OutboxMessage]:
+        """Record ``sent``, give back ``release`` and claim up to ``limit``
+        rows, in one transaction (no new rows once the relay is stopping)."""
         if self.relay.stop.is_set():
-            return None
+            limit = 0
         with self.lock:
             skip = set(self.skip)
-        row = self.relay._claim(self.token, skip)
-        if row is not None:
-            with self.lock:
-                self.skip.add(row.id)
-        return row
+        recorded, rows, safe = self.relay._claim(self.token, skip, limit, sent, release)
+        with self.lock:
+            if safe is not None:
+                self.safe.update((r.id, safe) for r in rows)
+            self.delivered += recorded
+            self.skip.difference_update(release)  # not tried: any worker may take them again
+            self.skip.update(r.id for r in rows)
+        return rows
 
-    def _work(self, transport: MailTransport, first: OutboxMessage | None = None) -> None:
+    def _send(self, row: OutboxMessage, transport: MailTransport) -> _Sent | None:
         relay = self.relay
         try:
+            prepared = None
+            ahead = relay.ready_for(row.release_id) if transport.prepares else None
+            if row.purpose == Purpose.PUBLISHED and ahead is not None:
+                inputs, people = self._facts(row.release_id)
+                name, organisation = people.get(row.recipient_id or "", (None, None))
+                prepared = relay.prepared(row, inputs, name, organisation)
+            if prepared is not None:  # the records are not needed: it is built
+                assert ahead is not None
+                release, recipient = ahead, None
+            else:
+                release, recipient = self._context(row)
+            # Claimed a moment ago: no other relay can have taken it yet, and checking
+            # again would cost a transaction a notice.
+            with self.lock:
+                safe = self.safe.get(row.id)
+            confirmed = safe is not None and relay.s.clock.now() < safe
+            return relay._deliver(row, self.token, release, recipient, transport,
+                                  self._dek(release.id), prepared=prepared,
+                                  confirmed=confirmed)
+        except Exception as exc:  # contained: recorded, the others carry on
+            log.exception("notice %s to %s failed unexpectedly", row.message_id,
+                          row.to_addr)
+            relay._retry(row, self.token, f"{type(exc).__name__}: {exc}", None)
+            return None
+
+    def _next(self, pending: list[_Sent], record: bool) -> OutboxMessage | None:
+        """The next row of this run's shared queue; when it is empty, claim
+        more (one worker at a time) and record ``pending`` in the same
+        transaction: as many as the workers send in ``_CLAIM_HOLD`` while
+        the server is fast, one while it is slow. ``record``: record
+        ``pending`` now in any case. Empties ``pending`` once recorded. None
+        when nothing is left for this worker (or the relay is stopping)."""
+        relay = self.relay
+        if relay.stop.is_set():
+            return None
+        with self.lock:
+            row = self.queue.popleft() if self.queue else None
+        if row is None:
+            with self.claiming:
+                with self.lock:
+                    row = self.queue.popleft() if self.queue else None
+                if row is None:
+                    size = relay.claim_size()
+                    rows = self._claim(size * relay.workers if size > 1 else 1, pending)
+                    pending.clear()
+                    with self.lock:
+                        self.queue.extend(rows)
+                        return self.queue.popleft() if self.queue else None
+        if record and pending:
+            self._claim(0, pending)
+            pending.clear()
+        return row
+
+    def _work(self, transport: MailTransport, poolable: bool, check: bool = False) -> None:
+        relay = self.relay
+        if check:  # idle a while: a connection the server dropped is closed, reopened on send
+            transport.keep_alive()
+        wait = RECORD_WAIT.total_seconds()
+        pending: list[_Sent] = []  # this worker's deliveries, not yet recorded
+        began = 0.0  # when the first of ``pending`` began
+        record = False
+        try:
             while True:
-                row, first = first or self._next(), None
+                if record and relay.claim_size() == 1:
+                    # A server slower than expected: the rows not sent yet go back, for
+                    # the other workers and relays to share (claimed again one by one).
+                    with self.lock:
+                        back = [r.id for r in self.queue]
+                        self.queue.clear()
+                    if back:
+                        self._claim(0, pending, back)
+                        pending.clear()
+                row = self._next(pending, record)
                 if row is None:
                     return
-                try:
-                    release, recipient = self._context(row)
-                    done = relay._deliver(row, self.token, release, recipient, transport,
-                                          self._dek(release.id))
-                except Exception as exc:  # contained: recorded, the others carry on
-                    log.exception("notice %s to %s failed unexpectedly", row.message_id,
-                                  row.to_addr)
-                    relay._retry(row, self.token, f"{type(exc).__name__}: {exc}", None)
-                    done = 0
-                with self.lock:
-                    self.delivered += done
+                start = time.monotonic()
+                sent = self._send(row, transport)
+                if sent is not None:
+                    if not pending:
+                        began = start
+                    pending.append(sent)
+                record = bool(pending) and (len(pending) >= relay.record_batch
+                                            or time.monotonic() - began >= wait)
         finally:
-            transport.close()
+            try:
+                if pending:  # on the way out: record what went
+                    self._claim(0, pending)
+            except Exception as exc:  # the claims lapse; the next run sends them again
+                report(relay.watch, exc, doing="recording delivered notices", logger=log)
+            relay._put_back(transport, poolable)
 
-    def _renewer(self) -> None:
+    def _renewer(self, releases: Sequence[str] = ()) -> None:
+        for release_id in releases:  # read ahead, beside the sending, for a notice
+            try:  # composed later (the owner's summary), rather than after the others
+                self._context_of(release_id)
+            except Exception as exc:  # read again when needed
+                report(self.relay.watch, exc, doing="reading a release's records", logger=log)
         every = max(0.05, self.relay.lease.total_seconds() / 3)
         while not self.done.wait(every):
             try:
@@ -487,27 +1030,38 @@ class _Run:
 
     def go(self) -> int:
         relay = self.relay
-        first = self._next()
-        if first is None:
+        size = relay.claim_size()
+        first = self._claim(relay.workers * size)
+        if not first:
             return 0
-        extra: list[MailTransport] = []
-        if relay.make_transport is not None:
-            extra = [relay.make_transport() for _ in range(relay.workers - 1)]
-        threads = [threading.Thread(target=self._work, args=(t,), name=f"embargo-relay-{i + 1}",
-                                    daemon=True) for i, t in enumerate(extra)]
-        renewer = threading.Thread(target=self._renewer, name="embargo-relay-renew",
-                                   daemon=True)
+        self.queue.extend(first)
+        transports = relay._transports()
+        threads = [threading.Thread(target=self._work, args=chosen,
+                                    name=f"embargo-relay-{i + 1}", daemon=True)
+                   for i, chosen in enumerate(transports[1:])]
+        # The releases whose notices were built ahead: the records are read beside
+        # the sending, for the owner's summary, composed once the others are done.
+        ahead = sorted({r.release_id for r in first if relay.ready_for(r.release_id)})
+        renewer = threading.Thread(target=self._renewer, args=(ahead,),
+                                   name="embargo-relay-renew", daemon=True)
         renewer.start()
         for thread in threads:
             thread.start()
         try:
-            self._work(relay.transport, first)
+            self._work(*transports[0])
         finally:
             # Even when this worker failed, the others' claims are renewed
             # until their messages are handed over and recorded: a claim that
             # lapsed mid-send would be sent again by the next run.
             for thread in threads:
                 thread.join()
-            self.done.set()
-            renewer.join()
+            try:
+                with self.lock:
+                    left = [r.id for r in self.queue]
+                    self.queue.clear()
+                if left:  # claimed, not sent (stopping, or a worker failed): given back
+                    self._claim(0, (), left)
+            finally:
+                self.done.set()
+                renewer.join()
         return self.delivered

@@ -323,6 +323,9 @@ class EmbargoScheduler:
                 self._running.add(release_id)
                 self._due.pop(release_id, None)
                 self._kicked.discard(release_id)
+        if self.delivery is not None:  # their notices built, the mail connections opened, now
+            for release_id in ids:
+                self.delivery.prepare(release_id)
         try:
             outcomes = self.publisher.publish_many(ids, wait_up_to=wait + timedelta(seconds=1))
         except Exception as exc:

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -75,6 +75,47 @@ def record(session: Session, *, action: str, actor: str, at: datetime,
                                  "prev_hash": prev, "hash": digest})
     connection.execute(_MOVE_HEAD, {"new_hash": digest})
     return int(seq)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entry:
+    """One event for :func:`record_many`."""
+
+    action: str
+    actor: str
+    at: datetime
+    release_id: str | None = None
+    details: Mapping[str, Any] | None = None
+
+
+def record_many(session: Session, entries: Sequence[Entry]) -> list[int]:
+    """Append ``entries`` in order, in the caller's transaction, as
+    :func:`record` would one by one (the same chain), in three statements
+    whatever their number: the relay records a batch of deliveries at once."""
+    if not entries:
+        return []
+    connection = session.connection()
+    bump = (update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + len(entries))
+            .returning(_HEAD.c.seq, _HEAD.c.hash))
+    head = connection.execute(bump).first()
+    if head is None:  # the very first event: create the head, race-free
+        insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
+        connection.execute(insert(_HEAD).values(id=1, seq=0, hash=GENESIS)
+                           .on_conflict_do_nothing(index_elements=["id"]))
+        head = connection.execute(bump).one()
+    last, prev = head
+    rows = []
+    for seq, entry in enumerate(entries, start=int(last) - len(entries) + 1):
+        text = json.dumps(dict(entry.details or {}), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, default=str)
+        digest = _digest(seq, entry.at, entry.actor, entry.action, entry.release_id, text, prev)
+        rows.append({"seq": seq, "at": entry.at, "actor": entry.actor, "action": entry.action,
+                     "release_id": entry.release_id, "details": text, "prev_hash": prev,
+                     "hash": digest})
+        prev = digest
+    connection.execute(_APPEND, rows)
+    connection.execute(_MOVE_HEAD, {"new_hash": prev})
+    return [row["seq"] for row in rows]
 
 
 @dataclass(frozen=True, kw_only=True)

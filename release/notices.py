@@ -1,5 +1,7 @@
 """The words of each notice: built from the records when the relay delivers
-it, so a retry sends the same message under the same Message-ID.
+it, so a retry sends the same message under the same Message-ID. (The
+"published" notices are built once more ahead of the instant, and used only
+while their inputs are unchanged: :func:`published_inputs`.)
 
 Messages are built with the standard library's ``email.mime`` classes (the
 compat32 policy) rather than ``EmailMessage``: the newer API parses and
@@ -13,8 +15,9 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from email import encoders
 from email.charset import QP, Charset
 from email.message import Message
@@ -157,6 +160,37 @@ def compose(row: OutboxMessage, release: Release, recipient: Recipient | None,
     for name, value in message.items():
         root[name] = value
     return root
+
+
+def published_inputs(release: Release) -> tuple[object, ...]:
+    """What a "published" notice takes from its release, for :func:`compose`:
+    two notices to the same recipient (:func:`recipient_inputs`) whose
+    releases give equal tuples are the same message but for their Date.
+    The relay builds these notices before the instant, from the public
+    addresses the documents will have, and sends one so built only when the
+    published release still gives the same tuple. Keep in step with
+    ``compose``."""
+    return release_inputs(release.id, release.title, release.instant, release.zone,
+                          release.wall, [(d.kind, d.filename, d.organisation, d.public_url)
+                                         for d in release.documents])
+
+
+def release_inputs(release_id: str, title: str, instant: datetime, zone: str, wall: str,
+                   documents: Iterable[tuple[str, str, str | None, str | None]]
+                   ) -> tuple[object, ...]:
+    """:func:`published_inputs` from the values themselves (documents as
+    ``(kind, filename, organisation, public_url)``, in their order), for a
+    reader that does not load the records."""
+    return (release_id, title, instant, zone, wall, tuple(tuple(d) for d in documents))
+
+
+def recipient_inputs(row: OutboxMessage, name: str | None, organisation: str | None,
+                     sender: str) -> tuple[object, ...]:
+    """What a "published" notice takes from its outbox row (but its Date,
+    ``created_at``), its recipient's name and organisation, and the sender;
+    see :func:`published_inputs`."""
+    return (row.message_id, row.release_id, row.purpose, row.to_addr, sender, name,
+            organisation)
 
 
 def _summary_lines(summary: Sequence[Delivery]) -> list[str]:
