@@ -257,9 +257,10 @@ class Publisher:
         hold up or fail the others."""
         ids = list(dict.fromkeys(release_ids))
         outcomes: dict[str, Outcome] = {}
+        claimed_at = time.monotonic()  # the leases taken hold at least this long
         plans = self._claim(ids, self.s.clock.now(), wait_up_to, outcomes)
         if plans:
-            with _LeaseKeeper(self, [p.release_id for p in plans]) as keeper, \
+            with _LeaseKeeper(self, [p.release_id for p in plans], claimed_at) as keeper, \
                     ExitStack() as folders:
                 pending = self._stage_all(plans, keeper, folders, outcomes)
                 while pending:  # the earliest instant first; a release moved meanwhile
@@ -1007,10 +1008,15 @@ class Publisher:
 class _LeaseKeeper:
     """Renews a publisher's claims every third of the lease while it works
     (one statement for all of them), so a long publication keeps them and a
-    dead publisher loses them quickly."""
+    dead publisher loses them quickly. A renewal that fails (the database
+    did not answer) is tried again soon; the claims are given up only when
+    the last lease renewed may have lapsed (two thirds of it gone), since
+    until then nobody else can have taken them."""
 
-    def __init__(self, publisher: Publisher, release_ids: list[str]) -> None:
+    def __init__(self, publisher: Publisher, release_ids: list[str],
+                 renewed_at: float | None = None) -> None:
         self.publisher = publisher
+        self._renewed_at = time.monotonic() if renewed_at is None else renewed_at
         self._ids = set(release_ids)
         self._lost: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -1036,17 +1042,26 @@ class _LeaseKeeper:
             self._ids.difference_update(release_ids)
 
     def _run(self) -> None:
-        every = self.publisher.lease.total_seconds() / 3
-        while not self._done.wait(every):
+        lease = self.publisher.lease.total_seconds()
+        every = pause = lease / 3
+        while not self._done.wait(pause):
+            pause = every
             with self._lock:
                 ids = set(self._ids)
             if not ids:
                 continue
+            began = time.monotonic()
             try:
                 held = self.publisher._renew(ids)
                 why = "another publisher has it, or it was cancelled"
+                self._renewed_at = began
             except Exception as exc:  # reported to the publishing threads by check()
-                held, why = set(), str(exc)
+                if began - self._renewed_at < lease - every:  # the lease still holds
+                    log.warning("could not renew the claim on %s (%s): trying again",
+                                ", ".join(sorted(ids)), exc)
+                    pause = every / 4
+                    continue
+                held, why = set(), f"its lease could not be renewed: {exc}"
             with self._lock:
                 for release_id in ids - held:
                     self._lost[release_id] = why

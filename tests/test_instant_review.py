@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Collection
 from datetime import timedelta
 from pathlib import Path
 
+from config.errors import StorageError
 from config.settings import Settings
 from release.keys import load_private_key
 from release.publishing import Outcome, Publisher
@@ -127,3 +129,43 @@ def test_of_a_burst_one_moved_earlier_and_one_later_each_is_published_at_its_own
         assert row.published_at is not None and row.published_at >= row.instant
         assert row.attempts == 1  # staged once
     assert not any(services.public.staging.root.rglob("doc_*"))
+
+
+def test_one_failed_renewal_while_the_lease_still_holds_does_not_lose_the_claim(
+        settings: Settings, services: Services, tmp_path: Path) -> None:
+    """The database does not answer one lease renewal (a blip) while a
+    release waits in its lead window. The lease it renewed a moment before
+    still holds for two thirds of its length, so nobody else can have the
+    release: the next renewal carries on and the release is published at the
+    instant. On main one failed renewal gave up every claim of the run: the
+    release failed at the instant ("lost the claim"), the owner was alerted,
+    and it was staged again after a backoff."""
+    release_id = queue_seed(services, tmp_path / "b")
+    clock = FakeClock(EARLY)
+    publisher = Publisher(dataclasses.replace(services, clock=clock),
+                          load_private_key(settings.keys_dir), claimant="early-bird",
+                          lease=timedelta(seconds=1.5))  # renewed every 0.5 s
+    renew = publisher._renew
+    calls: list[str] = []
+
+    def flaky(release_ids: Collection[str]) -> set[str]:
+        calls.append("renew")
+        if len(calls) == 1:
+            raise StorageError("database error: server closed the connection unexpectedly")
+        return renew(release_ids)
+
+    publisher._renew = flaky  # type: ignore[method-assign]
+    outcomes: list[Outcome] = []
+    worker = threading.Thread(target=lambda: outcomes.append(
+        publisher.publish(release_id, wait_up_to=timedelta(minutes=10))))
+    worker.start()
+    try:
+        assert until(lambda: len(calls) >= 3, 10)  # the failed one, and two after it
+        clock.set(SEED_INSTANT)
+        worker.join(30)
+    finally:
+        clock.set(SEED_INSTANT)
+        worker.join(30)
+    assert [o.status for o in outcomes] == ["published"]
+    row = release_row(services, release_id)
+    assert row.state == PUBLISHED and row.reason is None and row.attempts == 1
