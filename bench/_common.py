@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -628,3 +629,52 @@ def stopwatch() -> Iterator[list[float]]:
         yield box
     finally:
         box.append(time.perf_counter() - start)
+
+
+def run_main(main: Callable[[], int], *, cleaned: str = "temporary folders and child processes"
+             ) -> None:
+    """A bench script's entry point: its exit status, or 130 with one line on Ctrl-C
+    (its Cleanup has removed what it made by then)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(f"interrupted; {cleaned} removed", file=sys.stderr)
+        sys.exit(130)
+
+
+def one_document_manifest(folder: Path, title: str, text: bytes) -> Path:
+    """A manifest of one short report, for benches that queue many releases."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notice.txt").write_bytes(text)
+    manifest = folder / "manifest.toml"
+    manifest.write_text(f'title = "{title}"\npublish_on = "2030-01-01"\n\n'
+                        '[[documents]]\npath = "notice.txt"\nkind = "report"\n')
+    return manifest
+
+
+class Queuer:
+    """ReleaseService in this process, over the data dir of a bench's `embargo run`
+    child (``env``: the child's EMBARGO_* settings, so both see the same ones)."""
+
+    def __init__(self, data: Path, manifest: Path, *, actor: str,
+                 env: dict[str, str] | None = None) -> None:
+        from config.settings import load_settings
+        from jobs.app import build_services
+        from release.manifest import load_manifest
+        from release.service import ReleaseService
+
+        project_env = {k: v for k, v in (env or {}).items() if k.startswith("EMBARGO_")}
+        self.settings = load_settings(environ=project_env, overrides={"data_dir": str(data)})
+        self.services = build_services(self.settings)
+        self.service = ReleaseService(self.services, actor=actor)
+        self.spec = load_manifest(manifest, publish_on="2030-01-01T00:00:00Z")
+
+    def queue(self, title: str, instant: datetime) -> tuple[str, str, str]:
+        """Queue one release; returns (id, slug, document file name)."""
+        spec = dataclasses.replace(self.spec, title=title,
+                                   publish_on=instant.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        release = self.service.queue(spec)
+        return release.id, release.slug, release.documents[0].filename
+
+    def close(self) -> None:
+        self.services.engine.dispose()

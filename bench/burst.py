@@ -39,7 +39,6 @@ import dataclasses
 import math
 import os
 import sqlite3
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -48,6 +47,7 @@ from pathlib import Path
 from _common import (
     Cleanup,
     EmbargoRun,
+    Queuer,
     Summary,
     base_parser,
     child_env,
@@ -56,7 +56,9 @@ from _common import (
     file_clock,
     fmt,
     machine,
+    one_document_manifest,
     run_embargo,
+    run_main,
     table,
     trials_of,
     verdict,
@@ -69,38 +71,7 @@ DOC_TEXT = b"A short published notice for the burst bench.\n"
 
 
 def _manifest(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "notice.txt").write_bytes(DOC_TEXT)
-    manifest = folder / "manifest.toml"
-    manifest.write_text('title = "Burst"\npublish_on = "2030-01-01"\n\n'
-                        '[[documents]]\npath = "notice.txt"\nkind = "report"\n')
-    return manifest
-
-
-class Queuer:
-    """ReleaseService in this process, over the data dir of the child."""
-
-    def __init__(self, data: Path, manifest: Path, env: dict[str, str]) -> None:
-        from config.settings import load_settings
-        from jobs.app import build_services
-        from release.manifest import load_manifest
-        from release.service import ReleaseService
-
-        project_env = {k: v for k, v in env.items() if k.startswith("EMBARGO_")}
-        self.settings = load_settings(environ=project_env, overrides={"data_dir": str(data)})
-        self.services = build_services(self.settings)
-        self.service = ReleaseService(self.services, actor="bench@burst")
-        self.spec = load_manifest(manifest, publish_on="2030-01-01T00:00:00Z")
-
-    def queue(self, title: str, instant: datetime) -> tuple[str, str, str]:
-        """Queue one release; returns (id, slug, document file name)."""
-        spec = dataclasses.replace(self.spec, title=title,
-                                   publish_on=instant.strftime("%Y-%m-%dT%H:%M:%SZ"))
-        release = self.service.queue(spec)
-        return release.id, release.slug, release.documents[0].filename
-
-    def close(self) -> None:
-        self.services.engine.dispose()
+    return one_document_manifest(folder, "Burst", DOC_TEXT)
 
 
 class RawBurst:
@@ -285,7 +256,7 @@ def main() -> int:
         lag = clocks[0].max_lag_ms
         raw = RawBurst(root / "raw", count, threads)
         run_embargo(data, "keys", "init", env=env)
-        queuer = Queuer(data, _manifest(root / "doc"), env)
+        queuer = Queuer(data, _manifest(root / "doc"), actor="bench@burst", env=env)
         cleanup.on_close(queuer.close)
         if args.background:
             base = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
@@ -408,8 +379,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; temporary folders and child processes removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

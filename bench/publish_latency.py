@@ -93,6 +93,7 @@ from _common import (
     iso_z,
     machine,
     run_embargo,
+    run_main,
     s3_backend_missing,
     table,
     trials_of,
@@ -830,8 +831,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; temporary folders and child processes removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -33,7 +33,6 @@ import math
 import os
 import re
 import sqlite3
-import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -43,12 +42,15 @@ from typing import Any
 from _common import (
     Cleanup,
     EmbargoRun,
+    Queuer,
     Summary,
     base_parser,
     child_env,
     fmt,
     machine,
+    one_document_manifest,
     run_embargo,
+    run_main,
     table,
     trials_of,
     verdict,
@@ -62,37 +64,8 @@ COPIES_WAIT_S = 20.0  # how long the first start may work through its copies job
 
 
 def _manifest(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "notice.txt").write_text("A short published notice for the scale bench.\n")
-    manifest = folder / "manifest.toml"
-    manifest.write_text('title = "Scale"\npublish_on = "2030-01-01"\n\n'
-                        '[[documents]]\npath = "notice.txt"\nkind = "report"\n')
-    return manifest
-
-
-class Queuer:
-    """ReleaseService in this process, over the same data dir as the child."""
-
-    def __init__(self, data: Path, manifest: Path) -> None:
-        from config.settings import load_settings
-        from jobs.app import build_services
-        from release.manifest import load_manifest
-        from release.service import ReleaseService
-
-        self.settings = load_settings(environ={}, overrides={"data_dir": str(data)})
-        self.services = build_services(self.settings)
-        self.service = ReleaseService(self.services, actor="bench@scale")
-        self.spec = load_manifest(manifest, publish_on="2030-01-01T00:00:00Z")
-
-    def queue(self, title: str, instant: datetime) -> tuple[str, str, str]:
-        """Queue one release; returns (id, slug, document file name)."""
-        spec = dataclasses.replace(self.spec, title=title,
-                                   publish_on=instant.strftime("%Y-%m-%dT%H:%M:%SZ"))
-        release = self.service.queue(spec)
-        return release.id, release.slug, release.documents[0].filename
-
-    def close(self) -> None:
-        self.services.engine.dispose()
+    return one_document_manifest(folder, "Scale",
+                                 b"A short published notice for the scale bench.\n")
 
 
 def insert_many(queuer: Queuer, count: int) -> float:
@@ -228,7 +201,7 @@ def main() -> int:
         data = root / "var"
         print(f"scale: {count} releases, {trials} trials", flush=True)
         run_embargo(data, "keys", "init")
-        queuer = Queuer(data, _manifest(root / "doc"))
+        queuer = Queuer(data, _manifest(root / "doc"), actor="bench@scale")
         cleanup.on_close(queuer.close)
         insert_s = insert_many(queuer, count)
         db = data / "embargo.db"
@@ -354,8 +327,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; temporary folders and child processes removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

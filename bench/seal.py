@@ -53,8 +53,10 @@ from _common import (
     Summary,
     base_parser,
     child_env,
+    emit_summary,
     fmt,
     machine,
+    run_main,
     table,
     trials_of,
     verdict,
@@ -242,6 +244,7 @@ class SizeResult:
     rows: list[list[str]]
     ratio_rows: list[list[str]]
     memory_rows: list[list[str]]
+    summary: list[dict[str, str]]  # the judged rows, for run_all (emit_summary)
 
 
 def measure_size(size_mib: int, trials: int, work: Path) -> SizeResult:
@@ -293,19 +296,30 @@ def measure_size(size_mib: int, trials: int, work: Path) -> SizeResult:
         seal_floor_ratio.append(max(got["raw AES-GCM encrypt"], sha) / got["seal_stream"])
         open_floor_ratio.append(max(got["raw AES-GCM decrypt"], sha) / got["open_stream"])
     data.release()
-    result = SizeResult([], [], [])
+    result = SizeResult([], [], [], [])
     for name, values in times.items():
         s = Summary.of(values)
         result.rows.append([f"{size_mib} MiB", name, str(s.n), fmt(s.p50 * 1000),
                             fmt(s.p99 * 1000), fmt(s.max * 1000), fmt(size / MiB / s.p50, 0),
                             fmt(size / MiB / s.max, 0)])
-    for name, ratios in (("seal_stream / raw AES-GCM encrypt", seal_ratio),
-                         ("open_stream / raw AES-GCM decrypt", open_ratio)):
+    for name, ratios, op, raw in (
+            ("seal_stream / raw AES-GCM encrypt", seal_ratio, "seal_stream",
+             "raw AES-GCM encrypt"),
+            ("open_stream / raw AES-GCM decrypt", open_ratio, "open_stream",
+             "raw AES-GCM decrypt")):
         s = Summary.of(ratios)
         ok = verdict(s.p50 >= RATIO_TARGET)
         result.ratio_rows.append([f"{size_mib} MiB", name, str(s.n), f"{s.p50:.0%}",
                                   f"{s.min:.0%}", f">= {RATIO_TARGET:.0%}",
                                   ok if size_mib == 256 else f"({ok})"])
+        if size_mib == 256:
+            result.summary.append({
+                "figure": f"{op}, {size_mib} MiB file to file, of raw AES-GCM",
+                "target": f">= {RATIO_TARGET:.0%} (median of trials)",
+                "limit": f"{raw}: {fmt(size / MiB / Summary.of(times[raw]).p50, 0)} MiB/s",
+                "measured": (f"{s.p50:.0%} (worst {s.min:.0%}, {s.n} trials); "
+                             f"{fmt(size / MiB / Summary.of(times[op]).p50, 0)} MiB/s"),
+                "verdict": ok})
     for name, ratios in (("seal_stream / raw AES-GCM + SHA-256 encrypt", seal_sha_ratio),
                          ("open_stream / raw AES-GCM + SHA-256 decrypt", open_sha_ratio),
                          ("seal_stream / max(raw AES-GCM encrypt, SHA-256 alone)",
@@ -326,6 +340,12 @@ def measure_size(size_mib: int, trials: int, work: Path) -> SizeResult:
                                    "(shows the method sees growth)",
                                    verdict(growth <= MEMORY_TARGET_MIB) if op != "control"
                                    else ""])
+        if op != "control":
+            result.summary.append({
+                "figure": f"{label}, {size_mib} MiB: peak RSS growth",
+                "target": f"<= {MEMORY_TARGET_MIB:g} MiB", "limit": "",
+                "measured": f"{fmt(growth, 1)} MiB ({method})",
+                "verdict": verdict(growth <= MEMORY_TARGET_MIB)})
     for path in (plain, sealed, rawct):
         path.unlink(missing_ok=True)
     return result
@@ -381,12 +401,9 @@ def main() -> int:
                     ["size", "operation", "peak RSS growth MiB", "method", "target",
                      "verdict"],
                     title="peak memory growth, each in a fresh child process"))
+        emit_summary("seal", [row for res in results for row in res.summary])
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; temporary files removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, cleaned="temporary files")

@@ -47,8 +47,10 @@ from _common import (
     MiB,
     base_parser,
     child_env,
+    emit_summary,
     fmt,
     machine,
+    run_main,
     table,
     verdict,
 )
@@ -288,13 +290,20 @@ def main() -> int:
         ]
         print(table(rows, ["step", "peak RSS growth MiB", "method", "disk", "seconds",
                            "target", "verdict"]))
+        emit_summary("staging_memory", [
+            {"figure": f"{label}, one {size_mib} MiB document: peak RSS growth",
+             "target": f"<= {MEMORY_TARGET_MIB:g} MiB",
+             "limit": f"control: {CONTROL_MIB} MiB read at once grew "
+                      f"{fmt(control['growth_mib'], 1)} MiB",
+             "measured": f"{fmt(step['growth_mib'], 1)} MiB ({step['method']}); {disk}",
+             "verdict": verdict(step["growth_mib"] <= MEMORY_TARGET_MIB)}
+            for label, step, disk in (
+                ("queue", queued, f"sealed object {gib(queued['disk_bytes'])} GiB"),
+                ("publish", published,
+                 f"staged on disk up to {gib(published['max_staged_bytes'])} GiB"))])
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; temporary files removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, cleaned="temporary files")

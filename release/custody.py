@@ -8,7 +8,6 @@ Every function takes the services (and keys) it needs; none reads settings.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -25,14 +24,16 @@ from release.context import Services
 from release.records import AWAITING_APPROVAL, DRAFT, FAILED, PUBLISHING, QUEUED, Release
 from release.vault_keys import dek_key, document_key
 from release.views import Finding
-from storage.base import PublicTarget, Vault, VaultBatch
-from storage.db import transaction
+from storage.base import PublicTarget, Vault, VaultEntry
+from storage.db import read_transaction, transaction
 
 log = logging.getLogger(__name__)
 
 # States whose data key is still in the vault and still needed (a draft's
 # once its documents are uploaded).
 ACTIVE = (QUEUED, PUBLISHING, FAILED, AWAITING_APPROVAL, DRAFT)
+# Short-lived objects: the probe write (removed at once; a leftover is swept
+# after ORPHAN_AGE, as are the queue markers earlier versions wrote here).
 PENDING_PREFIX = "pending/"
 ORPHAN_AGE = timedelta(hours=1)
 _TAG = 16
@@ -262,22 +263,6 @@ def _fsync_dir(path: Path) -> None:
 
 
 # -- what a killed queue leaves --------------------------------------------------------------
-def pending_key(release_id: str) -> str:
-    return f"{PENDING_PREFIX}{release_id}.json"
-
-
-def mark_pending(batch: VaultBatch, release_id: str, now: datetime) -> None:
-    """Written before the first sealed object of a queue: says the objects
-    under the release's folder belong to a queue started at ``now``.
-
-    Not made durable: a sweep running meanwhile sees it at once, and after a
-    crash no queue is running, so whether the marker survived only changes
-    when its objects (which no row names) are swept."""
-    batch.put_bytes(pending_key(release_id), json.dumps(
-        {"release_id": release_id, "started_at": now.isoformat(),
-         "pid": os.getpid()}).encode(), durable=False)
-
-
 @dataclass(frozen=True, kw_only=True)
 class Sweep:
     releases: tuple[str, ...] = ()
@@ -290,55 +275,57 @@ class Sweep:
 
 def sweep_orphans(services: Services, *, now: datetime, actor: str,
                   older_than: timedelta = ORPHAN_AGE) -> Sweep:
-    """Remove sealed objects that belong to no release row and whose queue
-    started more than ``older_than`` before ``now`` (or left no pending
-    marker: it cannot be running), and the vault's partial writes older than
-    that. Audited (``orphans_removed``) with the count and bytes."""
+    """Remove the sealed objects of a release folder that no release row
+    names once its newest object was written ``older_than`` or more before
+    ``now``, the vault's partial writes older than that, and anything under
+    ``pending/`` older than that (a probe's leftover; earlier versions'
+    queue markers). Audited (``orphans_removed``) with the count and bytes.
+
+    A queue writes its objects one after the other and then commits the
+    row that names them, so while it runs the folder's newest object is at
+    most as old as the time since it finished its last one: a folder with
+    an object younger than ``older_than`` may be a running queue's, and is
+    kept. That is no marker to write and remove per queue, and it keeps a
+    long queue's objects for as long as it keeps writing them (a marker
+    told only when the queue started).
+
+    Ages are the vault's clock (a folder's modification times; an S3
+    store's LastModified) read against ``now``, this node's clock. On a
+    local folder both are this machine's clock. An S3 store refuses a
+    request signed more than 15 minutes away from its own clock
+    (RequestTimeTooSkewed), so the queue's node, the store and this node
+    agree to within 15 minutes each, and a margin of an hour keeps every
+    object written in the last 45 minutes whichever clock is off (an
+    object dated in the future is young). Nothing is removed that a row
+    names: the rows are read again, after the ages, before anything goes."""
     from sqlalchemy import select
 
     vault = services.vault
-    folders: dict[str, list[str]] = {}
-    for key in vault.keys("releases/"):
-        folders.setdefault(key.split("/")[1], []).append(key)
-    markers = {key[len(PENDING_PREFIX):-len(".json")]: key
-               for key in vault.keys(PENDING_PREFIX) if key.endswith(".json")}
+    folders: dict[str, list[VaultEntry]] = {}
+    for entry in vault.entries("releases/"):
+        folders.setdefault(entry.key.split("/")[1], []).append(entry)
 
     def known(ids: set[str]) -> set[str]:
-        with transaction(services.sessions) as session:
+        with read_transaction(services.sessions) as session:
             return set(session.scalars(select(Release.id).where(Release.id.in_(ids))))
 
-    candidates = set(folders) | set(markers)
-    rows = known(candidates) if candidates else set()
-    removed: list[str] = []
+    rows = known(set(folders)) if folders else set()
+    old: list[str] = []
     kept: list[str] = []
+    for release_id in sorted(set(folders) - rows):
+        newest = max(entry.modified for entry in folders[release_id])
+        (old if now - newest >= older_than else kept).append(release_id)
+    # A queue that ran longer than the margin may have committed meanwhile.
+    committed = known(set(old)) if old else set()
+    removed = [release_id for release_id in old if release_id not in committed]
     objects = size = 0
-    for release_id in sorted(candidates - rows):
-        marker = markers.get(release_id)
-        if marker is not None:
-            try:
-                started = datetime.fromisoformat(json.loads(vault.get_bytes(marker))
-                                                 ["started_at"])
-            except (NotFoundError, ValueError, KeyError, TypeError):
-                started = None  # gone (the queue finished) or unreadable: look again
-            if started is not None and now - started < older_than:
-                kept.append(release_id)
-                continue
-        # The queue removes its marker only after committing the row: read
-        # the row again, after the marker, before removing anything.
-        if known({release_id}):
-            continue
-        for key in folders.get(release_id, []):
-            try:
-                size += vault.size(key)
-            except NotFoundError:
-                continue
-            vault.delete(key)
-            objects += 1
-        if marker is not None:
-            vault.delete(marker)
-        removed.append(release_id)
-    for release_id in rows & set(markers):  # committed, then died before clearing it
-        vault.delete(markers[release_id])
+    for release_id in removed:
+        for entry in folders[release_id]:
+            vault.delete(entry.key)
+            objects, size = objects + 1, size + entry.size
+    for entry in vault.entries(PENDING_PREFIX):
+        if now - entry.modified >= older_than:
+            vault.delete(entry.key)
     partials, partial_bytes = vault.sweep_partials(now - older_than)
     result = Sweep(releases=tuple(removed), objects=objects, bytes=size, partials=partials,
                    partial_bytes=partial_bytes, kept=tuple(kept))

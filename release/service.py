@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from config.errors import (
     AmbiguousIdError,
@@ -30,7 +31,6 @@ from release import (
     audit,
     copy_holders,
     copy_timing,
-    custody,
     marking,
     presenting,
     sealing,
@@ -82,6 +82,7 @@ Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes tota
 PDF = "application/pdf"
 _SLUG_TRIES = 20
 _RELEASES, _DOCUMENTS, _RECIPIENTS = table_of(Release), table_of(Document), table_of(Recipient)
+_RELEASE_COLUMNS = tuple(column.key for column in _RELEASES.columns)
 # Built once: building a statement costs more than running it.
 _INSERT_RELEASE, _INSERT_DOCUMENTS, _INSERT_RECIPIENTS = (
     insert(_RELEASES), insert(_DOCUMENTS), insert(_RECIPIENTS))
@@ -139,11 +140,9 @@ class ReleaseService:
         before that commit every sealed object it names (each document, the
         sealed data key) was made durable, the file and the folders whose
         entries it changed fsynced (one vault batch: each folder once, not
-        once per object). The pending marker is never made durable: only a
-        sweep running meanwhile needs it, and after a crash nothing is
-        running, so what a crash leaves is objects without a row (removed by
-        ``custody.sweep_orphans``) or a marker beside a committed row (removed
-        by the same sweep)."""
+        once per object). What a crash leaves is objects without a row,
+        removed by ``custody.sweep_orphans`` once the newest of them is an
+        hour old (while a queue runs, its newest object is younger)."""
         now = self.s.clock.now()
         embargo = self.resolve_embargo(spec.publish_on, spec.at, spec.zone, now)
         copies_at = copy_timing.resolve_copies_at(spec.copies_at, embargo=embargo, now=now,
@@ -155,12 +154,9 @@ class ReleaseService:
         checked = [trial_stamp(doc, embargo.headline(), unstampable=self.s.copies_unstampable)
                    for doc in spec.documents]
         release_id = new_id("rel")
-        # Written first and removed last: objects under a release folder with
-        # neither a row nor a young marker are a killed queue's (custody.sweep_orphans).
-        written: list[str] = [custody.pending_key(release_id)]
+        written: list[str] = []
         batch = self.s.vault.batch()
         try:
-            custody.mark_pending(batch, release_id, now)
             dek = sealing.new_dek()
             documents: list[dict[str, Any]] = []
             for position, (doc, digest) in enumerate(zip(spec.documents, checked, strict=True)):
@@ -184,8 +180,8 @@ class ReleaseService:
             tried: set[str] = set()
             for attempt in range(_SLUG_TRIES):
                 try:
-                    detail = self._record_queued(release_id, spec, embargo, copies_at, now,
-                                                 documents, recipients, tried)
+                    recorded = self._record_queued(release_id, spec, embargo, copies_at, now,
+                                                   documents, recipients, tried)
                     break
                 except _SlugTaken as taken:
                     # Another queue took the slug between our look and our insert
@@ -193,7 +189,6 @@ class ReleaseService:
                     if attempt == _SLUG_TRIES - 1:
                         raise taken.error from taken.error.__cause__
                     tried.add(taken.slug)
-            self.s.vault.delete(custody.pending_key(release_id))
         except BaseException:
             for key in written:
                 try:
@@ -202,61 +197,63 @@ class ReleaseService:
                     log.exception("could not remove %s after a failed queue", key)
             raise
         log.info("queued %s for %s", release_id, embargo.describe())
-        return detail
+        # Built after the commit (outside the writer lock, and outside the
+        # clean-up above: the release is recorded), as get() would read it back.
+        row, rows, people, event = recorded
+        release = Release(**row)
+        set_committed_value(release, "documents", [Document(**d) for d in rows])
+        set_committed_value(release, "recipients", [Recipient(**r) for r in people])
+        return presenting.detail(release, self.s.clock.now(), copies=[], notices=[],
+                                 events=[event])
 
     def _record_queued(self, release_id: str, spec: ReleaseSpec,
                        embargo: timerules.Embargo, copies_at: datetime | None, now: datetime,
                        documents: list[dict[str, Any]], recipients: list[dict[str, Any]],
-                       tried: set[str]) -> ReleaseDetail:
+                       tried: set[str]) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                 list[dict[str, Any]], AuditEvent]:
         """Choose a free slug, insert the release, its documents, recipients
-        and audit event: one transaction. Returns the release's detail, as
-        :meth:`get` would read it back (a release this new has no copies,
-        notices or rehearsals, and one event). Raises _SlugTaken when the
-        insert meets a slug another queue took meanwhile."""
+        and audit event: one transaction. Returns what was inserted (the
+        release's row, its documents' and recipients' rows) and the event.
+        Raises _SlugTaken when the insert meets a slug another queue took
+        meanwhile."""
         slug = ""
+        # Plain rows for Core statements, not ORM objects for the unit of work
+        # (as audit.record): its bookkeeping cost more than the statements.
+        row: dict[str, Any] = dict.fromkeys(_RELEASE_COLUMNS)
+        row.update(id=release_id, title=spec.title, owner=spec.owner,
+                   state=AWAITING_APPROVAL if self.s.approval_required else QUEUED,
+                   submitted_by=self.actor, instant=embargo.instant, zone=embargo.zone,
+                   wall=embargo.wall, copies_at=copies_at, created_at=now,
+                   created_by=self.actor, revision=1, attempts=0)
+        rows = [dict(d, release_id=release_id) for d in documents]
+        people = [dict(r, release_id=release_id) for r in recipients]
+        details = {
+            "awaiting_approval": self.s.approval_required,
+            "title": spec.title, "embargo": embargo.describe(),
+            "instant": embargo.instant.isoformat(),
+            "copies_at": copies_at.isoformat() if copies_at else None,
+            "documents": [{"id": d["id"], "name": d["filename"],
+                           "sha256": d["sha256"]} for d in documents],
+            "recipients": [r.email for r in spec.recipients]}
         try:
             with transaction(self.sessions) as session:
-                slug = self._free_slug(embargo, spec.title, tried, session)
-                release = Release(
-                    id=release_id, slug=slug,
-                    title=spec.title, owner=spec.owner,
-                    state=AWAITING_APPROVAL if self.s.approval_required else QUEUED,
-                    submitted_by=self.actor,
-                    instant=embargo.instant, zone=embargo.zone, wall=embargo.wall,
-                    copies_at=copies_at,
-                    created_at=now, created_by=self.actor, revision=1, attempts=0)
-                # Core statements, not the ORM's unit of work (as audit.record):
-                # its bookkeeping cost more than the statements themselves.
+                slug = row["slug"] = self._free_slug(embargo, spec.title, tried, session)
                 connection = session.connection()
-                connection.execute(_INSERT_RELEASE, {
-                    column.key: getattr(release, column.key) for column in _RELEASES.columns})
-                rows = [dict(d, release_id=release_id) for d in documents]
+                connection.execute(_INSERT_RELEASE, row)
                 if rows:
                     connection.execute(_INSERT_DOCUMENTS, rows)
-                people = [dict(r, release_id=release_id) for r in recipients]
                 if people:
                     connection.execute(_INSERT_RECIPIENTS, people)
-                details = {
-                    "awaiting_approval": self.s.approval_required,
-                    "title": spec.title, "embargo": embargo.describe(),
-                    "instant": embargo.instant.isoformat(),
-                    "copies_at": copies_at.isoformat() if copies_at else None,
-                    "documents": [{"id": d["id"], "name": d["filename"],
-                                   "sha256": d["sha256"]} for d in documents],
-                    "recipients": [r.email for r in spec.recipients]}
                 seq = audit.record(session, action="release_queued", actor=self.actor,
                                    at=now, release_id=release_id, details=details)
-                release.documents = [Document(**row) for row in rows]
-                release.recipients = [Recipient(**row) for row in people]
-                event = AuditEvent(seq=seq, at=now, actor=self.actor, action="release_queued",
-                                   release_id=release_id, details=json.dumps(details))
-                return presenting.detail(release, self.s.clock.now(), copies=[], notices=[],
-                                         events=[event])
         except StorageError as exc:
             if slug and isinstance(exc.__cause__, IntegrityError) \
                     and "slug" in str(exc.__cause__.orig):
                 raise _SlugTaken(slug, exc) from exc
             raise
+        event = AuditEvent(seq=seq, at=now, actor=self.actor, action="release_queued",
+                           release_id=release_id, details=json.dumps(details))
+        return row, rows, people, event
 
     def _seal_file(self, batch: VaultBatch, dek: bytes, document_id: str, path: Path,
                    name: str, size: int, key: str,

@@ -39,6 +39,16 @@ class StoredObject:
     sha256: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class VaultEntry:
+    """One object in a vault listing: ``modified`` is when it was last
+    written, by the store's clock (aware UTC)."""
+
+    key: str
+    size: int
+    modified: datetime
+
+
 def check_key(key: str) -> str:
     """A storage key is ``/``-separated, relative, with no empty, ``.`` or
     ``..`` part; every backend refuses anything else (ValueError)."""
@@ -85,6 +95,13 @@ class Vault(ABC):
         """Every stored key that starts with ``prefix``."""
 
     @abstractmethod
+    def entries(self, prefix: str = "") -> Iterator[VaultEntry]:
+        """Every stored object whose key starts with ``prefix``, with its
+        size and when it was last written (as one listing gives them: a
+        folder's stat, an S3 listing's LastModified; the store's clock, not
+        the caller's)."""
+
+    @abstractmethod
     def check(self) -> None:
         """Verify that the location exists and is readable and writable,
         without writing a real object. Raises StorageError saying what is
@@ -120,10 +137,8 @@ class Vault(ABC):
         Each object written through the batch appears as :meth:`writer`
         says (whole, when its block exits), at once, for every reader; it is
         durable (survives a crash of the machine) once ``sync()`` returns.
-        ``put_bytes(key, data, durable=False)`` writes an object that
-        ``sync()`` does not make durable: a crash may lose it (a marker that
-        only running processes need). Stores whose writes are durable when
-        they return keep this default, which writes through :meth:`writer`."""
+        Stores whose writes are durable when they return keep this default,
+        which writes through :meth:`writer`."""
         return VaultBatch(self)
 
 
@@ -136,16 +151,12 @@ class VaultBatch:
     def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
         return self.vault.writer(key)
 
-    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
-        with self._writer(key, durable=durable) as out:
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self.writer(key) as out:
             out.write(data)
 
-    def _writer(self, key: str, *, durable: bool) -> AbstractContextManager[BinaryIO]:
-        return self.writer(key)
-
     def sync(self) -> None:
-        """Make every object written through the batch with ``durable``
-        (the default) durable."""
+        """Make every object written through the batch durable."""
         return None
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import secrets
 import shutil
 import stat
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
@@ -24,8 +26,11 @@ from storage.base import (
     StoredObject,
     Vault,
     VaultBatch,
+    VaultEntry,
     check_key,
 )
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _safe_path(root: Path, key: str) -> Path:
@@ -54,32 +59,104 @@ def _make_folder(folder: Path) -> list[Path]:
     return changed
 
 
+@functools.cache
+def _anonymous_files() -> bool:
+    """Whether this system makes unnamed files (O_TMPFILE) that can be
+    linked in by name (through /proc/self/fd)."""
+    return hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+
+
+def _open_anonymous(folder: int) -> int | None:
+    """An unnamed file in ``folder`` (O_TMPFILE), or None where the
+    filesystem makes none."""
+    if not _anonymous_files():
+        return None
+    try:
+        return os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
+
+
 @contextmanager
-def _staged(root: Path, target: Path, *, durable: bool = True,
-            unsynced: set[Path] | None = None) -> Iterator[BinaryIO]:
-    """Write into a temporary file beside the root, then move it to
-    ``target`` atomically (replacing any old one). ``durable``: the file is
-    fsynced before the move and the folders whose entries changed after it;
-    with ``unsynced`` those folders are added to it instead, for the caller
-    to fsync once (see ``_LocalVaultBatch.sync``)."""
+def _staged(root: Path, target: Path, *, unsynced: set[Path] | None = None) -> Iterator[BinaryIO]:
+    """Write a file that appears at ``target`` whole, when the block exits
+    (replacing any old one), fsynced before it appears; then the folders
+    whose entries changed are fsynced, or with ``unsynced`` added to it
+    for the caller to fsync once (see ``_LocalVaultBatch.sync``).
+
+    The file is written unnamed in the target's folder (O_TMPFILE) and
+    linked in at the end: a writer that dies leaves nothing, and it costs
+    one new inode, not a name made in ``.staging`` and moved (measured:
+    that name is most of a small object's cost on ext4). Where unnamed
+    files are not made, or an object is already there, through
+    ``.staging``: a temporary file moved into place."""
     changed = _make_folder(target.parent)
+    folder = os.open(target.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _open_anonymous(folder)
+        if fd is None:
+            with _through_staging(root, target) as handle:
+                yield handle
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fchmod(fd, 0o644)
+                os.fsync(fd)
+                try:
+                    _link_fd(fd, folder, target.name)
+                except FileExistsError:
+                    _replace_with(root, fd, target)
+    finally:
+        os.close(folder)
+    if unsynced is not None:
+        unsynced.update(changed)
+    else:
+        for path in changed:
+            _fsync_dir(path)
+
+
+def _staging(root: Path) -> Path:
     staging = root / ".staging"
     staging.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=staging, prefix=".part-")
+    return staging
+
+
+def _link_fd(fd: int, folder: int, name: str) -> None:
+    """Give the unnamed file ``fd`` the name ``name`` in ``folder`` (linkat
+    of /proc/self/fd/N with AT_SYMLINK_FOLLOW: needs no privilege)."""
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder, follow_symlinks=True)
+
+
+def _replace_with(root: Path, fd: int, target: Path) -> None:
+    """Put the unnamed file ``fd`` in place of the object at ``target``: a
+    name in ``.staging`` first, then moved over it (a link cannot replace)."""
+    staging = _staging(root)
+    name = f".part-{secrets.token_hex(8)}"
+    folder = os.open(staging, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _link_fd(fd, folder, name)
+    finally:
+        os.close(folder)
+    try:
+        os.replace(staging / name, target)
+    finally:
+        (staging / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def _through_staging(root: Path, target: Path) -> Iterator[BinaryIO]:
+    fd, tmp_name = tempfile.mkstemp(dir=_staging(root), prefix=".part-")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
-        if durable and unsynced is not None:
-            unsynced.update(changed)
-        elif durable:
-            for folder in changed:
-                _fsync_dir(folder)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -129,20 +206,46 @@ class LocalVault(Vault):
     def delete(self, key: str) -> None:
         path = _safe_path(self.root, key)
         path.unlink(missing_ok=True)
-        # Empty folders go, but not the top ones (``releases/``, ``pending/``):
-        # each queue would make ``pending/`` again and remove it again.
+        # Empty folders go, but not the top ones (``releases/``, ``pending/``).
         _prune(path.parent, self.root / path.relative_to(self.root).parts[0])
 
     def exists(self, key: str) -> bool:
         return _safe_path(self.root, key).is_file()
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        if not self.root.is_dir():
-            return
-        for path in sorted(self.root.rglob("*")):
-            rel = path.relative_to(self.root).as_posix()
-            if path.is_file() and not rel.startswith(".staging") and rel.startswith(prefix):
-                yield rel
+        for key, _info in self._walk(prefix):
+            yield key
+
+    def entries(self, prefix: str = "") -> Iterator[VaultEntry]:
+        for key, info in self._walk(prefix):
+            yield VaultEntry(key=key, size=info.st_size, modified=_EPOCH + timedelta(
+                microseconds=info.st_mtime_ns // 1000))
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
+        """(key, stat) of every file under the root but ``.staging``, in key order."""
+        found: list[tuple[str, os.stat_result]] = []
+        pending = [(self.root, "")]
+        while pending:
+            folder, rel = pending.pop()
+            try:
+                listing = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in listing:
+                key = rel + entry.name
+                if not rel and entry.name == ".staging":
+                    continue
+                if not (key.startswith(prefix) or prefix.startswith(key + "/")):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((Path(entry.path), key + "/"))
+                    elif entry.is_file() and key.startswith(prefix):
+                        found.append((key, entry.stat()))
+                except FileNotFoundError:  # removed while listed
+                    continue
+        found.sort(key=lambda item: item[0])
+        yield from found
 
     def check(self) -> None:
         _check_folder(self.root, "vault")
@@ -180,11 +283,7 @@ class _LocalVaultBatch(VaultBatch):
         self._unsynced: set[Path] = set()
 
     def writer(self, key: str) -> AbstractContextManager[BinaryIO]:
-        return self._writer(key, durable=True)
-
-    def _writer(self, key: str, *, durable: bool) -> AbstractContextManager[BinaryIO]:
-        return _staged(self.root, _safe_path(self.root, key), durable=durable,
-                       unsynced=self._unsynced)
+        return _staged(self.root, _safe_path(self.root, key), unsynced=self._unsynced)
 
     def sync(self) -> None:
         folders, self._unsynced = self._unsynced, set()

@@ -55,6 +55,7 @@ from storage.base import (
     StagingArea,
     StoredObject,
     Vault,
+    VaultEntry,
     check_key,
     hash_stream,
 )
@@ -395,6 +396,16 @@ class S3Vault(_S3Location, Vault):
 
     def size(self, key: str) -> int:
         return int(self._object_call(key, "look up", self.client.head_object)["ContentLength"])
+
+    def entries(self, prefix: str = "") -> Iterator[VaultEntry]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", ()):
+                    yield VaultEntry(key=str(item["Key"])[len(self.prefix):],
+                                     size=int(item["Size"]), modified=item["LastModified"])
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "list objects") from exc
 
     def sweep_partials(self, older_than: datetime) -> tuple[int, int]:
         # A writer killed mid-upload leaves its multipart upload (and the parts'

@@ -24,6 +24,7 @@ from jobs.app import build_services
 from jobs.cli import main
 from release import custody, sealing
 from release import keys as keyfile
+from release.clock import Clock
 from release.manifest import load_manifest
 from release.publishing import Publisher
 from release.records import PUBLISHED, AuditEvent, Release
@@ -253,9 +254,24 @@ def test_rotate_run_again_after_a_stop_half_way_finishes(
 
 
 # -- orphans of a killed queue ---------------------------------------------------------------
+def _unnamed_file_of(pid: int, vault: Path) -> int:
+    """Bytes in the largest unnamed (O_TMPFILE) file process ``pid`` has open
+    in ``vault``: an object being written, with no name until it is whole."""
+    largest = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.startswith(str(vault)) and target.endswith(" (deleted)"):
+                largest = max(largest, os.stat(fd).st_size)
+        except OSError:
+            continue
+    return largest
+
+
 def _kill_a_queue(tmp_path: Path, settings: Settings) -> None:
-    """A real `embargo queue` of a 100 MiB report, SIGKILLed part-way."""
-    bundle = write_bundle(tmp_path / "big", report_bytes=os.urandom(1 << 20) * 100)
+    """A real `embargo queue` of a small report and a 100 MiB letter,
+    SIGKILLed part-way through the letter (the report sealed)."""
+    bundle = write_bundle(tmp_path / "big", letters=1, letter_bytes=100 << 20)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBARGO_")}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--data-dir",
@@ -265,12 +281,12 @@ def _kill_a_queue(tmp_path: Path, settings: Settings) -> None:
     vault = settings.vault.path
     assert vault is not None
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # until sealing is under way
-        parts = list((vault / ".staging").glob(".part-*")) if (vault / ".staging").is_dir() \
-            else []
-        if any(p.stat().st_size > (8 << 20) for p in parts):
+    while time.monotonic() < deadline:  # until the letter's sealing is under way
+        if _unnamed_file_of(proc.pid, vault) > (8 << 20):
             break
         time.sleep(0.01)
+    else:
+        raise AssertionError("the queue never got 8 MiB into the letter")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
 
@@ -281,40 +297,39 @@ def test_a_killed_queue_is_swept_and_a_live_one_is_not(
     vault = settings.vault.path
     assert vault is not None
     left = [p for p in vault.rglob("*") if p.is_file()]
-    assert any(p.name.startswith(".part-") for p in left)
-    assert list(services.vault.keys(custody.PENDING_PREFIX))
-    marker = next(iter(services.vault.keys(custody.PENDING_PREFIX)))
-    started = datetime.fromisoformat(json.loads(services.vault.get_bytes(marker))["started_at"])
-    # Younger than an hour: it might be a live queue; left alone.
-    young = custody.sweep_orphans(services, now=started + timedelta(hours=1)
+    # The letter being written had no name: all that is left is the sealed report.
+    assert [p.parent.parent.name for p in left] == ["releases"]
+    written = [e.modified for e in services.vault.entries("releases/")]
+    assert len(written) == 1
+    # Its newest object younger than an hour: it might be a live queue; left alone.
+    young = custody.sweep_orphans(services, now=max(written) + timedelta(hours=1)
                                   - timedelta(microseconds=1), actor="ops")
     assert young.objects == 0 and young.kept and young.partials == 0
     assert [p for p in vault.rglob("*") if p.is_file()] == left
-    # Backdate the partial file as the clock moves on; exactly an hour later: swept.
-    for path in left:
-        os.utime(path, (started.timestamp() - 1, started.timestamp() - 1))
-    swept = custody.sweep_orphans(services, now=started + timedelta(hours=1), actor="ops")
-    assert swept.partials >= 1 and swept.partial_bytes > (8 << 20)
+    # Exactly an hour later: swept (and no partial file to sweep).
+    size = left[0].stat().st_size
+    swept = custody.sweep_orphans(services, now=max(written) + timedelta(hours=1), actor="ops")
+    assert swept.partials == 0 and (swept.objects, swept.bytes) == (1, size)
     assert len(swept.releases) == 1
     assert [p for p in vault.rglob("*") if p.is_file()] == []
     with services.sessions() as session:
         event = session.scalars(select(AuditEvent).where(
             AuditEvent.action == "orphans_removed")).one()
     details = json.loads(event.details)
-    assert details["partial_bytes"] == swept.partial_bytes
+    assert details["bytes"] == swept.bytes
     assert details["releases"] == list(swept.releases)
 
 
-def test_sweep_keeps_a_queue_that_is_running(settings: Settings, services: Services,
-                                              bundle: Path) -> None:
-    """A queue in progress (held inside its progress callback) loses nothing
-    to a sweep run meanwhile, even one that thinks an hour has passed for
-    the partial files."""
+def _queue_held(services: Services, bundle: Path, at: str) -> tuple[
+        threading.Thread, threading.Event, list[Release]]:
+    """A queue of ``bundle`` in a thread, held inside its progress callback
+    when it starts sealing the document ``at`` (the documents before it
+    sealed); set the event to let it finish."""
     entered, release_it = threading.Event(), threading.Event()
     results: list[Release] = []
 
     def progress(name: str, done: int, total: int) -> None:
-        if name == "force-2.txt":
+        if name == at:
             entered.set()
             release_it.wait(30)
 
@@ -323,6 +338,15 @@ def test_sweep_keeps_a_queue_that_is_running(settings: Settings, services: Servi
         ReleaseService(services, actor="comms").queue(spec, progress=progress)))
     worker.start()
     assert entered.wait(30)
+    return worker, release_it, results
+
+
+def test_sweep_keeps_a_queue_that_is_running(settings: Settings, services: Services,
+                                              bundle: Path) -> None:
+    """A queue in progress (held inside its progress callback) loses nothing
+    to a sweep run meanwhile, even one that thinks an hour has passed for
+    the partial files."""
+    worker, release_it, results = _queue_held(services, bundle, "force-2.txt")
     swept = custody.sweep_orphans(services, now=services.clock.now(), actor="ops")
     assert swept.objects == 0 and len(swept.kept) == 1
     release_it.set()
@@ -331,6 +355,44 @@ def test_sweep_keeps_a_queue_that_is_running(settings: Settings, services: Servi
     status, _out, err = run_cli(settings.data_dir, "check")
     assert status == 0, err
     assert not list(services.vault.keys(custody.PENDING_PREFIX))
+
+
+def test_sweep_keeps_a_queue_that_started_over_an_hour_ago_and_still_writes(
+        settings: Settings, services: Services, bundle: Path) -> None:
+    """What counts is how long ago the queue last wrote an object, not when
+    it started: a queue that began two hours ago (big documents to a slow
+    store) and sealed a document a moment ago keeps every object, and the
+    release it then records opens whole."""
+    started_early = dataclasses.replace(services, clock=Clock(offset=-timedelta(hours=2)))
+    worker, release_it, results = _queue_held(started_early, bundle, "force-2.txt")
+    swept = custody.sweep_orphans(services, now=services.clock.now(), actor="ops")
+    assert swept.objects == 0 and len(swept.kept) == 1
+    release_it.set()
+    worker.join(30)
+    assert results
+    status, _out, err = run_cli(settings.data_dir, "check")
+    assert status == 0, err
+
+
+def test_sweep_judges_a_folder_by_its_newest_object(settings: Settings,
+                                                    services: Services) -> None:
+    """A row-less release folder is a killed queue's once its newest object
+    is an hour old: one old object beside a young one keeps both."""
+    vault = settings.vault.path
+    assert vault is not None
+    now = datetime.now(UTC).replace(microsecond=0)
+    for name, age in (("doc_1.emb", timedelta(hours=3)), ("doc_2.emb", timedelta(minutes=5))):
+        services.vault.put_bytes(f"releases/rel_x/{name}", b"x" * 100)
+        os.utime(vault / "releases" / "rel_x" / name,
+                 ns=(int((now - age).timestamp()) * 10**9,) * 2)
+    newest = now - timedelta(minutes=5)
+    kept = custody.sweep_orphans(services, now=newest + timedelta(hours=1)
+                                 - timedelta(microseconds=1), actor="ops")
+    assert kept.kept == ("rel_x",) and kept.objects == 0
+    assert len(list(services.vault.keys("releases/rel_x/"))) == 2
+    swept = custody.sweep_orphans(services, now=newest + timedelta(hours=1), actor="ops")
+    assert swept.releases == ("rel_x",) and (swept.objects, swept.bytes) == (2, 200)
+    assert list(services.vault.keys("")) == []
 
 
 # -- read once, seal what was checked --------------------------------------------------------
@@ -383,15 +445,26 @@ def test_six_concurrent_same_title_queues_on_postgresql(pg_url: str, data_dir: P
         services.engine.dispose()
 
 
-def test_embargo_run_sweeps_old_orphans_at_start(settings: Settings, services: Services) -> None:
+def test_embargo_run_sweeps_old_orphans_at_start(settings: Settings, services: Services,
+                                                  bundle: Path) -> None:
     """What a queue killed two hours ago left is gone once `embargo run` has
-    started; what a queue started a minute ago left is not."""
+    started; what a queue writing a minute ago left is not; nor is a
+    release's folder that has a row, however old; and a queue marker an
+    earlier version left two hours ago goes too."""
+    vault = settings.vault.path
+    assert vault is not None
     now = datetime.now(UTC)
-    for release_id, started in (("rel_old", now - timedelta(hours=2)),
+    recorded = ReleaseService(services, actor="comms").queue(
+        load_manifest(bundle, publish_on="2099-01-01"))
+    for path in vault.rglob("*"):  # the recorded release's objects: old, not orphans
+        os.utime(path, ((now - timedelta(hours=5)).timestamp(),) * 2)
+    for release_id, written in (("rel_old", now - timedelta(hours=2)),
                                 ("rel_young", now - timedelta(minutes=1))):
         services.vault.put_bytes(f"releases/{release_id}/doc_1.emb", b"x" * 1000)
-        services.vault.put_bytes(custody.pending_key(release_id), json.dumps(
-            {"release_id": release_id, "started_at": started.isoformat()}).encode())
+        os.utime(vault / "releases" / release_id / "doc_1.emb", (written.timestamp(),) * 2)
+    services.vault.put_bytes("pending/rel_older.json", b"{}")
+    os.utime(vault / "pending" / "rel_older.json", ((now - timedelta(hours=2)).timestamp(),) * 2)
+    before = sorted(services.vault.keys(f"releases/{recorded.id}/"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBARGO_")}
     env["PYTHONPATH"] = str(ROOT)
     env["EMBARGO_METRICS_BIND"] = "127.0.0.1:0"  # a port of its own: 9464 may be taken
@@ -407,8 +480,10 @@ def test_embargo_run_sweeps_old_orphans_at_start(settings: Settings, services: S
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
-    left = sorted(services.vault.keys(""))
-    assert left == ["pending/rel_young.json", "releases/rel_young/doc_1.emb"]
+    assert sorted(services.vault.keys(f"releases/{recorded.id}/")) == before
+    left = sorted(k for k in services.vault.keys("")
+                  if not k.startswith(f"releases/{recorded.id}/"))
+    assert left == ["releases/rel_young/doc_1.emb"]
     with services.sessions() as session:
         event = session.scalars(select(AuditEvent).where(
             AuditEvent.action == "orphans_removed")).one()

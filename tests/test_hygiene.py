@@ -24,6 +24,7 @@ from release.manifest import load_manifest
 from release.presenting import time_left
 from release.records import PUBLISHING, QUEUED, Release
 from release.service import ReleaseService, Services
+from release.vault_keys import dek_key
 from tests.conftest import write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,11 @@ def test_an_existing_world_readable_database_is_tightened(tmp_path: Path) -> Non
 
 def test_vault_staging_and_outbox_are_private(services: Services, bundle: Path,
                                               tmp_path: Path) -> None:
-    ReleaseService(services, actor="t").queue(load_manifest(bundle, publish_on="2099-01-01"))
+    release = ReleaseService(services, actor="t").queue(
+        load_manifest(bundle, publish_on="2099-01-01"))
+    # A replaced object (a re-sealed data key) goes through the vault's staging.
+    key = dek_key(release.id)
+    services.vault.put_bytes(key, services.vault.get_bytes(key))
     vault = services.vault.root  # type: ignore[attr-defined]
     assert mode(vault / ".staging") == 0o700
     from email.message import Message

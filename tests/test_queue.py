@@ -166,21 +166,22 @@ def test_sealed_objects_are_durable_before_the_release_commits(
     event.listen(services14.engine, "commit", lambda conn: steps.append("COMMIT"))
     vault = settings.vault.path
     assert vault is not None
-    first = not (vault / "releases").exists()
+    # Folders this queue makes (the vault's own on a first queue): each one's parent too.
+    made = [f for f in (vault / "releases", vault, vault.parent) if not f.exists()]
     release = svc.queue(load_manifest(bundle))
     before = steps[:steps.index("COMMIT")]
-    # Files are fsynced under their staging name, before the move into place.
-    files = [s for s in before if s.startswith(str(vault / ".staging" / ".part-"))]
+    # Files are fsynced while still unnamed in the release's folder (O_TMPFILE),
+    # before they are linked in.
+    files = [s for s in before if s.startswith(str(vault / "releases" / release.id / "#"))
+             and s.endswith(" (deleted)")]
     assert len(files) == len(release.documents) + 1  # each document and the data key
     assert str(vault / "releases" / release.id) in before
     assert str(vault / "releases") in before  # the new folder's own entry
-    assert str(vault / "pending") not in before  # the marker is never made durable
-    # Each folder once, not once per object; the vault's own folder too when
-    # this queue made its releases folder.
+    # Each folder once, not once per object; the folder holding each folder
+    # this queue made too.
     assert sorted(set(before) - set(files)) == sorted(before[len(files):])
     assert set(before) - set(files) == {str(vault / "releases" / release.id),
-                                        str(vault / "releases")} | ({str(vault)} if first
-                                                                    else set())
+                                        str(vault / "releases")} | {str(f.parent) for f in made}
 
 
 def test_vault_holds_only_sealed_objects(svc: ReleaseService, services14: Services,

@@ -6,6 +6,7 @@ unfinished multipart uploads)."""
 from __future__ import annotations
 
 import os
+import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -88,35 +89,63 @@ def test_probes_write_and_leave_nothing_behind(vault: Vault, request: pytest.Fix
         assert "Contents" not in public.client.list_objects_v2(Bucket=public.bucket)
 
 
+def test_entries_list_size_and_when_written(vault: Vault) -> None:
+    """One listing gives each object's size and its time of writing by the
+    store's clock (moto's LastModified: whole seconds)."""
+    before = datetime.now(UTC) - timedelta(seconds=2)
+    vault.put_bytes("releases/r/d.emb", b"x" * 300)
+    vault.put_bytes("releases/r/dek.hpke", b"key")
+    vault.put_bytes("pending/probe-1", b"p")
+    after = datetime.now(UTC) + timedelta(seconds=2)
+    entries = list(vault.entries("releases/"))
+    assert [(e.key, e.size) for e in entries] == [("releases/r/d.emb", 300),
+                                                  ("releases/r/dek.hpke", 3)]
+    assert all(before <= e.modified <= after and e.modified.tzinfo for e in entries)
+    assert [e.key for e in vault.entries("")] == sorted(vault.keys(""))
+
+
 def test_a_batch_writes_as_the_vault_does(vault: Vault) -> None:
     """Objects written through a batch are there at once, for every reader,
     before sync(); a writer that raises leaves nothing; sync() keeps them."""
     batch = vault.batch()
-    batch.put_bytes("pending/r.json", b"{}", durable=False)
     with batch.writer("releases/r/d.emb") as out:
         out.write(b"sealed")
     batch.put_bytes("releases/r/dek.hpke", b"key")
     with pytest.raises(RuntimeError), batch.writer("releases/r/half.emb") as out:
         out.write(b"half")
         raise RuntimeError("killed")
-    assert vault.get_bytes("pending/r.json") == b"{}"
     assert vault.get_bytes("releases/r/d.emb") == b"sealed"
     batch.sync()
-    assert sorted(vault.keys()) == ["pending/r.json", "releases/r/d.emb",
-                                    "releases/r/dek.hpke"]
+    assert sorted(vault.keys()) == ["releases/r/d.emb", "releases/r/dek.hpke"]
     assert vault.get_bytes("releases/r/dek.hpke") == b"key"
+    if isinstance(vault, LocalVault):  # nothing partial left anywhere either
+        assert sorted(p.relative_to(vault.root).as_posix() for p in vault.root.rglob("*")
+                      if p.is_file()) == ["releases/r/d.emb", "releases/r/dek.hpke"]
 
 
-def _fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    synced: list[str] = []
+def test_a_folder_vault_replaces_an_object_whole(tmp_path: Path) -> None:
+    vault = LocalVault(tmp_path / "vault")
+    vault.put_bytes("releases/r/dek.hpke", b"old key")
+    vault.put_bytes("releases/r/dek.hpke", b"new key")
+    assert vault.get_bytes("releases/r/dek.hpke") == b"new key"
+    assert (vault.root / "releases/r/dek.hpke").stat().st_mode & 0o777 == 0o644
+    assert [p for p in vault.root.rglob("*") if p.is_file()] == [
+        vault.root / "releases/r/dek.hpke"]
+
+
+def _fsynced(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """(folders, files) fsynced from now on, in order."""
+    folders: list[str] = []
+    files: list[str] = []
     real = os.fsync
 
     def fsync(fd: int) -> None:
         real(fd)
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        (folders if is_dir else files).append(os.readlink(f"/proc/self/fd/{fd}"))
 
     monkeypatch.setattr(os, "fsync", fsync)
-    return synced
+    return folders, files
 
 
 def test_a_new_folder_is_durable_with_its_first_object(tmp_path: Path,
@@ -125,27 +154,25 @@ def test_a_new_folder_is_durable_with_its_first_object(tmp_path: Path,
     parent is fsynced too, or a crash can lose the folder and the object."""
     vault = LocalVault(tmp_path / "vault")
     vault.put_bytes("releases/old/d.emb", b"x")
-    synced = _fsynced(monkeypatch)
+    folders, files = _fsynced(monkeypatch)
     vault.put_bytes("releases/new/d.emb", b"x")
-    folders = [s for s in synced if "/.staging/" not in s]
+    assert len(files) == 1
     assert folders == [str(tmp_path / "vault" / "releases" / "new"),
                        str(tmp_path / "vault" / "releases")]
-    synced.clear()
+    folders.clear()
     vault.put_bytes("releases/new/e.emb", b"x")  # the folder exists: only itself
-    assert [s for s in synced if "/.staging/" not in s] == [
-        str(tmp_path / "vault" / "releases" / "new")]
+    assert folders == [str(tmp_path / "vault" / "releases" / "new")]
 
 
 def test_a_batch_fsyncs_each_folder_once(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     vault = LocalVault(tmp_path / "vault")
     vault.put_bytes("releases/old/d.emb", b"x")
-    synced = _fsynced(monkeypatch)
+    folders, files = _fsynced(monkeypatch)
     batch = vault.batch()
-    batch.put_bytes("pending/new.json", b"{}", durable=False)
     for name in ("a.emb", "b.emb", "dek.hpke"):
         batch.put_bytes(f"releases/new/{name}", b"x")
-    assert len(synced) == 3 and all("/.staging/" in s for s in synced)  # the files alone
+    assert len(files) == 3 and folders == []  # the files alone
     batch.sync()
-    assert synced[3:] == [str(tmp_path / "vault" / "releases" / "new"),
-                          str(tmp_path / "vault" / "releases")]
+    assert folders == [str(tmp_path / "vault" / "releases" / "new"),
+                       str(tmp_path / "vault" / "releases")]
