@@ -137,10 +137,13 @@ def read_only(engine: Engine) -> Engine:
 
 @contextmanager
 def read_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A unit of work that only reads: one consistent snapshot, without the
-    writer lock that :func:`transaction` takes on SQLite (a plain deferred
-    BEGIN, and not the in-process writer lock), so a reader never queues
-    behind a publication's commits nor holds one up. Writing in it is a
+    """A unit of work that only reads, without the writer lock that
+    :func:`transaction` takes on SQLite (a plain deferred BEGIN, and not the
+    in-process writer lock), so a reader never queues behind a publication's
+    commits nor holds one up. On SQLite its reads see one snapshot; on
+    PostgreSQL it is an ordinary READ COMMITTED transaction, each statement
+    seeing what was committed when it began: no caller decides anything
+    from two reads that must agree. Writing in it is a
     mistake (SQLite would have to upgrade the lock and may refuse with
     "database is locked"). Database outages become StorageError."""
     bind = factory.kw.get("bind")
