@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -166,6 +166,10 @@ class _Job:
     published_at: datetime | None = None  # when its last document became public
     error: Exception | None = None
     found: int = 0  # documents an earlier attempt had made public already
+    # Its staging folder, removed when the run ends or as soon as the release is let
+    # go (cancelled or moved away while it waited: its plaintext goes at once).
+    cleanup: ExitStack = field(default_factory=ExitStack)
+    dropped: bool = False  # let go before the instant; its outcome is recorded
 
     @property
     def release_id(self) -> str:
@@ -205,14 +209,20 @@ class Publisher:
     publication. ``trusted_skew`` (the node's skew limit) bounds the skew
     used to turn local times into reference-clock times. ``freeze_before``:
     how long before the instant a release claimed while queued becomes
-    ``publishing`` (until then a cancel or a reschedule still wins)."""
+    ``publishing`` (until then a cancel or a reschedule still wins);
+    ``watch_every``: how often, while it waits for that, the publisher
+    looks whether one was cancelled or moved (it lets a cancelled one go,
+    its plaintext removed, at once; one moved to another instant within the
+    run's window is published then, earlier or later, and one moved beyond
+    it is given back)."""
 
     def __init__(self, services: Services, private_key: X25519PrivateKey, *, claimant: str,
                  lease: timedelta = timedelta(seconds=30),
                  stop: threading.Event | None = None, workers: int = 1,
                  clock_reading: Callable[[], ClockReading | None] | None = None,
                  trusted_skew: timedelta = timedelta(milliseconds=500),
-                 freeze_before: timedelta = timedelta(milliseconds=200)) -> None:
+                 freeze_before: timedelta = timedelta(milliseconds=200),
+                 watch_every: timedelta = timedelta(milliseconds=200)) -> None:
         self.workers = max(1, workers)
         self.s = services
         self.key = private_key
@@ -223,6 +233,7 @@ class Publisher:
         self.clock_reading = clock_reading
         self.trusted_skew = trusted_skew
         self.freeze_before = freeze_before
+        self.watch_every = watch_every
         self._pool_lock = threading.Lock()
         self._pools: dict[str, ThreadPoolExecutor] = {}
 
@@ -246,16 +257,19 @@ class Publisher:
         hold up or fail the others."""
         ids = list(dict.fromkeys(release_ids))
         outcomes: dict[str, Outcome] = {}
+        claimed_at = time.monotonic()  # the leases taken hold at least this long
         plans = self._claim(ids, self.s.clock.now(), wait_up_to, outcomes)
         if plans:
-            with _LeaseKeeper(self, [p.release_id for p in plans]) as keeper, \
+            with _LeaseKeeper(self, [p.release_id for p in plans], claimed_at) as keeper, \
                     ExitStack() as folders:
-                jobs = self._stage_all(plans, keeper, folders, outcomes)
-                at: dict[datetime, list[_Job]] = {}
-                for job in jobs:
-                    at.setdefault(job.plan.instant, []).append(job)
-                for instant in sorted(at):
-                    self._publish_at(instant, at[instant], keeper, outcomes)
+                pending = self._stage_all(plans, keeper, folders, outcomes)
+                while pending:  # the earliest instant first; a release moved meanwhile
+                    instant = min(job.plan.instant for job in pending)  # is grouped again
+                    group = [job for job in pending if job.plan.instant == instant]
+                    rest = [job for job in pending if job.plan.instant != instant]
+                    back = self._publish_at(instant, group, rest, keeper, outcomes,
+                                            wait_up_to)
+                    pending = [job for job in rest + back if not job.dropped]
         return [outcomes[release_id] for release_id in release_ids]
 
     # -- claim ---------------------------------------------------------------
@@ -326,15 +340,17 @@ class Publisher:
                 .values(lease_expires_at=now + self.lease)
                 .returning(_RELEASES.c.id)).scalars())
 
-    def _freeze(self, instant: datetime, jobs: list[_Job],
-                outcomes: dict[str, Outcome]) -> list[_Job]:
+    def _freeze(self, instant: datetime, jobs: list[_Job], keeper: _LeaseKeeper,
+                outcomes: dict[str, Outcome], window: timedelta
+                ) -> tuple[list[_Job], list[_Job]]:
         """Just before the instant, make the fresh releases of ``jobs``
         ``publishing`` (from then on cancel and reschedule refuse them), if
         they are still queued, still ours and still due at ``instant``.
-        Returns the jobs that go on; the others are let go."""
+        Returns the jobs that go on, and those moved meanwhile to another
+        instant within ``window`` (published then); the others are let go."""
         fresh = [job for job in jobs if job.plan.fresh]
         if not fresh:
-            return jobs
+            return jobs, []
         try:
             with transaction(self.sessions) as session:
                 moved = set(session.connection().execute(
@@ -348,24 +364,56 @@ class Publisher:
         except StorageError as exc:
             for job in fresh:
                 outcomes[job.release_id] = self._failed(job.plan, exc)
-            return [job for job in jobs if not job.plan.fresh]
-        changed = [job.plan for job in fresh if job.release_id not in moved]
+            return [job for job in jobs if not job.plan.fresh], []
+        changed = [job for job in fresh if job.release_id not in moved]
         if changed:
-            self._give_back(changed)
+            self._look(changed, keeper, outcomes, window)
+        return ([job for job in jobs if not job.plan.fresh or job.release_id in moved],
+                [job for job in changed if not job.dropped])
+
+    def _look(self, jobs: list[_Job], keeper: _LeaseKeeper, outcomes: dict[str, Outcome],
+              window: timedelta) -> bool:
+        """Whether any of the fresh ``jobs`` was changed since it was
+        claimed (cancelled, moved, or its claim taken); each changed one is
+        let go (its outcome recorded, its plaintext removed) or, if it was
+        moved to an instant within ``window`` of now and is still queued and
+        ours, given its new instant (its manifest made again)."""
+        try:
             with read_transaction(self.sessions) as session:
-                states = dict(session.connection().execute(
-                    select(_RELEASES.c.id, _RELEASES.c.state)
-                    .where(_RELEASES.c.id.in_([p.release_id for p in changed]))).all())
-            for plan in changed:
-                state = states.get(plan.release_id)
-                status = (PublishStatus.NOT_YET if state == QUEUED
-                          else PublishStatus.NOT_OURS if state == PUBLISHING
-                          else PublishStatus.INACTIVE)
-                log.info("release %s changed while it was staged (now %s): not publishing it "
-                         "at %s", plan.release_id, state or "gone", _iso(instant))
-                outcomes[plan.release_id] = Outcome(status=status, release_id=plan.release_id,
-                                                    detail="changed before the instant")
-        return [job for job in jobs if not job.plan.fresh or job.release_id in moved]
+                rows = {row.id: row for row in session.connection().execute(
+                    select(_RELEASES.c.id, _RELEASES.c.state, _RELEASES.c.claimant,
+                           _RELEASES.c.instant, _RELEASES.c.zone, _RELEASES.c.wall)
+                    .where(_RELEASES.c.id.in_([job.release_id for job in jobs])))}
+        except StorageError as exc:  # the freeze, or the next look, will tell
+            log.warning("could not look whether the releases waiting changed: %s", exc)
+            return False
+        now = self.s.clock.now()
+        changed = False
+        for job in jobs:
+            row = rows.get(job.release_id)
+            ours = row is not None and row.state == QUEUED and row.claimant == self.claimant
+            if row is not None and ours and row.instant == job.plan.instant:
+                continue
+            changed = True
+            if row is not None and ours and row.instant <= now + window:
+                log.info("release %s was moved from %s to %s while it was staged: publishing "
+                         "it then", job.release_id, _iso(job.plan.instant), _iso(row.instant))
+                job.plan = replace(job.plan, instant=row.instant, zone=row.zone, wall=row.wall)
+                self._prepare_manifest(job)
+                continue
+            state = row.state if row is not None else None
+            log.info("release %s changed while it was staged (now %s): not publishing it "
+                     "at %s", job.release_id, state or "gone", _iso(job.plan.instant))
+            job.dropped = True
+            keeper.done([job.release_id])
+            self._give_back([job.plan])
+            status = (PublishStatus.NOT_YET if state == QUEUED
+                      else PublishStatus.NOT_OURS if state == PUBLISHING
+                      else PublishStatus.INACTIVE)
+            outcomes[job.release_id] = Outcome(status=status, release_id=job.release_id,
+                                               detail="changed before the instant")
+            job.cleanup.close()
+        return changed
 
     def _give_back(self, plans: Sequence[_Plan]) -> None:
         """Give back claims taken before the instant, when nothing was
@@ -401,13 +449,15 @@ class Publisher:
         those that fail are recorded as failed and left out."""
         jobs: list[_Job] = []
         for plan in plans:
+            cleanup = ExitStack()
             try:
-                folder = folders.enter_context(self.s.public.staging.folder(plan.release_id))
+                folder = cleanup.enter_context(self.s.public.staging.folder(plan.release_id))
             except Exception as exc:
                 keeper.done([plan.release_id])
                 outcomes[plan.release_id] = self._failed(plan, exc)
                 continue
-            jobs.append(_Job(plan=plan, folder=folder))
+            folders.callback(cleanup.close)
+            jobs.append(_Job(plan=plan, folder=folder, cleanup=cleanup))
         if len(jobs) > 1 and self.workers > 1:
             list(self._pool("stage").map(lambda job: self._stage_job(job, keeper), jobs))
         else:
@@ -480,6 +530,11 @@ class Publisher:
             public.prepare_file(key, job.staged[doc.id], content_type=doc.content_type,
                                 size=doc.size, sha256=doc.sha256)
             job.urls[doc.id] = public.url(key)
+        self._prepare_manifest(job)
+
+    def _prepare_manifest(self, job: _Job) -> None:
+        """The manifest of ``job``, but for its time."""
+        plan = job.plan
         embargo = timerules.Embargo(instant=plan.instant, zone=plan.zone, wall=plan.wall)
         listing: list[dict[str, object]] = [
             {"name": d.filename, "kind": d.kind, "organisation": d.organisation,
@@ -545,29 +600,61 @@ class Publisher:
                                 f"{reading.skew_ms:+.1f} ms off the reference) before the "
                                 f"embargo {instant.isoformat()}")
 
-    def _publish_at(self, instant: datetime, jobs: list[_Job], keeper: _LeaseKeeper,
-                    outcomes: dict[str, Outcome]) -> None:
+    def _publish_at(self, instant: datetime, jobs: list[_Job], later: list[_Job],
+                    keeper: _LeaseKeeper, outcomes: dict[str, Outcome],
+                    window: timedelta) -> list[_Job]:
         """Wait for ``instant`` (once, for every release due then), then make
-        them public and finish them."""
+        them public and finish them. While waiting for the freeze, the fresh
+        releases of ``jobs`` and ``later`` (due after it) are watched: if one
+        changed, the jobs still to publish are returned, to be grouped by
+        instant again (nothing is published then)."""
         if any(job.plan.fresh for job in jobs):
-            if not self.s.clock.sleep_until(instant - self.freeze_before, self.stop):
+            waited = self._wait_watching(instant - self.freeze_before, jobs + later, keeper,
+                                         outcomes, window)
+            if waited is None:
                 self._let_go(jobs, keeper, outcomes, "stopping")
-                return
-            jobs = self._freeze(instant, jobs, outcomes)
+                return []
+            if not waited:
+                return [job for job in jobs if not job.dropped]
+            jobs, again = self._freeze(instant, jobs, keeper, outcomes, window)
             keeper.done([r for r in outcomes])
             if not jobs:
-                return
+                return again
+        else:
+            again = []
         reading = self._wait_for_instant(instant)
         if reading is None:
             self._let_go(jobs, keeper, outcomes, "stopping")
-            return
+            return again
         try:
             self._check_time(instant, reading)
         except TooEarlyError as exc:
             log.error("%s", exc)
             self._let_go(jobs, keeper, outcomes, str(exc))
-            return
+            return again
         self._go_public(jobs, keeper, reading, outcomes)
+        return again
+
+    def _wait_watching(self, until: datetime, jobs: list[_Job], keeper: _LeaseKeeper,
+                       outcomes: dict[str, Outcome], window: timedelta) -> bool | None:
+        """Wait until ``until`` by the clock, looking every ``watch_every``
+        whether a fresh one of ``jobs`` was changed (see :meth:`_look`).
+        True when the time has come; False as soon as one changed; None if
+        told to stop first."""
+        fresh = [job for job in jobs if job.plan.fresh and not job.dropped]
+        every = self.watch_every.total_seconds()
+        look_at = time.monotonic() + every
+        while True:
+            remaining = (until - self.s.clock.now()).total_seconds()
+            if remaining <= 0:
+                return True
+            if self.stop.is_set():
+                return None
+            if fresh and time.monotonic() >= look_at:
+                if self._look(fresh, keeper, outcomes, window):
+                    return False
+                look_at = time.monotonic() + every
+            self.stop.wait(min(remaining, every / 4, 0.05))
 
     def _let_go(self, jobs: list[_Job], keeper: _LeaseKeeper, outcomes: dict[str, Outcome],
                 detail: str) -> None:
@@ -921,10 +1008,15 @@ class Publisher:
 class _LeaseKeeper:
     """Renews a publisher's claims every third of the lease while it works
     (one statement for all of them), so a long publication keeps them and a
-    dead publisher loses them quickly."""
+    dead publisher loses them quickly. A renewal that fails (the database
+    did not answer) is tried again soon; the claims are given up only when
+    the last lease renewed may have lapsed (two thirds of it gone), since
+    until then nobody else can have taken them."""
 
-    def __init__(self, publisher: Publisher, release_ids: list[str]) -> None:
+    def __init__(self, publisher: Publisher, release_ids: list[str],
+                 renewed_at: float | None = None) -> None:
         self.publisher = publisher
+        self._renewed_at = time.monotonic() if renewed_at is None else renewed_at
         self._ids = set(release_ids)
         self._lost: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -950,17 +1042,26 @@ class _LeaseKeeper:
             self._ids.difference_update(release_ids)
 
     def _run(self) -> None:
-        every = self.publisher.lease.total_seconds() / 3
-        while not self._done.wait(every):
+        lease = self.publisher.lease.total_seconds()
+        every = pause = lease / 3
+        while not self._done.wait(pause):
+            pause = every
             with self._lock:
                 ids = set(self._ids)
             if not ids:
                 continue
+            began = time.monotonic()
             try:
                 held = self.publisher._renew(ids)
                 why = "another publisher has it, or it was cancelled"
+                self._renewed_at = began
             except Exception as exc:  # reported to the publishing threads by check()
-                held, why = set(), str(exc)
+                if began - self._renewed_at < lease - every:  # the lease still holds
+                    log.warning("could not renew the claim on %s (%s): trying again",
+                                ", ".join(sorted(ids)), exc)
+                    pause = every / 4
+                    continue
+                held, why = set(), f"its lease could not be renewed: {exc}"
             with self._lock:
                 for release_id in ids - held:
                     self._lost[release_id] = why
