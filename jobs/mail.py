@@ -186,6 +186,9 @@ class SmtpMailTransport(MailTransport):
                 smtp.starttls(context=self._tls())
         if self.username:
             smtp.login(self.username, self.password or "")
+        # EHLO now (after STARTTLS it must be said again): else the first message of
+        # a connection opened ahead of the instant pays for it, at the instant
+        smtp.ehlo_or_helo_if_needed()
         if smtp.sock is not None:
             smtp.sock.settimeout(max(self.timeout, self.reply_timeout))
         return smtp

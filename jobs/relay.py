@@ -17,15 +17,18 @@ recorded only by an update that still names the claimant. A claim lapses
 ``lease`` after its last renewal, and at once when the node that holds it
 has stopped heartbeating for longer than ``lease``.
 
-Deliveries are recorded per worker in batches: in one transaction (with the
-worker's next claim when it needs one) after ``record_batch`` messages, or
-before its next message once ``RECORD_WAIT`` has passed since the first of
-them began, whichever comes first. What remains is one window per worker: a
-relay that dies after the mail server took messages and before it recorded
-them leaves those rows to be sent again, under the same Message-ID, by the
-relay that takes over: at most ``record_batch`` messages a worker, and
-about ``RECORD_WAIT`` of them (one, when a message takes longer than that;
-``record_batch = 1`` keeps it to one always, at a transaction a notice).
+Deliveries are recorded in batches, off the workers' path: a recorder
+thread records every worker's deliveries so far in one transaction once a
+worker has ``record_batch`` unrecorded or ``RECORD_WAIT`` has passed since
+the first of them began (and a worker that claims records them in its
+claim's transaction), while the workers go on sending; a worker with
+``record_batch`` unrecorded waits for them to be recorded before its next
+message. What remains is one window per worker: a relay that dies after the
+mail server took messages and before it recorded them leaves those rows to
+be sent again, under the same Message-ID, by the relay that takes over: at
+most ``record_batch`` messages a worker, and about ``RECORD_WAIT`` (plus a
+transaction) of them; ``record_batch = 1`` keeps it to one always, at a
+transaction a notice.
 
 The "published" notices of a release about to be published can be built
 before the instant (:meth:`OutboxRelay.prepare`, from the public addresses
@@ -313,6 +316,13 @@ class OutboxRelay:
         if pace is None:
             return 1
         return max(1, min(self.record_batch, int(_CLAIM_HOLD / max(pace, 1e-6))))
+
+    def seen_slow(self) -> bool:
+        """Whether the mail server has been seen to take so long a message
+        that rows are claimed one at a time."""
+        with self._lock:
+            known = self._pace is not None
+        return known and self.claim_size() == 1
 
     def _learn(self, seconds: float) -> None:
         with self._lock:
@@ -837,6 +847,17 @@ class _Run:
         self.queue: deque[OutboxMessage] = deque()  # claimed, not yet taken by a worker
         self.safe: dict[int, datetime] = {}  # row id -> until when it needs no re-check
         self.done = threading.Event()
+        # Deliveries the mail server took: waiting to be recorded (worker, delivery,
+        # when it began), how many of each worker's are not yet committed, and how
+        # many are in a transaction now. Guarded by ``lock``; ``changed`` tells.
+        self.changed = threading.Condition(self.lock)
+        self.pending: list[tuple[int, _Sent, float]] = []
+        self.sender_of: dict[int, int] = {}  # row id -> the worker that sent it
+        self.outstanding: dict[int, int] = {}
+        self.inflight = 0
+        self.holding = 0  # workers waiting for their deliveries to be recorded
+        self.finishing = False  # the workers are done: record what is left, then end
+        self.broken = False  # a record failed: the workers take no more rows
 
     def _context(self, row: OutboxMessage) -> tuple[Release, Recipient | None]:
         """The row's release (its documents and recipients), read once per run."""
@@ -949,70 +970,164 @@ class _Run:
             relay._retry(row, self.token, f"{type(exc).__name__}: {exc}", None)
             return None
 
-    def _next(self, pending: list[_Sent], record: bool) -> OutboxMessage | None:
+    # -- recording: off the workers' path -----------------------------------
+
+    def _deliveries(self) -> list[_Sent]:
+        """Every worker's deliveries not yet being recorded, now taken (under
+        ``self.lock``): the caller records them in its next transaction."""
+        taken = [sent for _, sent, _ in self.pending]
+        self.pending.clear()
+        self.inflight += len(taken)
+        return taken
+
+    def _recorded(self, sent: Sequence[_Sent], ok: bool) -> None:
+        """``sent`` (taken by :meth:`_deliveries`) committed, or not (``ok``
+        False: back to be recorded by the next transaction)."""
+        with self.changed:
+            self.inflight -= len(sent)
+            if ok:
+                for s in sent:
+                    self.outstanding[self.sender_of.pop(s.row.id)] -= 1
+            else:
+                self.pending[:0] = [(self.sender_of[s.row.id], s, 0.0) for s in sent]
+            self.changed.notify_all()
+
+    def _record_now(self, limit: int = 0, release: Sequence[int] = ()
+                    ) -> list[OutboxMessage]:
+        """Record every worker's deliveries taken so far, give back
+        ``release`` and claim up to ``limit`` rows, in one transaction."""
+        with self.lock:
+            sent = self._deliveries()
+        try:
+            rows = self._claim(limit, sent, release)
+        except BaseException:
+            self._recorded(sent, ok=False)
+            raise
+        self._recorded(sent, ok=True)
+        return rows
+
+    def _due_to_record(self, now: float) -> float | None:
+        """(Under ``self.lock``) 0 when the deliveries waiting should be
+        recorded now (a worker has ``record_batch`` unrecorded, or the first
+        waiting began ``RECORD_WAIT`` ago), else seconds until the first
+        will have waited that long; None when none are waiting."""
+        if not self.pending:
+            return None
+        if (self.queue or self.holding) and \
+                max(self.outstanding.values(), default=0) >= self.relay.record_batch:
+            return 0.0  # (with the queue empty, the next claim records them)
+        oldest = min(began for _, _, began in self.pending)
+        return max(0.0, oldest + RECORD_WAIT.total_seconds() - now)
+
+    def _recorder(self) -> None:
+        """Records the workers' deliveries, all of them in one transaction,
+        while they go on sending: a worker waits only when it would
+        otherwise hold more than ``record_batch`` unrecorded."""
+        while True:
+            with self.changed:
+                while True:
+                    wait = self._due_to_record(time.monotonic())
+                    if wait == 0.0 or (self.finishing and wait is not None):
+                        break
+                    if self.finishing and wait is None:
+                        return
+                    self.changed.wait(wait)
+            try:
+                self._record_now()
+            except Exception as exc:  # the workers stop; the last flush tries again
+                report(self.relay.watch, exc, doing="recording delivered notices", logger=log)
+                with self.changed:
+                    self.broken = True
+                    self.changed.notify_all()
+                return
+
+    def _hand_in(self, worker: int, sent: _Sent, began: float) -> None:
+        """A worker's delivery, for the recorder."""
+        with self.changed:
+            self.pending.append((worker, sent, began))
+            self.sender_of[sent.row.id] = worker
+            self.outstanding[worker] = self.outstanding.get(worker, 0) + 1
+            self.changed.notify_all()
+
+    def _hold(self, worker: int) -> None:
+        """Before a worker's next message: wait while it holds
+        ``record_batch`` unrecorded deliveries."""
+        with self.changed:
+            if self.outstanding.get(worker, 0) < self.relay.record_batch:
+                return
+            self.holding += 1
+            self.changed.notify_all()
+            try:
+                while self.outstanding[worker] >= self.relay.record_batch and not self.broken:
+                    self.changed.wait()
+            finally:
+                self.holding -= 1
+
+    def _next(self, worker: int) -> OutboxMessage | None:
+        """:meth:`_take_next`, once ``worker`` may send again (:meth:`_hold`)."""
+        row = self._take_next()
+        if row is not None:
+            self._hold(worker)
+        return row
+
+    def _take_next(self) -> OutboxMessage | None:
         """The next row of this run's shared queue; when it is empty, claim
-        more (one worker at a time) and record ``pending`` in the same
-        transaction: as many as the workers send in ``_CLAIM_HOLD`` while
-        the server is fast, one while it is slow. ``record``: record
-        ``pending`` now in any case. Empties ``pending`` once recorded. None
+        more (one worker at a time), recording the deliveries waiting in
+        the same transaction: as many as the workers send in ``_CLAIM_HOLD``
+        while the server is fast, one while it is slow. When none is due
+        while deliveries are still being recorded, claim again once they
+        are (the owner's summary is due once the others are recorded). None
         when nothing is left for this worker (or the relay is stopping)."""
         relay = self.relay
-        if relay.stop.is_set():
-            return None
-        with self.lock:
-            row = self.queue.popleft() if self.queue else None
-        if row is None:
+        while not relay.stop.is_set():
+            with self.lock:
+                if self.broken:
+                    return None
+                row = self.queue.popleft() if self.queue else None
+            if row is not None:
+                return row
             with self.claiming:
                 with self.lock:
                     row = self.queue.popleft() if self.queue else None
-                if row is None:
-                    size = relay.claim_size()
-                    rows = self._claim(size * relay.workers if size > 1 else 1, pending)
-                    pending.clear()
-                    with self.lock:
-                        self.queue.extend(rows)
-                        return self.queue.popleft() if self.queue else None
-        if record and pending:
-            self._claim(0, pending)
-            pending.clear()
-        return row
+                if row is not None:
+                    return row
+                size = relay.claim_size()
+                rows = self._record_now(size * relay.workers if size > 1 else 1)
+                with self.changed:
+                    self.queue.extend(rows)
+                    self.changed.notify_all()
+                    row = self.queue.popleft() if self.queue else None
+                    if row is not None:
+                        return row
+                    if not self.inflight:
+                        return None
+                    while self.inflight and not self.broken:  # another transaction's
+                        self.changed.wait()
+        return None
 
     def _work(self, transport: MailTransport, poolable: bool, check: bool = False) -> None:
         relay = self.relay
         if check:  # idle a while: a connection the server dropped is closed, reopened on send
             transport.keep_alive()
-        wait = RECORD_WAIT.total_seconds()
-        pending: list[_Sent] = []  # this worker's deliveries, not yet recorded
-        began = 0.0  # when the first of ``pending`` began
-        record = False
+        me = threading.get_ident()
         try:
             while True:
-                if record and relay.claim_size() == 1:
+                if relay.seen_slow():
                     # A server slower than expected: the rows not sent yet go back, for
                     # the other workers and relays to share (claimed again one by one).
                     with self.lock:
                         back = [r.id for r in self.queue]
                         self.queue.clear()
                     if back:
-                        self._claim(0, pending, back)
-                        pending.clear()
-                row = self._next(pending, record)
+                        self._record_now(0, back)
+                row = self._next(me)
                 if row is None:
                     return
                 start = time.monotonic()
                 sent = self._send(row, transport)
                 if sent is not None:
-                    if not pending:
-                        began = start
-                    pending.append(sent)
-                record = bool(pending) and (len(pending) >= relay.record_batch
-                                            or time.monotonic() - began >= wait)
+                    self._hand_in(me, sent, start)
         finally:
-            try:
-                if pending:  # on the way out: record what went
-                    self._claim(0, pending)
-            except Exception as exc:  # the claims lapse; the next run sends them again
-                report(relay.watch, exc, doing="recording delivered notices", logger=log)
             relay._put_back(transport, poolable)
 
     def _renewer(self, releases: Sequence[str] = ()) -> None:
@@ -1044,7 +1159,10 @@ class _Run:
         ahead = sorted({r.release_id for r in first if relay.ready_for(r.release_id)})
         renewer = threading.Thread(target=self._renewer, args=(ahead,),
                                    name="embargo-relay-renew", daemon=True)
+        recorder = threading.Thread(target=self._recorder, name="embargo-relay-record",
+                                    daemon=True)
         renewer.start()
+        recorder.start()
         for thread in threads:
             thread.start()
         try:
@@ -1055,12 +1173,20 @@ class _Run:
             # lapsed mid-send would be sent again by the next run.
             for thread in threads:
                 thread.join()
+            with self.changed:
+                self.finishing = True
+                self.changed.notify_all()
+            recorder.join()
             try:
                 with self.lock:
                     left = [r.id for r in self.queue]
                     self.queue.clear()
-                if left:  # claimed, not sent (stopping, or a worker failed): given back
-                    self._claim(0, (), left)
+                    last = bool(self.pending)
+                if left or last:  # what went and is not recorded yet (a record failed),
+                    # and what was claimed and not sent (stopping, a worker failed): back
+                    self._record_now(0, left)
+            except Exception as exc:  # the claims lapse; the next run sends them again
+                report(relay.watch, exc, doing="recording delivered notices", logger=log)
             finally:
                 self.done.set()
                 renewer.join()
