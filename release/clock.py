@@ -12,6 +12,8 @@ from sqlalchemy import Engine
 
 from storage.db import read_only, server_time
 
+_REALTIME_COARSE = 5  # Linux's CLOCK_REALTIME_COARSE (the time module has no name for it)
+
 
 class Clock:
     """The system clock, in aware UTC. ``offset`` shifts it: only for
@@ -22,6 +24,20 @@ class Clock:
 
     def now(self) -> datetime:
         return datetime.now(UTC) + self.offset
+
+    def stamp_now(self) -> datetime:
+        """The time the kernel puts on a file changed now. Linux stamps files
+        from its coarse clock, which lags :meth:`now` by up to one scheduler
+        tick (4 ms at HZ=250), so a file linked in just after an instant can
+        carry a time just before it. A clock whose ``now`` is not the
+        system's (a test's) has no file clock of its own: its ``now``."""
+        if type(self).now is not Clock.now:
+            return self.now()
+        try:
+            coarse = time.clock_gettime(_REALTIME_COARSE)
+        except OSError:  # not Linux: files are stamped from the clock itself
+            return self.now()
+        return datetime.fromtimestamp(coarse, UTC) + self.offset
 
     def sleep_until(self, instant: datetime, stop: threading.Event | None = None) -> bool:
         """Wait until ``now() >= instant``, re-reading the clock (never

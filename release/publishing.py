@@ -573,7 +573,8 @@ class Publisher:
     def _wait_for_instant(self, instant: datetime) -> ClockReading | None:
         """Wait until the true time is surely at or past ``instant``: the
         local clock past the instant plus this node's skew and its
-        uncertainty, then the reference clock itself asked. Returns the
+        uncertainty, then the reference clock itself asked, then the clock
+        this node stamps files with (:meth:`Clock.stamp_now`). Returns the
         clock reading used, or None if told to stop first."""
         reading = self._reading()
         if reading is None or not self.s.clock.sleep_until(reading.safe_local(instant),
@@ -583,12 +584,18 @@ class Publisher:
             with read_only(self.s.engine).connect() as connection:  # no writer lock
                 server = server_time(connection)
             if server >= instant:
-                return reading
+                break
             gap = (instant - server).total_seconds()
             log.warning("the database server's clock is %.1f ms before the embargo although "
                         "ours is past it: waiting for it", gap * 1000)
             if self.stop.wait(min(max(gap, 0.0005), 1.0)):
                 return None
+        # And this node's file clock: no public file may carry a time before the
+        # instant, though the kernel stamps files from a clock up to a tick behind.
+        while self.s.clock.stamp_now() < instant:
+            if self.stop.wait(0.0005):
+                return None
+        return reading
 
     def _reference_now(self, reading: ClockReading) -> datetime:
         return reading.reference(self.s.clock.now(), trusted=self.trusted_skew)

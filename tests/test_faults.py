@@ -124,6 +124,49 @@ def test_a_node_450_ms_ahead_publishes_no_byte_before_the_instant(
     services.engine.dispose()
 
 
+class _LaggingFileClock(Clock):
+    """The system clock, with files stamped ``lag`` behind it (a coarse
+    kernel clock with a long tick)."""
+
+    def __init__(self, lag: timedelta) -> None:
+        super().__init__()
+        self.lag = lag
+
+    def stamp_now(self) -> datetime:
+        return self.now() - self.lag
+
+
+def _publish_soon(settings: Settings, services: Services, tmp_path: Path) -> tuple[Any, datetime]:
+    instant = (datetime.now(UTC) + timedelta(seconds=2)).replace(microsecond=0)
+    manifest = write_bundle(tmp_path / "b", publish_on=instant.isoformat())
+    release = ReleaseService(services, actor="t").queue(load_manifest(manifest))
+    publisher = Publisher(services, load_private_key(settings.keys_dir), claimant="files")
+    return publisher.publish(release.id, wait_up_to=timedelta(seconds=10)), instant
+
+
+def test_no_public_file_is_stamped_before_the_instant_by_a_lagging_file_clock(
+        settings: Settings, services: Services, tmp_path: Path) -> None:
+    """Linux stamps files from a clock up to a tick behind the one the
+    publisher reads: the publisher waits for that clock too, so no public
+    file carries a time before the instant (on the old code: published ~2 ms
+    after the instant, stamped 78 ms before it)."""
+    lagging = dataclasses.replace(services, clock=_LaggingFileClock(timedelta(milliseconds=80)))
+    outcome, _ = _publish_soon(settings, lagging, tmp_path)
+    assert outcome.status == "published", outcome.detail
+    assert outcome.lateness_ms is not None and outcome.lateness_ms >= 80
+
+
+def test_public_files_carry_no_time_before_the_instant(
+        settings: Settings, services: Services, tmp_path: Path) -> None:
+    """The kernel's own stamps, with no tolerance for its coarse clock."""
+    outcome, instant = _publish_soon(settings, services, tmp_path)
+    assert outcome.status == "published", outcome.detail
+    root = settings.public.path
+    assert root is not None
+    stamps = [path.stat().st_ctime for path in root.rglob("*") if path.is_file()]
+    assert len(stamps) > 1 and min(stamps) >= instant.timestamp()
+
+
 def test_a_node_whose_clock_was_never_measured_waits_for_a_measurement(
         settings: Settings, services: Services, tmp_path: Path) -> None:
     release_id = queue_seed(services, tmp_path)
