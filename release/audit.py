@@ -59,22 +59,8 @@ def record(session: Session, *, action: str, actor: str, at: datetime,
 
     Plain SQL statements on the session's connection, not the ORM's unit of
     work: the ORM's bookkeeping cost more than the statements themselves."""
-    connection = session.connection()
-    head = connection.execute(_BUMP).first()
-    if head is None:  # the very first event: create the head, race-free
-        insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
-        connection.execute(insert(_HEAD).values(id=1, seq=0, hash=GENESIS)
-                           .on_conflict_do_nothing(index_elements=["id"]))
-        head = connection.execute(_BUMP).one()
-    seq, prev = head
-    text = json.dumps(dict(details or {}), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, default=str)
-    digest = _digest(seq, at, actor, action, release_id, text, prev)
-    connection.execute(_APPEND, {"seq": seq, "at": at, "actor": actor, "action": action,
-                                 "release_id": release_id, "details": text,
-                                 "prev_hash": prev, "hash": digest})
-    connection.execute(_MOVE_HEAD, {"new_hash": digest})
-    return int(seq)
+    return record_many(session, [Entry(action=action, actor=actor, at=at,
+                                       release_id=release_id, details=details)])[0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,8 +81,9 @@ def record_many(session: Session, entries: Sequence[Entry]) -> list[int]:
     if not entries:
         return []
     connection = session.connection()
-    bump = (update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + len(entries))
-            .returning(_HEAD.c.seq, _HEAD.c.hash))
+    bump = _BUMP if len(entries) == 1 else (
+        update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + len(entries))
+        .returning(_HEAD.c.seq, _HEAD.c.hash))
     head = connection.execute(bump).first()
     if head is None:  # the very first event: create the head, race-free
         insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
@@ -113,9 +100,9 @@ def record_many(session: Session, entries: Sequence[Entry]) -> list[int]:
                      "release_id": entry.release_id, "details": text, "prev_hash": prev,
                      "hash": digest})
         prev = digest
-    connection.execute(_APPEND, rows)
+    connection.execute(_APPEND, rows[0] if len(rows) == 1 else rows)
     connection.execute(_MOVE_HEAD, {"new_hash": prev})
-    return [row["seq"] for row in rows]
+    return [int(row["seq"]) for row in rows]
 
 
 @dataclass(frozen=True, kw_only=True)
