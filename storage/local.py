@@ -10,7 +10,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -147,8 +147,12 @@ def _replace_with(root: Path, fd: int, target: Path) -> None:
 
 
 @contextmanager
-def _through_staging(root: Path, target: Path) -> Iterator[BinaryIO]:
-    fd, tmp_name = tempfile.mkstemp(dir=_staging(root), prefix=".part-")
+def _written_then(folder: Path, prefix: str, place: Callable[[Path], None]
+                  ) -> Iterator[BinaryIO]:
+    """A new file in ``folder`` for the caller to write; then fsynced, given
+    mode 0644 and handed to ``place`` (which moves or links it where it
+    belongs). Removed at exit whatever happened."""
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=prefix)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -156,9 +160,13 @@ def _through_staging(root: Path, target: Path) -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        place(tmp)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _through_staging(root: Path, target: Path) -> AbstractContextManager[BinaryIO]:
+    return _written_then(_staging(root), ".part-", lambda tmp: os.replace(tmp, target))
 
 
 def _prune(folder: Path, root: Path) -> None:
@@ -378,23 +386,9 @@ class LocalPublicTarget(PublicTarget):
             self._unsynced.update(self.root.joinpath(*p) for p in created)
             self._unsynced.add(self.root.joinpath(*parts[:-1]))
 
-    @contextmanager
-    def _create(self, key: str) -> Iterator[BinaryIO]:
-        self.staging._make_root()
-        fd, name = tempfile.mkstemp(dir=self.staging.root, prefix="manifest.")
-        tmp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            self._place(key, tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
-
     def writer(self, key: str, *, content_type: str) -> AbstractContextManager[BinaryIO]:
-        return self._create(key)
+        self.staging._make_root()
+        return _written_then(self.staging.root, "manifest.", lambda tmp: self._place(key, tmp))
 
     def prepare_file(self, key: str, source: Path, *, content_type: str, size: int,
                      sha256: str) -> None:
