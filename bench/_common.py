@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -676,5 +677,48 @@ class Queuer:
         release = self.service.queue(spec)
         return release.id, release.slug, release.documents[0].filename
 
+    def queue_many(self, title: str, count: int, instant: datetime,
+                   public: Path) -> dict[Path, str]:
+        """Queue ``count`` releases due at ``instant``; returns each one's public
+        file (under the folder ``public``) and release id."""
+        targets: dict[Path, str] = {}
+        for i in range(count):
+            release_id, slug, name = self.queue(f"{title} release {i:03d}", instant)
+            targets[public / slug / name] = release_id
+        return targets
+
     def close(self) -> None:
         self.services.engine.dispose()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class Peak:
+    """Peak RSS growth from now on: VmHWM after a reset on Linux, else ru_maxrss."""
+
+    def __init__(self) -> None:
+        self.method = "ru_maxrss"
+        before: int | None = None
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            before = _status_kib("VmRSS")
+            self.method = "VmHWM reset"
+        except OSError:
+            pass
+        self.before = before if before is not None else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def after_kib(self) -> int:
+        after = _status_kib("VmHWM") if self.method == "VmHWM reset" else None
+        return after if after is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def growth_mib(self) -> float:
+        return (self.after_kib() - self.before) / 1024

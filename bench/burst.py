@@ -176,10 +176,7 @@ def one_burst(queuer: Queuer, data: Path, count: int, trial_no: int, estimate: f
     instant = math.ceil(time.time() + estimate * 1.3 + ahead)
     moment = datetime.fromtimestamp(instant, UTC)
     began = time.time()
-    targets: dict[Path, str] = {}
-    for i in range(count):
-        release_id, slug, name = queuer.queue(f"Burst {trial_no:02d} release {i:03d}", moment)
-        targets[data / "public" / slug / name] = release_id
+    targets = queuer.queue_many(f"Burst {trial_no:02d}", count, moment, data / "public")
     queued = time.time()
     trial = Trial(queue_s=queued - began, lead_s=instant - queued)
     seen: dict[Path, float] = {}

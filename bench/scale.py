@@ -159,10 +159,7 @@ def burst(queuer: Queuer, data: Path, trial: int, estimate: float) -> Burst:
     instant = math.ceil(time.time() + estimate * 1.3 + 1.0)
     moment = datetime.fromtimestamp(instant, UTC)
     began = time.time()
-    targets: dict[Path, str] = {}
-    for i in range(AT_ONCE):
-        release_id, slug, name = queuer.queue(f"Burst {trial:02d} release {i:03d}", moment)
-        targets[data / "public" / slug / name] = release_id
+    targets = queuer.queue_many(f"Burst {trial:02d}", AT_ONCE, moment, data / "public")
     queued = time.time()
     result = Burst(queue_s=queued - began, lead_s=instant - queued)
     seen: dict[Path, float] = {}

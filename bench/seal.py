@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from _common import (
     REPO,
     Cleanup,
     MiB,
+    Peak,
     Summary,
     base_parser,
     child_env,
@@ -175,16 +175,6 @@ def open_file(dek: bytes, src: Path, dst: Path) -> None:
 
 
 # -- the child that measures memory ----------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def child(op: str, dek_hex: str, src: str, dst: str) -> None:
     """Run one operation and report its peak RSS growth. On Linux the peak
     (VmHWM) is first reset to the current RSS (``echo 5 > clear_refs``), so a
@@ -192,25 +182,15 @@ def child(op: str, dek_hex: str, src: str, dst: str) -> None:
     from release import sealing  # noqa: F401 - imported before the baseline
 
     dek = bytes.fromhex(dek_hex)
-    method = "ru_maxrss"
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kib("VmRSS")
-        method = "VmHWM reset"
-    except OSError:
-        before = None
-    if before is None:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = Peak()
     if op == "seal":
         seal_file(dek, Path(src), Path(dst))
     elif op == "open":
         open_file(dek, Path(src), Path(dst))
     else:  # control: the whole file in memory at once, to show the method sees growth
         Path(dst).write_bytes(Path(src).read_bytes())
-    after = _status_kib("VmHWM") if method == "VmHWM reset" else None
-    if after is None:
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"before_kib": before, "after_kib": after, "method": method}))
+    print(json.dumps({"before_kib": peak.before, "after_kib": peak.after_kib(),
+                      "method": peak.method}))
 
 
 def peak_growth(op: str, dek: bytes, src: Path, dst: Path) -> tuple[float, str]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from _common import (
     REPO,
     Cleanup,
     MiB,
+    Peak,
     base_parser,
     child_env,
     emit_summary,
@@ -60,38 +60,6 @@ CONTROL_MIB = 256
 
 
 # -- in the child ---------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class Peak:
-    """Peak RSS growth from now on: VmHWM after a reset on Linux, else ru_maxrss."""
-
-    def __init__(self) -> None:
-        self.method = "ru_maxrss"
-        before: int | None = None
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            before = _status_kib("VmRSS")
-            self.method = "VmHWM reset"
-        except OSError:
-            pass
-        self.before = before if before is not None else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    def growth_mib(self) -> float:
-        after = _status_kib("VmHWM") if self.method == "VmHWM reset" else None
-        if after is None:
-            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (after - self.before) / 1024
-
-
 class DiskSampler(threading.Thread):
     """Every 20 ms: bytes allocated under ``folder``, and ``fs``'s free bytes."""
 
