@@ -289,8 +289,7 @@ class DocumentSet:
             log.exception("could not remove %s", key)
 
 
-def check(services: Services, release: ReleaseDetail, *, now: datetime,
-          min_lead: timedelta) -> Checks:
+def check(release: ReleaseDetail, *, now: datetime, min_lead: timedelta) -> Checks:
     """What blocks submitting ``release`` (errors) and what is worth a look (warnings)."""
     errors: list[str] = []
     warnings: list[str] = []
@@ -330,7 +329,7 @@ def submit(services: Services, release_id: str, *, actor: str,
     """
     release = _draft(services, release_id)
     now = services.clock.now()
-    found = check(services, release, now=now, min_lead=min_lead)
+    found = check(release, now=now, min_lead=min_lead)
     if found.errors:
         raise InputError("cannot submit: " + "; ".join(found.errors))
     copies_at = release.copies_at.utc if release.copies_at else None

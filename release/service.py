@@ -509,7 +509,7 @@ class ReleaseService:
         at once if its instant has passed (what an earlier attempt made
         public is verified and kept, nothing is written twice). The reason
         stays until a publication succeeds."""
-        release = self.get(release_id)
+        release = self._load(release_id)
         now = self.s.clock.now()
         with transaction(self.sessions) as session:
             changed = affected(session.execute(
@@ -540,11 +540,11 @@ class ReleaseService:
         """Remove from the public location whatever of a cancelled release
         is there (a release cancelled after a partial publication). Returns
         the public addresses removed; audited."""
-        release = self.get(release_id)
+        release = self._load(release_id)
         if release.state != CANCELLED:
             raise StateError(f"release {release.id} is {release.state}; only a cancelled "
                              "release can be unpublished (cancel it first)")
-        found = self.public_objects(release)
+        found = self._public_keys(release.slug, release.documents)
         removed = []
         for key in found:
             self.s.public.delete(key)

@@ -281,7 +281,7 @@ def routes(c: Console) -> list[Route | Mount]:
         return c.page(request, "release.html", who, status, **_facts(release, now),
                       notices=release.notices, access=release.access_list,
                       events=release.events,
-                      checks=drafts.check(c.s, release, now=now, min_lead=c.min_lead)
+                      checks=drafts.check(release, now=now, min_lead=c.min_lead)
                       if release.state == DRAFT else None,
                       organisations=sorted({r.organisation or "" for r in release.recipients}),
                       error=error)
@@ -379,7 +379,7 @@ def routes(c: Console) -> list[Route | Mount]:
         who = c.need(request)
         release = c.service(who).get(request.path_params["id"])
         now = c.s.clock.now()
-        checks = drafts.check(c.s, release, now=now, min_lead=c.min_lead)
+        checks = drafts.check(release, now=now, min_lead=c.min_lead)
         return c.page(request, "review.html", who, **_facts(release, now), checks=checks)
 
     async def submit(request: Request) -> Response:
@@ -391,7 +391,7 @@ def routes(c: Console) -> list[Route | Mount]:
             release = c.service(who).get(release_id)
             now = c.s.clock.now()
             return c.page(request, "review.html", who, 422, **_facts(release, now),
-                          checks=drafts.check(c.s, release, now=now, min_lead=c.min_lead),
+                          checks=drafts.check(release, now=now, min_lead=c.min_lead),
                           error=str(exc))
         return _see(f"/releases/{release_id}")
 
