@@ -101,6 +101,8 @@ from _common import (
     write_bundle,
 )
 
+from storage.local import _fsync_dir
+
 LETTERS = 43
 DOCS = LETTERS + 1
 NOTICES = LETTERS + 1  # 43 officers and the owner's summary
@@ -257,14 +259,6 @@ class RawWork:
         last = max(want, key=lambda k: poller.seen[k])
         return ((answered - start) * 1000, (poller.seen[last] - start) * 1000,
                 (poller.absent[last] - start) * 1000)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(folder: Path) -> None:

@@ -49,6 +49,7 @@ from _common import (
     emit_summary,
     fmt,
     machine,
+    one_document_manifest,
     run_main,
     table,
     trials_of,
@@ -111,12 +112,8 @@ def count_commits(engine: Any, counts: Counts) -> None:
 
 
 def _manifest(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "notice.txt").write_text("A short published notice for the queue bench.\n")
-    manifest = folder / "manifest.toml"
-    manifest.write_text('title = "Queue many"\npublish_on = "2030-01-01"\n\n'
-                        '[[documents]]\npath = "notice.txt"\nkind = "report"\n')
-    return manifest
+    return one_document_manifest(folder, "Queue many",
+                                 b"A short published notice for the queue bench.\n")
 
 
 def _fsync_path(path: Path) -> None:

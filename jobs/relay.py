@@ -276,13 +276,6 @@ class OutboxRelay:
 
     # -- claims ---------------------------------------------------------------
 
-    def _due(self, now: datetime) -> ColumnElement[bool]:
-        return _due_at(now)
-
-    def _free(self, now: datetime, dead: list[str]) -> ColumnElement[bool]:
-        """Unclaimed, or the claim lapsed, or its node stopped heartbeating."""
-        return _free_at(now, [f"{_like_prefix(name)}#%" for name in dead])
-
     def _nodes(self, session: Session) -> tuple[list[str], timedelta]:
         """Nodes (other than this one) whose heartbeat is older than the
         lease by the database server's clock, or that have stopped; within
@@ -612,7 +605,7 @@ class OutboxRelay:
         overdue = and_(
             OutboxMessage.delivered_at.is_(None), OutboxMessage.given_up_at.is_(None),
             OutboxMessage.not_after.is_not(None), OutboxMessage.not_after <= now,
-            self._free(now, []))
+            _free_at(now, []))
         with read_transaction(self.sessions) as session:  # seldom any: no writer lock
             any_late = session.scalars(select(OutboxMessage.id).where(overdue).limit(1)).first()
         if any_late is not None:

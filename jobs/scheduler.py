@@ -305,8 +305,7 @@ class EmbargoScheduler:
             ids = sorted(r for r, due in self._due.items()
                          if due == run_at and r not in self._running)
             wait = self._waits.pop(run_at, self.lead)
-            if self._jobs.get(run_at) is not None:
-                del self._jobs[run_at]
+            self._jobs.pop(run_at, None)
         if not ids:
             return
         if not self.guard():

@@ -40,8 +40,8 @@ def approve(services: Services, release_id: str, *, actor: str,
     """
     release = _current(services, release_id)
     now = services.clock.now()
-    reason = texts.clean_text(force_reason or "", field="force-approval reason",
-                              max_len=texts.REASON_MAX, required=False)
+    reason = texts.optional_text(force_reason, field="force-approval reason",
+                                 max_len=texts.REASON_MAX)
     forced = release.submitted_by == actor
     if forced and not reason:
         raise InputError(f"you submitted release {release.id}: another approver must approve "
@@ -55,7 +55,7 @@ def approve(services: Services, release_id: str, *, actor: str,
         changed = affected(session.execute(
             update(Release).where(Release.id == release.id, Release.state == AWAITING_APPROVAL,
                                   Release.instant > now)
-            .values(state=QUEUED, approved_by=actor, forced_reason=reason or None,
+            .values(state=QUEUED, approved_by=actor, forced_reason=reason,
                     review_comment=None, revision=Release.revision + 1)))
         if not changed:
             raise StateError(f"release {release.id} is {_state(session, release.id)}; only a "
@@ -81,13 +81,13 @@ def send_back(services: Services, release_id: str, *, actor: str, comment: str) 
     with transaction(services.sessions) as session:
         changed = affected(session.execute(
             update(Release).where(Release.id == release.id, Release.state == AWAITING_APPROVAL)
-            .values(state=DRAFT, review_comment=comment.strip(),
+            .values(state=DRAFT, review_comment=comment,
                     revision=Release.revision + 1)))
         if not changed:
             raise StateError(f"release {release.id} is {_state(session, release.id)}; only a "
                              "release awaiting approval can be sent back")
         audit.record(session, action="release_sent_back", actor=actor, at=now,
-                     release_id=release.id, details={"comment": comment.strip()})
+                     release_id=release.id, details={"comment": comment})
     return _current(services, release.id)
 
 

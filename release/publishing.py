@@ -77,7 +77,7 @@ _OUTBOX = table_of(OutboxMessage)
 _DOCUMENTS = table_of(Document)
 _CLAIMED = (_RELEASES.c.id, _RELEASES.c.state, _RELEASES.c.slug, _RELEASES.c.title,
             _RELEASES.c.owner, _RELEASES.c.instant, _RELEASES.c.zone, _RELEASES.c.wall,
-            _RELEASES.c.started_at, _RELEASES.c.attempts)
+            _RELEASES.c.attempts)
 _DOCUMENT_PUBLISHED = (update(_DOCUMENTS).where(_DOCUMENTS.c.id == bindparam("document"))
                        .values(published_at=bindparam("at"), public_url=bindparam("url")))
 
@@ -141,7 +141,6 @@ class _Plan:
     instant: datetime
     zone: str
     wall: str
-    started_at: datetime | None
     attempts: int
     # Claimed while queued: staged under a claim that a cancel or a reschedule
     # still overrules, until it is made ``publishing`` just before the instant.
@@ -323,7 +322,7 @@ class Publisher:
                 status = PublishStatus.NOT_OURS
             outcomes[release_id] = Outcome(status=status, release_id=release_id)
         return [_Plan(release_id=r.id, slug=r.slug, title=r.title, owner=r.owner,
-                      instant=r.instant, zone=r.zone, wall=r.wall, started_at=r.started_at,
+                      instant=r.instant, zone=r.zone, wall=r.wall,
                       attempts=r.attempts, fresh=r.state == QUEUED,
                       documents=tuple(documents[r.id]), recipients=tuple(recipients[r.id]))
                 for r in (rows[release_id] for release_id in ids if release_id in rows)]

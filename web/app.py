@@ -20,7 +20,7 @@ from python_multipart.exceptions import ParseError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -327,7 +327,7 @@ def routes(c: Console) -> list[Route | Mount]:
             if isinstance(exc, ParseError):
                 exc = InputError(f"the upload could not be read: {exc}")
             return await _one_with_error(request, exc)
-        except (ClientDisconnect, BaseException):
+        except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(upload.abort)
             raise

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from config.errors import EmbargoError, InputError
+from config.errors import InputError
 from release.drafts import DocumentSet
 
 PIPE_CHUNKS = 16
@@ -214,4 +214,4 @@ class DocumentUpload:
         self.documents.abort()
 
 
-__all__ = ["DocumentUpload", "EmbargoError", "UploadRefused"]
+__all__ = ["DocumentUpload", "UploadRefused"]
