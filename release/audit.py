@@ -46,7 +46,7 @@ def _digest(seq: int, at: datetime, actor: str, action: str, release_id: str | N
 
 
 # Built once: an append runs on the path of every notice after the instant.
-_BUMP = (update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1)
+_BUMP = (update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + bindparam("n"))
          .returning(_HEAD.c.seq, _HEAD.c.hash))
 _APPEND = _EVENTS.insert()
 _MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(hash=bindparam("new_hash"))
@@ -81,15 +81,13 @@ def record_many(session: Session, entries: Sequence[Entry]) -> list[int]:
     if not entries:
         return []
     connection = session.connection()
-    bump = _BUMP if len(entries) == 1 else (
-        update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + len(entries))
-        .returning(_HEAD.c.seq, _HEAD.c.hash))
-    head = connection.execute(bump).first()
+    step = {"n": len(entries)}
+    head = connection.execute(_BUMP, step).first()
     if head is None:  # the very first event: create the head, race-free
         insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
         connection.execute(insert(_HEAD).values(id=1, seq=0, hash=GENESIS)
                            .on_conflict_do_nothing(index_elements=["id"]))
-        head = connection.execute(bump).one()
+        head = connection.execute(_BUMP, step).one()
     last, prev = head
     rows = []
     for seq, entry in enumerate(entries, start=int(last) - len(entries) + 1):

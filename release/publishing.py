@@ -825,9 +825,7 @@ class Publisher:
             out.flush()
             os.fsync(out.fileno())
         digest = hashlib.sha256(data).hexdigest()
-        public = self.s.public
-        public.prepare_file(manifest.key, path, content_type="application/json",
-                            size=len(data), sha256=digest)
+        public = self.s.public  # a folder's batch gives the file its public mode itself
         try:
             batch.publish_file(manifest.key, path, content_type="application/json",
                                size=len(data), sha256=digest)
