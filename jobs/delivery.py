@@ -3,7 +3,9 @@ relay at once when woken (a release published, copies issued), otherwise
 when the next notice is due, and at least every few polls. Told that a
 publication is coming, a second thread builds its notices and opens the
 connections to the mail server ahead of the instant, and keeps them alive
-until they are used or dropped."""
+until they are used or dropped. The notices a publication creates are
+inserted claimed for this relay and handed to it as they are committed
+(``release.publishing.NoticeTaker``): it sends them before anything else."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from jobs.outage import DatabaseWatch, report
 from jobs.relay import OutboxRelay
+from release.publishing import HandedNotices
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,24 @@ class DeliveryLoop:
         self._coming: deque[tuple[str, datetime | None]] = deque()
         self._preparer: threading.Thread | None = None
         self._prepare_wake = threading.Event()
+        self._handed: deque[HandedNotices] = deque()
+
+    # -- release.publishing.NoticeTaker ------------------------------------------
+    @property
+    def lease(self) -> timedelta:
+        return self.relay.lease
+
+    def token(self) -> str | None:
+        if self.stop.is_set() or not self.guard():
+            return None  # left unclaimed: any relay with a clock it trusts sends them
+        return self.relay.hand_token()
+
+    def take(self, notices: HandedNotices) -> None:
+        """The notices a publication committed, claimed for this relay: sent
+        next, before the relay's own claims."""
+        with self._lock:
+            self._handed.append(notices)
+        self._wake.set()
 
     def wake(self) -> None:
         """Run the relay now rather than at its next turn."""
@@ -64,6 +85,12 @@ class DeliveryLoop:
                 self._wake.wait(self.poll_seconds)
                 continue
             try:
+                while True:
+                    with self._lock:
+                        handed = self._handed.popleft() if self._handed else None
+                    if handed is None:
+                        break
+                    self.relay.run_handed(handed)
                 self.relay.run_once()
                 wait = self.relay.next_due()
             except Exception as exc:

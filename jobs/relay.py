@@ -59,7 +59,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.errors import MessageError
@@ -95,7 +95,7 @@ from release.notices import (
     recipient_inputs,
     release_inputs,
 )
-from release.publishing import message_id
+from release.publishing import HandedNotices, message_id
 from release.records import (
     Copy,
     Document,
@@ -114,7 +114,7 @@ log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=3)
 # A worker records its deliveries once this long has passed since the first
 # unrecorded one began (or after record_batch of them).
-RECORD_WAIT = timedelta(milliseconds=10)
+RECORD_WAIT = timedelta(milliseconds=25)
 # How much work (in time, at the mail server's recent pace) a worker claims at once:
 # one row at a time once a message takes more than half this (issue 12's slow servers,
 # whose notices are spread over every relay).
@@ -273,6 +273,10 @@ class OutboxRelay:
         self._pace: float | None = None  # seconds a notice took the mail server, lately
         self._ready: dict[str, _Ready] = {}
         self._idle: list[tuple[MailTransport, float]] = []  # open, with when last used
+        # Until when (this relay's clock) the other relays will leave this node's
+        # claims to it, were its heartbeat to stop now: read while preparing, for the
+        # notices handed over at the instant (a later heartbeat only moves it on).
+        self._trusted_until: datetime | None = None
 
     # -- claims ---------------------------------------------------------------
 
@@ -456,6 +460,7 @@ class OutboxRelay:
             release.documents  # noqa: B018 - load before the session closes
             release.recipients  # noqa: B018
             session.expunge_all()
+            self._note_trust(session)
         connecting = self._open_connections()
         try:
             for document in release.documents:  # detached: the addresses publication gives
@@ -491,6 +496,39 @@ class OutboxRelay:
                  release.id, len(self._idle))
         return len(ready.messages)
 
+    def _note_trust(self, session: Session) -> datetime:
+        _, trusted = self._nodes(session)
+        until = self.s.clock.now() + trusted
+        with self._lock:
+            self._trusted_until = until
+        return until
+
+    def hand_token(self) -> str:
+        """A claim token for notices a publisher inserts claimed for this
+        relay, to be given back with them (:meth:`run_handed`)."""
+        return f"{self.worker}#{secrets.token_hex(4)}"
+
+    def run_handed(self, notices: HandedNotices) -> int:
+        """Send the notices a publisher inserted claimed for this relay (its
+        token from :meth:`hand_token`) and handed over as it committed them:
+        no claim, no read before the first is sent; the owner's summary goes
+        as soon as the others have been handed to the mail server. Only
+        these rows: others wait for :meth:`run_once`. Returns how many were
+        delivered (none once the claims have lapsed: any relay takes them)."""
+        if not notices.rows or self.s.clock.now() >= notices.until - self.lease / 3:
+            return 0
+        with self._lock:
+            trusted = self._trusted_until
+        if trusted is None or self.s.clock.now() >= trusted - self.lease / 3:
+            try:
+                with read_transaction(self.sessions) as session:
+                    trusted = self._note_trust(session)
+            except Exception as exc:  # each notice's claim is checked before it goes
+                report(self.watch, exc, doing="reading this node's heartbeat", logger=log)
+                trusted = None
+        safe = min(notices.until, trusted) - self.lease / 3 if trusted is not None else None
+        return _Run(self, notices.token, handed=notices, safe=safe).go()
+
     def _open_connections(self) -> list[threading.Thread]:
         """Open connections up to ``workers`` in the idle pool, each in a
         thread of its own (a TLS handshake and login take a while)."""
@@ -521,6 +559,13 @@ class OutboxRelay:
         with self._lock:
             ready = self._ready.get(release_id)
             return ready.release if ready is not None else None
+
+    def ready_as(self, release_id: str, inputs: tuple[object, ...]) -> Release | None:
+        """The release as prepared, if its notices were built ahead from
+        ``inputs`` (``release.notices.published_inputs``, as published)."""
+        with self._lock:
+            ready = self._ready.get(release_id)
+            return ready.release if ready is not None and ready.inputs == inputs else None
 
     def prepared(self, row: OutboxMessage, inputs: tuple[object, ...], name: str | None,
                  organisation: str | None) -> Prepared | None:
@@ -651,27 +696,41 @@ class OutboxRelay:
                            data=self.opener.read(release.id, documents[d], dek=key),
                            copy_id=copy.id) for d in wanted]
 
-    def _summary(self, release: Release) -> list[Delivery]:
+    def _summary(self, release: Release, handed_over: Collection[int] = ()
+                 ) -> list[Delivery] | None:
+        """What became of each "published" notice of ``release``, for its
+        owner's summary: delivered as recorded, or as ``handed_over`` to the
+        mail server by this run and not recorded yet; failed, or given up.
+        None while one is still on its way (not yet tried, or to be retried):
+        the summary waits for it."""
         with read_transaction(self.sessions) as session:
             rows = session.execute(select(
-                OutboxMessage.recipient_id, OutboxMessage.to_addr, OutboxMessage.delivered_at,
+                OutboxMessage.id, OutboxMessage.recipient_id, OutboxMessage.to_addr,
+                OutboxMessage.delivered_at, OutboxMessage.given_up_at,
                 OutboxMessage.last_error).where(OutboxMessage.release_id == release.id,
                                                 OutboxMessage.purpose == Purpose.PUBLISHED)
                 .order_by(OutboxMessage.id)).all()
         names = {r.id: r.name for r in release.recipients}
-        return [Delivery(name=names.get(rid or "", addr), address=addr,
-                         delivered=at is not None, error=None if at else error)
-                for rid, addr, at, error in rows]
+        summary = []
+        for row_id, rid, addr, at, given_up, error in rows:
+            delivered = at is not None or row_id in handed_over
+            if not delivered and given_up is None:
+                return None
+            summary.append(Delivery(name=names.get(rid or "", addr), address=addr,
+                                    delivered=delivered, error=None if delivered else error))
+        return summary
 
     def _deliver(self, row: OutboxMessage, token: str, release: Release,
                  recipient: Recipient | None, transport: MailTransport,
                  dek: Callable[[], bytes], *, prepared: Prepared | None = None,
-                 confirmed: bool = False) -> _Sent | None:
+                 confirmed: bool = False, summary: Sequence[Delivery] | None = None
+                 ) -> _Sent | None:
         """Hand one claimed row to ``transport``: the message ``prepared``
         ahead when there is one, else composed now. ``confirmed``: the claim
         was taken or confirmed recently enough that it need not be checked
-        again before the hand-over. Returns the delivery to record; failures
-        are recorded here, at once."""
+        again before the hand-over. ``summary``: for an owner's summary, what
+        it says became of the others (:meth:`_summary`). Returns the
+        delivery to record; failures are recorded here, at once."""
         if row.not_after is not None and self.s.clock.now() >= row.not_after:
             self._give_up(row, token, TOO_LATE)  # before the costly part: opening, stamping
             return None
@@ -680,8 +739,8 @@ class OutboxRelay:
             try:
                 message = compose(row, release, recipient, sender=self.sender,
                                   attachments=self._attachments(row, release, dek),
-                                  summary=self._summary(release) if row.purpose == SUMMARY
-                                  else None, unstampable=self.s.copies_unstampable)
+                                  summary=summary,
+                                  unstampable=self.s.copies_unstampable)
             except (SealError, DeliveryError) as exc:
                 self._fail(row, token, str(exc), release)
                 return None
@@ -819,13 +878,34 @@ class OutboxRelay:
 
 
 class _Run:
-    """One run_once: up to ``workers`` threads sharing the rows claimed, each
-    with its own unrecorded deliveries, and one thread renewing the claims
-    until they are done."""
+    """One run_once (or run_handed): up to ``workers`` threads sharing the
+    rows claimed, each with its own unrecorded deliveries, and one thread
+    renewing the claims until they are done. An owner's summary claimed
+    beside its release's other notices is held back until this run has
+    finished with them (it says what became of them)."""
 
-    def __init__(self, relay: OutboxRelay, token: str) -> None:
+    def __init__(self, relay: OutboxRelay, token: str, *,
+                 handed: HandedNotices | None = None, safe: datetime | None = None) -> None:
         self.relay = relay
         self.token = token
+        self.handed = handed
+        self.handed_safe = safe
+        # release id -> its "published" rows this run holds and has not finished with;
+        # its owner's summary, held back until then
+        self.open: dict[str, int] = {}
+        self.parked: dict[str, OutboxMessage] = {}
+        self.handed_over: set[int] = set()  # rows the mail server took in this run
+        # A worker's deliveries are recorded once it has a batch unrecorded (with the
+        # next claim, as a rule); in a run of handed notices, which claims nothing, once
+        # it has three quarters of one, so that the transaction is done before the
+        # worker has the whole batch and would have to wait for it.
+        self._record_at = (max(1, relay.record_batch - relay.record_batch // 4)
+                           if handed is not None else relay.record_batch)
+        self.taking: dict[int, OutboxMessage] = {}  # taken by a worker, not finished with
+        # release id -> its owner's summary built while the last of the others were on
+        # their way, as if they went (and what it says); being built: ``speculating``
+        self.speculation: dict[str, tuple[list[Delivery], Prepared] | None] = {}
+        self.speculating: set[str] = set()
         self.lock = threading.Lock()
         self.skip: set[int] = set()
         self.delivered = 0
@@ -851,6 +931,7 @@ class _Run:
         self.holding = 0  # workers waiting for their deliveries to be recorded
         self.finishing = False  # the workers are done: record what is left, then end
         self.broken = False  # a record failed: the workers take no more rows
+        self.aborted = False  # the handed notices' transaction did not commit: none exist
 
     def _context(self, row: OutboxMessage) -> tuple[Release, Recipient | None]:
         """The row's release (its documents and recipients), read once per run."""
@@ -949,6 +1030,21 @@ class _Run:
                 release, recipient = ahead, None
             else:
                 release, recipient = self._context(row)
+            summary = None
+            if row.purpose == SUMMARY:
+                with self.changed:
+                    while row.release_id in self.speculating:  # being built: sooner than anew
+                        self.changed.wait()
+                    built = self.speculation.get(row.release_id)
+                    handed_over = frozenset(self.handed_over)
+                summary = relay._summary(release, handed_over)
+                if summary is None:  # another is still on its way: it goes once all are done
+                    log.info("owner's summary of %s put off: a notice of publication is still "
+                             "on its way", row.release_id)
+                    self._record_now(0, [row.id])
+                    return None
+                if built is not None and built[0] == summary and transport.prepares:
+                    prepared = built[1]  # built as if the others went, and they did
             # Claimed a moment ago: no other relay can have taken it yet, and checking
             # again would cost a transaction a notice.
             with self.lock:
@@ -956,7 +1052,7 @@ class _Run:
             confirmed = safe is not None and relay.s.clock.now() < safe
             return relay._deliver(row, self.token, release, recipient, transport,
                                   self._dek(release.id), prepared=prepared,
-                                  confirmed=confirmed)
+                                  confirmed=confirmed, summary=summary)
         except Exception as exc:  # contained: recorded, the others carry on
             log.exception("notice %s to %s failed unexpectedly", row.message_id,
                           row.to_addr)
@@ -1006,8 +1102,8 @@ class _Run:
         will have waited that long; None when none are waiting."""
         if not self.pending:
             return None
-        if (self.queue or self.holding) and \
-                max(self.outstanding.values(), default=0) >= self.relay.record_batch:
+        if (self.queue or self.holding or self.handed is not None) and \
+                max(self.outstanding.values(), default=0) >= self._record_at:
             return 0.0  # (with the queue empty, the next claim records them)
         oldest = min(began for _, _, began in self.pending)
         return max(0.0, oldest + RECORD_WAIT.total_seconds() - now)
@@ -1034,13 +1130,93 @@ class _Run:
                     self.changed.notify_all()
                 return
 
+    def _enqueue(self, rows: Sequence[OutboxMessage]) -> None:
+        """(Under ``self.lock``) ``rows`` into the shared queue, in order; an
+        owner's summary held back while this run has others of its release
+        to finish with."""
+        for row in rows:
+            if row.purpose == Purpose.PUBLISHED:
+                self.open[row.release_id] = self.open.get(row.release_id, 0) + 1
+            if row.purpose == SUMMARY and self.open.get(row.release_id, 0) > 0:
+                self.parked[row.release_id] = row
+            else:
+                self.queue.append(row)
+
+    def _pop(self) -> OutboxMessage | None:
+        """(Under ``self.lock``) The next row of the queue, now taken."""
+        if not self.queue:
+            return None
+        row = self.queue.popleft()
+        self.taking[row.id] = row
+        return row
+
+    def _done_with(self, row: OutboxMessage) -> None:
+        """(Under ``self.lock``) This run has finished with ``row`` (sent, failed,
+        put off or given back): a summary held back for its release's last
+        one goes next."""
+        self.taking.pop(row.id, None)
+        if row.purpose != Purpose.PUBLISHED:
+            return
+        left = self.open.get(row.release_id, 0) - 1
+        self.open[row.release_id] = left
+        if left <= 0 and row.release_id in self.parked:
+            self.queue.appendleft(self.parked.pop(row.release_id))
+            self.changed.notify_all()
+
+    def _speculate(self) -> None:
+        """Nothing is left to take but owners' summaries held back for the
+        notices still on their way: build each now, as if those went, so that
+        it goes the moment they have (when they all did; else it is composed
+        then)."""
+        with self.lock:
+            todo = [row for release_id, row in self.parked.items()
+                    if release_id not in self.speculation]
+            for row in todo:
+                self.speculation[row.release_id] = None
+                self.speculating.add(row.release_id)
+            going = frozenset(self.handed_over | {
+                r.id for r in self.taking.values() if r.purpose == Purpose.PUBLISHED})
+        for row in todo:
+            built = None
+            try:
+                release = self._context_of(row.release_id)
+                summary = self.relay._summary(release, going)
+                if summary is not None:
+                    prepared = prepare_message(compose(row, release, None,
+                                                       sender=self.relay.sender,
+                                                       summary=summary))
+                    if prepared is not None:
+                        built = (summary, prepared)
+            except Exception:  # composed when it goes, and any error recorded then
+                log.warning("could not build the owner's summary of %s ahead", row.release_id,
+                            exc_info=True)
+            with self.changed:
+                self.speculation[row.release_id] = built
+                self.speculating.discard(row.release_id)
+                self.changed.notify_all()
+
+    def _unqueue(self) -> list[int]:
+        """(Under ``self.lock``) Empty the queue, for its rows to be given
+        back; returns their ids."""
+        rows = list(self.queue)
+        self.queue.clear()
+        for row in rows:
+            self._done_with(row)
+        back = [r.id for r in rows]
+        back += [r.id for r in self.queue]  # summaries that were waiting for those
+        self.queue.clear()
+        return back
+
     def _hand_in(self, worker: int, sent: _Sent, began: float) -> None:
-        """A worker's delivery, for the recorder."""
+        """A worker's delivery, for the recorder (woken only when this
+        changes what it waits for: the first waiting, or a batch due)."""
         with self.changed:
+            self.handed_over.add(sent.row.id)
             self.pending.append((worker, sent, began))
             self.sender_of[sent.row.id] = worker
             self.outstanding[worker] = self.outstanding.get(worker, 0) + 1
-            self.changed.notify_all()
+            if len(self.pending) == 1 or self.outstanding[worker] >= self._record_at:
+                self.changed.notify_all()
 
     def _hold(self, worker: int) -> None:
         """Before a worker's next message: wait while it holds
@@ -1076,20 +1252,23 @@ class _Run:
             with self.lock:
                 if self.broken:
                     return None
-                row = self.queue.popleft() if self.queue else None
+                row = self._pop()
             if row is not None:
                 return row
+            if self.handed is not None:  # these rows only: nothing is claimed at the instant
+                self._speculate()  # (a summary held back goes with the last of its others)
+                return None
             with self.claiming:
                 with self.lock:
-                    row = self.queue.popleft() if self.queue else None
+                    row = self._pop()
                 if row is not None:
                     return row
                 size = relay.claim_size()
                 rows = self._record_now(size * relay.workers if size > 1 else 1)
                 with self.changed:
-                    self.queue.extend(rows)
+                    self._enqueue(rows)
                     self.changed.notify_all()
-                    row = self.queue.popleft() if self.queue else None
+                    row = self._pop()
                     if row is not None:
                         return row
                     if not self.inflight:
@@ -1104,26 +1283,43 @@ class _Run:
             transport.keep_alive()
         me = threading.get_ident()
         try:
+            if not self._committed():
+                return
             while True:
                 if relay.seen_slow():
                     # A server slower than expected: the rows not sent yet go back, for
                     # the other workers and relays to share (claimed again one by one).
                     with self.lock:
-                        back = [r.id for r in self.queue]
-                        self.queue.clear()
+                        back = self._unqueue()
                     if back:
                         self._record_now(0, back)
                 row = self._next(me)
                 if row is None:
                     return
                 start = time.monotonic()
-                sent = self._send(row, transport)
-                if sent is not None:
-                    self._hand_in(me, sent, start)
+                try:
+                    sent = self._send(row, transport)
+                    if sent is not None:
+                        self._hand_in(me, sent, start)
+                finally:
+                    with self.changed:
+                        self._done_with(row)
         finally:
             relay._put_back(transport, poolable)
 
+    def _committed(self) -> bool:
+        """For a run of handed notices: wait until their transaction has
+        committed (before it, they may not exist); False if it did not."""
+        if self.handed is None or self.handed.committed.wait(
+                self.relay.lease.total_seconds()):
+            return True
+        with self.lock:
+            self.aborted = True
+        return False
+
     def _renewer(self, releases: Sequence[str] = ()) -> None:
+        if not self._committed():
+            return
         for release_id in releases:  # read ahead, beside the sending, for a notice
             try:  # composed later (the owner's summary), rather than after the others
                 self._context_of(release_id)
@@ -1138,18 +1334,37 @@ class _Run:
 
     def go(self) -> int:
         relay = self.relay
-        size = relay.claim_size()
-        first = self._claim(relay.workers * size)
+        if self.handed is not None:
+            first = list(self.handed.rows)
+            with self.lock:
+                self.skip.update(r.id for r in first)
+                if self.handed_safe is not None:
+                    self.safe.update((r.id, self.handed_safe) for r in first)
+                for release_id, inputs in self.handed.inputs.items():
+                    self.facts[release_id] = (inputs, self.handed.people)
+            for release_id, inputs in self.handed.inputs.items():
+                built = relay.ready_as(release_id, inputs)
+                if built is not None:  # as published: its records need not be read again
+                    built.lateness_ms = self.handed.lateness_ms[release_id]
+                    with self.lock:
+                        self.releases[release_id] = built
+                        for recipient in built.recipients:
+                            self.recipients.setdefault(recipient.id, recipient)
+        else:
+            first = self._claim(relay.workers * relay.claim_size())
         if not first:
             return 0
-        self.queue.extend(first)
+        with self.lock:
+            self._enqueue(first)
         transports = relay._transports()
         threads = [threading.Thread(target=self._work, args=chosen,
                                     name=f"embargo-relay-{i + 1}", daemon=True)
                    for i, chosen in enumerate(transports[1:])]
         # The releases whose notices were built ahead: the records are read beside
         # the sending, for the owner's summary, composed once the others are done.
-        ahead = sorted({r.release_id for r in first if relay.ready_for(r.release_id)})
+        with self.lock:
+            ahead = sorted({r.release_id for r in first if relay.ready_for(r.release_id)
+                            and r.release_id not in self.releases})
         renewer = threading.Thread(target=self._renewer, args=(ahead,),
                                    name="embargo-relay-renew", daemon=True)
         recorder = threading.Thread(target=self._recorder, name="embargo-relay-record",
@@ -1172,11 +1387,13 @@ class _Run:
             recorder.join()
             try:
                 with self.lock:
-                    left = [r.id for r in self.queue]
-                    self.queue.clear()
+                    left = self._unqueue() + [r.id for r in self.parked.values()]
+                    self.parked.clear()
                     last = bool(self.pending)
-                if left or last:  # what went and is not recorded yet (a record failed),
-                    # and what was claimed and not sent (stopping, a worker failed): back
+                    aborted = self.aborted
+                # What went and is not recorded yet (a record failed), and what was
+                # claimed and not sent (stopping, a worker failed): back.
+                if (left or last) and not aborted:
                     self._record_now(0, left)
             except Exception as exc:  # the claims lapse; the next run sends them again
                 report(relay.watch, exc, doing="recording delivered notices", logger=log)

@@ -76,6 +76,8 @@ class EmbargoScheduler:
         self.delivery = (DeliveryLoop(relay, stop=self.stop_event, guard=guard,
                                       poll_seconds=poll_seconds, watch=watch)
                          if relay is not None else None)
+        if self.delivery is not None:  # the notices of a publication go as it commits
+            publisher.notices = self.delivery
         self._threads: list[threading.Thread] = []
         self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
 

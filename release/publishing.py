@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import bindparam, func, or_, select, update
@@ -52,6 +53,7 @@ from release.alerts import Alert, raise_alert
 from release.clock import ClockReading, measure_clock
 from release.context import Services
 from release.instants import describe_instant
+from release.notices import release_inputs
 from release.records import (
     FAILED,
     PUBLISHED,
@@ -119,6 +121,63 @@ class Outcome:
     detail: str | None = None
 
 
+class Commit:
+    """Whether a transaction committed, for another thread to wait for."""
+
+    def __init__(self) -> None:
+        self._settled = threading.Event()
+        self._committed = False
+
+    def settle(self, committed: bool) -> None:
+        self._committed = committed
+        self._settled.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once it committed; False if it did not (or not within
+        ``timeout`` seconds)."""
+        return self._settled.wait(timeout) and self._committed
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandedNotices:
+    """The notices of publication one finish created, already claimed for
+    ``token`` until ``until`` (by the publisher's clock), as inserted: what
+    their sender needs to send them at once, without a claim or a read.
+    ``inputs``, ``people`` and ``lateness_ms`` are what the releases were
+    published with (``release.notices.release_inputs`` per release id; each
+    recipient's name and organisation; how late each became public), for
+    the notices built ahead to be checked against. They are handed over
+    while the transaction that inserts them is committing: nothing may be
+    read, written or sent for them before ``committed`` says it did."""
+
+    token: str
+    until: datetime
+    rows: tuple[OutboxMessage, ...]
+    inputs: dict[str, tuple[object, ...]]
+    people: dict[str, tuple[str, str | None]]
+    lateness_ms: dict[str, float]
+    committed: Commit = field(default_factory=Commit)
+
+
+class NoticeTaker(Protocol):
+    """Who sends the notices a finish creates, when it can take them as
+    they are committed (the scheduler node's relay). The rows are inserted
+    claimed for :meth:`token`, for ``lease``; a taker that dies, or fails to
+    take them, leaves the claims to lapse, and any relay sends them then."""
+
+    @property
+    def lease(self) -> timedelta: ...
+
+    def token(self) -> str | None:
+        """A claim token for the next finish's notices; None to leave them
+        unclaimed, for any relay (e.g. while this node's clock is not
+        trusted)."""
+
+    def take(self, notices: HandedNotices) -> None:
+        """The notices, as the finish commits (``notices.committed``).
+        Returns at once."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Doc:
     id: str
@@ -146,7 +205,8 @@ class _Plan:
     # still overrules, until it is made ``publishing`` just before the instant.
     fresh: bool
     documents: tuple[_Doc, ...]
-    recipients: tuple[tuple[str, str], ...]  # (id, address), in the release's order
+    # (id, address, name, organisation), in the release's order
+    recipients: tuple[tuple[str, str, str, str | None], ...]
 
     def key(self, doc: _Doc) -> str:
         return f"{self.slug}/{doc.filename}"
@@ -162,6 +222,9 @@ class _Job:
     staged: dict[str, Path] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)  # document id -> public URL
     manifest: _Manifest | None = None
+    # Its notices of publication, built before the instant but for their times and
+    # ids (filled in by the finish): handed to their sender as committed.
+    notices: list[OutboxMessage] = field(default_factory=list)
     published_at: datetime | None = None  # when its last document became public
     error: Exception | None = None
     found: int = 0  # documents an earlier attempt had made public already
@@ -235,6 +298,9 @@ class Publisher:
         self.watch_every = watch_every
         self._pool_lock = threading.Lock()
         self._pools: dict[str, ThreadPoolExecutor] = {}
+        # Who sends the notices as the finish commits them (the scheduler sets its
+        # relay); without one they wait for any relay's next claim.
+        self.notices: NoticeTaker | None = None
 
     def publish(self, release_id: str, *, wait_up_to: timedelta = timedelta(0)) -> Outcome:
         """Publish ``release_id`` if its instant has come.
@@ -296,7 +362,8 @@ class Publisher:
                 select(_RELEASES.c.id, _RELEASES.c.state, _RELEASES.c.instant)
                 .where(_RELEASES.c.id.in_(missing)))} if missing else {}
             documents: dict[str, list[_Doc]] = {release_id: [] for release_id in rows}
-            recipients: dict[str, list[tuple[str, str]]] = {release_id: [] for release_id in rows}
+            recipients: dict[str, list[tuple[str, str, str, str | None]]] = {
+                release_id: [] for release_id in rows}
             if rows:
                 for r in connection.execute(
                         select(_DOCUMENTS.c.release_id, _DOCUMENTS.c.id, _DOCUMENTS.c.filename,
@@ -307,11 +374,12 @@ class Publisher:
                     documents[r.release_id].append(_Doc(
                         id=r.id, filename=r.filename, kind=r.kind, organisation=r.organisation,
                         size=r.size, sha256=r.sha256, content_type=r.content_type))
-                for release_id, recipient_id, email in connection.execute(
-                        select(_RECIPIENTS.c.release_id, _RECIPIENTS.c.id, _RECIPIENTS.c.email)
+                for p in connection.execute(
+                        select(_RECIPIENTS.c.release_id, _RECIPIENTS.c.id, _RECIPIENTS.c.email,
+                               _RECIPIENTS.c.name, _RECIPIENTS.c.organisation)
                         .where(_RECIPIENTS.c.release_id.in_(list(rows)))
                         .order_by(_RECIPIENTS.c.release_id, _RECIPIENTS.c.position)):
-                    recipients[release_id].append((recipient_id, email))
+                    recipients[p.release_id].append((p.id, p.email, p.name, p.organisation))
         for release_id in missing:
             row = found.get(release_id)
             if row is None or row.state not in (QUEUED, PUBLISHING):
@@ -530,6 +598,14 @@ class Publisher:
                                 size=doc.size, sha256=doc.sha256)
             job.urls[doc.id] = public.url(key)
         self._prepare_manifest(job)
+        targets: list[tuple[str | None, str, str]] = [
+            (rid, email, Purpose.PUBLISHED) for rid, email, _, _ in plan.recipients]
+        if plan.owner:
+            targets.append((None, plan.owner, Purpose.OWNER_SUMMARY))
+        job.notices = [OutboxMessage(message_id=message_id(plan.release_id, purpose, rid),
+                                     release_id=plan.release_id, recipient_id=rid,
+                                     purpose=purpose, to_addr=address, attempts=0)
+                       for rid, address, purpose in targets]
 
     def _prepare_manifest(self, job: _Job) -> None:
         """The manifest of ``job``, but for its time."""
@@ -849,10 +925,36 @@ class Publisher:
         outbox, in one transaction for all. Plain statements on the
         connection, from what was loaded in the claim and made ready before
         the instant: this is on the path of every release at the instant.
-        A release whose claim was lost meanwhile is left out (and reported)."""
+        A release whose claim was lost meanwhile is left out (and reported).
+        The notices are inserted claimed for :attr:`notices`' token and handed
+        to it once committed (:class:`HandedNotices`)."""
         now = self.s.clock.now()
         outcomes: dict[str, Outcome] = {}
         lost: list[_Job] = []
+        taker = self.notices
+        token = taker.token() if taker is not None else None
+        until = now + taker.lease if taker is not None and token is not None else None
+        commit = Commit()  # what the notices' sender waits for
+        try:
+            self._finish_transaction(jobs, started, now, token, until, commit, outcomes, lost)
+        except BaseException:
+            commit.settle(False)
+            raise
+        commit.settle(True)
+        for job in jobs:
+            if job.release_id in outcomes:
+                log.info("release %s published (%d documents), %.1f ms late", job.release_id,
+                         len(job.plan.documents), outcomes[job.release_id].lateness_ms)
+        for job in lost:
+            outcomes[job.release_id] = self._failed(
+                job.plan, StorageError(f"lost the claim on {job.release_id} before finishing"))
+        return outcomes
+
+    def _finish_transaction(self, jobs: list[_Job], started: datetime, now: datetime,
+                            token: str | None, until: datetime | None, commit: Commit,
+                            outcomes: dict[str, Outcome], lost: list[_Job]) -> None:
+        """The finish's transaction (see :meth:`_finish`): the notices are
+        handed over before it commits, with ``commit`` to wait for."""
         with transaction(self.sessions) as session:
             connection = session.connection()
             done: list[tuple[_Job, datetime, float]] = []
@@ -877,39 +979,51 @@ class Publisher:
                       for job, published_at, _ in done for d in job.plan.documents]
             if stamps:
                 connection.execute(_DOCUMENT_PUBLISHED, stamps)
-            notices: list[dict[str, object]] = []
-            counts: dict[str, int] = {}
-            for job, _, _ in done:
-                plan = job.plan
-                targets: list[tuple[str | None, str, str]] = [
-                    (rid, email, Purpose.PUBLISHED) for rid, email in plan.recipients]
-                if plan.owner:
-                    targets.append((None, plan.owner, Purpose.OWNER_SUMMARY))
-                counts[plan.release_id] = len(targets)
-                notices += [{"message_id": message_id(plan.release_id, purpose, recipient_id),
-                             "release_id": plan.release_id, "recipient_id": recipient_id,
-                             "purpose": purpose, "to_addr": address, "created_at": now,
-                             "not_before": now, "attempts": 0, "next_attempt_at": now}
-                            for recipient_id, address, purpose in targets]
-            if notices:
+            built = [row for job, _, _ in done for row in job.notices]
+            notices = [{"message_id": row.message_id, "release_id": row.release_id,
+                        "recipient_id": row.recipient_id, "purpose": row.purpose,
+                        "to_addr": row.to_addr, "created_at": now, "not_before": now,
+                        "attempts": 0, "next_attempt_at": now, "claimed_by": token,
+                        "claim_expires_at": until} for row in built]
+            if notices and token is not None:  # the ids, for the rows built ahead
+                assert self.notices is not None and until is not None
+                ids = {mid: row_id for mid, row_id in connection.execute(
+                    _OUTBOX.insert().returning(_OUTBOX.c.message_id, _OUTBOX.c.id), notices)}
+                for row in built:
+                    row.id, row.claimed_by, row.claim_expires_at = ids[row.message_id], token, until
+                    row.created_at = row.not_before = row.next_attempt_at = now
+                handed = HandedNotices(
+                    token=token, until=until, rows=tuple(built), committed=commit,
+                    inputs={job.release_id: release_inputs(
+                        job.release_id, job.plan.title, job.plan.instant, job.plan.zone,
+                        job.plan.wall, [(d.kind, d.filename, d.organisation, job.urls[d.id])
+                                        for d in job.plan.documents]) for job, _, _ in done},
+                    people={rid: (name, organisation) for job, _, _ in done
+                            for rid, _, name, organisation in job.plan.recipients},
+                    lateness_ms={job.release_id: lateness for job, _, lateness in done})
+                self._hand_over(self.notices, handed)  # its sender waits for the commit
+            elif notices:
                 connection.execute(_OUTBOX.insert(), notices)
             for job, published_at, lateness_ms in done:
                 audit.record(session, action="release_published", actor=self.claimant, at=now,
                              release_id=job.release_id,
                              details={"lateness_ms": lateness_ms,
                                       "documents": len(job.plan.documents),
-                                      "notices": counts[job.release_id],
+                                      "notices": len(job.notices),
                                       "published_at": _iso(published_at)})
                 outcomes[job.release_id] = Outcome(status=PublishStatus.PUBLISHED,
                                                    release_id=job.release_id,
                                                    lateness_ms=lateness_ms)
-        for job, _, lateness_ms in done:
-            log.info("release %s published (%d documents), %.1f ms late", job.release_id,
-                     len(job.plan.documents), lateness_ms)
-        for job in lost:
-            outcomes[job.release_id] = self._failed(
-                job.plan, StorageError(f"lost the claim on {job.release_id} before finishing"))
-        return outcomes
+
+    @staticmethod
+    def _hand_over(taker: NoticeTaker, notices: HandedNotices) -> None:
+        """Hand the committed notices to their sender; should it fail, the
+        claims lapse and any relay sends them then."""
+        try:
+            taker.take(notices)
+        except Exception:
+            log.exception("could not hand %d notices to their sender; they go once their "
+                          "claims lapse", len(notices.rows))
 
     def _pool(self, purpose: str, size: int | None = None) -> ThreadPoolExecutor:
         """This publisher's threads for ``purpose``, started once and kept."""
