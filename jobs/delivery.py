@@ -52,6 +52,9 @@ class DeliveryLoop:
             return None  # left unclaimed: any relay with a clock it trusts sends them
         return self.relay.hand_token()
 
+    def most(self) -> int | None:
+        return self.relay.hand_most()
+
     def take(self, notices: HandedNotices) -> None:
         """The notices a publication committed, claimed for this relay: sent
         next, before the relay's own claims."""

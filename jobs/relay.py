@@ -508,6 +508,15 @@ class OutboxRelay:
         relay, to be given back with them (:meth:`run_handed`)."""
         return f"{self.worker}#{secrets.token_hex(4)}"
 
+    def hand_most(self) -> int | None:
+        """How many notices of a publication to take as they are committed:
+        all (None) once the mail server has been seen to take notices
+        quickly; otherwise one a worker, as a claim would (see
+        :meth:`claim_size`), the rest left to any relay."""
+        with self._lock:
+            known = self._pace is not None
+        return None if known and self.claim_size() > 1 else self.workers
+
     def run_handed(self, notices: HandedNotices) -> int:
         """Send the notices a publisher inserted claimed for this relay (its
         token from :meth:`hand_token`) and handed over as it committed them:
@@ -1344,7 +1353,12 @@ class _Run:
                     self.facts[release_id] = (inputs, self.handed.people)
             for release_id, inputs in self.handed.inputs.items():
                 built = relay.ready_as(release_id, inputs)
-                if built is not None:  # as published: its records need not be read again
+                if built is not None and {r.id: (r.name, r.organisation)
+                                          for r in built.recipients} == {
+                        rid: self.handed.people.get(rid) for rid in
+                        (r.recipient_id for r in first
+                         if r.release_id == release_id and r.recipient_id)}:
+                    # As published, its recipients too: its records need not be read again.
                     built.lateness_ms = self.handed.lateness_ms[release_id]
                     with self.lock:
                         self.releases[release_id] = built

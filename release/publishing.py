@@ -173,6 +173,11 @@ class NoticeTaker(Protocol):
         unclaimed, for any relay (e.g. while this node's clock is not
         trusted)."""
 
+    def most(self) -> int | None:
+        """How many of them to claim for it (the first, in order; an owner's
+        summary only with all of its release's other notices); None for all.
+        The rest are left unclaimed, for any relay."""
+
     def take(self, notices: HandedNotices) -> None:
         """The notices, as the finish commits (``notices.committed``).
         Returns at once."""
@@ -933,10 +938,12 @@ class Publisher:
         lost: list[_Job] = []
         taker = self.notices
         token = taker.token() if taker is not None else None
+        most = taker.most() if taker is not None and token is not None else None
         until = now + taker.lease if taker is not None and token is not None else None
         commit = Commit()  # what the notices' sender waits for
         try:
-            self._finish_transaction(jobs, started, now, token, until, commit, outcomes, lost)
+            self._finish_transaction(jobs, started, now, (token, until, most), commit, outcomes,
+                                     lost)
         except BaseException:
             commit.settle(False)
             raise
@@ -951,10 +958,14 @@ class Publisher:
         return outcomes
 
     def _finish_transaction(self, jobs: list[_Job], started: datetime, now: datetime,
-                            token: str | None, until: datetime | None, commit: Commit,
-                            outcomes: dict[str, Outcome], lost: list[_Job]) -> None:
+                            claim: tuple[str | None, datetime | None, int | None],
+                            commit: Commit, outcomes: dict[str, Outcome],
+                            lost: list[_Job]) -> None:
         """The finish's transaction (see :meth:`_finish`): the notices are
-        handed over before it commits, with ``commit`` to wait for."""
+        inserted, the first ``most`` of them (all if None) claimed for
+        ``token`` until ``until``, and those handed over before it commits,
+        with ``commit`` to wait for."""
+        token, until, most = claim
         with transaction(self.sessions) as session:
             connection = session.connection()
             done: list[tuple[_Job, datetime, float]] = []
@@ -980,20 +991,23 @@ class Publisher:
             if stamps:
                 connection.execute(_DOCUMENT_PUBLISHED, stamps)
             built = [row for job, _, _ in done for row in job.notices]
+            taken = built if token is None or most is None else built[:most]
             notices = [{"message_id": row.message_id, "release_id": row.release_id,
                         "recipient_id": row.recipient_id, "purpose": row.purpose,
                         "to_addr": row.to_addr, "created_at": now, "not_before": now,
-                        "attempts": 0, "next_attempt_at": now, "claimed_by": token,
-                        "claim_expires_at": until} for row in built]
-            if notices and token is not None:  # the ids, for the rows built ahead
+                        "attempts": 0, "next_attempt_at": now,
+                        "claimed_by": token if i < len(taken) else None,
+                        "claim_expires_at": until if i < len(taken) else None}
+                       for i, row in enumerate(built)]
+            if taken and token is not None:  # the ids, for the rows built ahead
                 assert self.notices is not None and until is not None
                 ids = {mid: row_id for mid, row_id in connection.execute(
                     _OUTBOX.insert().returning(_OUTBOX.c.message_id, _OUTBOX.c.id), notices)}
-                for row in built:
+                for row in taken:
                     row.id, row.claimed_by, row.claim_expires_at = ids[row.message_id], token, until
                     row.created_at = row.not_before = row.next_attempt_at = now
                 handed = HandedNotices(
-                    token=token, until=until, rows=tuple(built), committed=commit,
+                    token=token, until=until, rows=tuple(taken), committed=commit,
                     inputs={job.release_id: release_inputs(
                         job.release_id, job.plan.title, job.plan.instant, job.plan.zone,
                         job.plan.wall, [(d.kind, d.filename, d.organisation, job.urls[d.id])
