@@ -19,7 +19,8 @@ has stopped heartbeating for longer than ``lease``.
 
 Deliveries are recorded in batches, off the workers' path: a recorder
 thread records every worker's deliveries so far in one transaction once a
-worker has ``record_batch`` unrecorded or ``RECORD_WAIT`` has passed since
+worker has ``record_batch`` unrecorded (three quarters of it in a run of
+handed notices, which claims nothing) or ``RECORD_WAIT`` has passed since
 the first of them began (and a worker that claims records them in its
 claim's transaction), while the workers go on sending; a worker with
 ``record_batch`` unrecorded waits for them to be recorded before its next
@@ -39,6 +40,15 @@ message is sent only when the published release and the row give the same
 inputs it was built from (``release.notices.published_inputs``), and
 composed afresh otherwise. Prepared connections that idle are checked with
 ``NOOP`` and closed when the publication does not come.
+
+The notices a publication creates are handed over (:meth:`OutboxRelay.run_handed`):
+the finish inserts them claimed for this relay (all of them once the server is
+known to be quick, else one a worker) and passes the rows while it commits; the
+workers wait for the commit, then send, with no claim and no read. The owner's
+summary, claimed with them, is held back until the run has finished with the
+others, and built while the last are on their way: sent as built if they all
+went as assumed, composed afresh otherwise, and put off (its claim given back)
+while one of them is still to be retried.
 
 Failures are told apart. A 5xx reply about the message or a refused recipient
 is permanent: the notice is ``failed`` after one attempt. So is a message that

@@ -9,7 +9,9 @@ all are verified, and the reference clock (the database server's) says the
 instant has come, does anything become public, and then publication is a
 commit: each staged file is linked into place (create-only; a create-only
 PUT on S3), each folder fsynced once, then the manifest, then one
-transaction marks the release published and fills the outbox. Releases due
+transaction marks the release published and fills the outbox, its notices
+claimed for the node's relay and handed to it as it commits (the relay waits
+for the commit, then only sends: :class:`NoticeTaker`). Releases due
 at one instant are claimed, waited for and finished together
 (:meth:`Publisher.publish_many`), each with its own outcome.
 
