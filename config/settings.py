@@ -281,8 +281,9 @@ FIELDS: tuple[Field, ...] = (
     Field(key="mail.workers", default=4, check=_number(1, 32, int),
           help="notices handed to the mail server at once (one connection each)"),
     Field(key="mail.record_batch", default=8, check=_number(1, 64, int),
-          help="deliveries a relay worker records in one transaction (or after 25 ms, "
-               "whichever first); a relay killed between handing notices over and "
+          help="deliveries a relay worker records in one transaction (or after 10 ms, "
+               "whichever first; the notices of a publication from 3/4 of it or 25 ms); "
+               "a relay killed between handing notices over and "
                "recording them sends at most this many again per worker, same Message-ID"),
     Field(key="mail.give_up_after", default="24h", check=parse_duration,
           help="a notice the mail server cannot take (4xx, no connection) is retried with "

@@ -41,6 +41,7 @@ class DeliveryLoop:
         self._preparer: threading.Thread | None = None
         self._prepare_wake = threading.Event()
         self._handed: deque[HandedNotices] = deque()
+        self._busy = False  # the relay thread is running: notices handed now would wait
 
     # -- release.publishing.NoticeTaker ------------------------------------------
     @property
@@ -48,16 +49,22 @@ class DeliveryLoop:
         return self.relay.lease
 
     def token(self) -> str | None:
+        """None (the notices left to any relay's claim) while this node
+        cannot send them at once: stopping, its clock not trusted, or its
+        relay busy with other notices."""
         if self.stop.is_set() or not self.guard():
             return None  # left unclaimed: any relay with a clock it trusts sends them
+        with self._lock:
+            if self._busy or self._handed:
+                return None
         return self.relay.hand_token()
 
     def most(self) -> int | None:
         return self.relay.hand_most()
 
     def take(self, notices: HandedNotices) -> None:
-        """The notices a publication committed, claimed for this relay: sent
-        next, before the relay's own claims."""
+        """The notices a publication is committing, claimed for this relay:
+        sent next (once committed), before the relay's own claims."""
         with self._lock:
             self._handed.append(notices)
         self._wake.set()
@@ -87,6 +94,8 @@ class DeliveryLoop:
             if not self.guard():  # a wrong clock could deliver a copy too late
                 self._wake.wait(self.poll_seconds)
                 continue
+            with self._lock:
+                self._busy = True
             try:
                 while True:
                     with self._lock:
@@ -99,6 +108,9 @@ class DeliveryLoop:
             except Exception as exc:
                 report(self.watch, exc, doing="delivering notices", logger=log)
                 wait = self.poll_seconds
+            finally:
+                with self._lock:
+                    self._busy = False
             self._wake.wait(self.poll_seconds if wait is None
                             else min(max(wait, 0.01), self.poll_seconds * 4))
             self._wake.clear()
@@ -110,10 +122,12 @@ class DeliveryLoop:
         while True:
             with self._lock:
                 coming = self._coming.popleft() if self._coming else None
-                if coming is None and self.stop.is_set():
+                ending = coming is None and self.stop.is_set()
+                if ending:
                     self._preparer = None
-                    self.relay.drop_prepared()
-                    break
+            if ending:  # (not under the lock: closing connections takes a while)
+                self.relay.drop_prepared()
+                break
             if coming is not None:
                 try:
                     self.relay.prepare(*coming)

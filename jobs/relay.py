@@ -19,9 +19,9 @@ has stopped heartbeating for longer than ``lease``.
 
 Deliveries are recorded in batches, off the workers' path: a recorder
 thread records every worker's deliveries so far in one transaction once a
-worker has ``record_batch`` unrecorded (three quarters of it in a run of
-handed notices, which claims nothing) or ``RECORD_WAIT`` has passed since
-the first of them began (and a worker that claims records them in its
+worker has ``record_batch`` unrecorded or ``RECORD_WAIT`` has passed since
+the first of them began (in a run of handed notices, which claims nothing:
+three quarters of it, or ``HANDED_RECORD_WAIT``) (and a worker that claims records them in its
 claim's transaction), while the workers go on sending; a worker with
 ``record_batch`` unrecorded waits for them to be recorded before its next
 message. What remains is one window per worker: a relay that dies after the
@@ -29,7 +29,8 @@ mail server took messages and before it recorded them leaves those rows to
 be sent again, under the same Message-ID, by the relay that takes over: at
 most ``record_batch`` messages a worker, and about ``RECORD_WAIT`` (plus a
 transaction) of them; ``record_batch = 1`` keeps it to one always, at a
-transaction a notice.
+transaction a notice. An owner's summary sent before the others were
+recorded is within that window too: sent again with them.
 
 The "published" notices of a release about to be published can be built
 before the instant (:meth:`OutboxRelay.prepare`, from the public addresses
@@ -44,7 +45,7 @@ composed afresh otherwise. Prepared connections that idle are checked with
 The notices a publication creates are handed over (:meth:`OutboxRelay.run_handed`):
 the finish inserts them claimed for this relay (all of them once the server is
 known to be quick, else one a worker) and passes the rows while it commits; the
-workers wait for the commit, then send, with no claim and no read. The owner's
+workers wait for the commit, then send, with no claim statement. The owner's
 summary, claimed with them, is held back until the run has finished with the
 others, and built while the last are on their way: sent as built if they all
 went as assumed, composed afresh otherwise, and put off (its claim given back)
@@ -123,8 +124,10 @@ log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=3)
 # A worker records its deliveries once this long has passed since the first
-# unrecorded one began (or after record_batch of them).
-RECORD_WAIT = timedelta(milliseconds=25)
+# unrecorded one began (or after record_batch of them); in a run of handed
+# notices HANDED_RECORD_WAIT (its records do not ride on claims, so fewer, larger).
+RECORD_WAIT = timedelta(milliseconds=10)
+HANDED_RECORD_WAIT = timedelta(milliseconds=25)
 # How much work (in time, at the mail server's recent pace) a worker claims at once:
 # one row at a time once a message takes more than half this (issue 12's slow servers,
 # whose notices are spread over every relay).
@@ -285,7 +288,8 @@ class OutboxRelay:
         self._idle: list[tuple[MailTransport, float]] = []  # open, with when last used
         # Until when (this relay's clock) the other relays will leave this node's
         # claims to it, were its heartbeat to stop now: read while preparing, for the
-        # notices handed over at the instant (a later heartbeat only moves it on).
+        # notices handed over at the instant (a later heartbeat only moves it on; a
+        # node told to stop takes no notices, DeliveryLoop.token).
         self._trusted_until: datetime | None = None
 
     # -- claims ---------------------------------------------------------------
@@ -529,12 +533,16 @@ class OutboxRelay:
 
     def run_handed(self, notices: HandedNotices) -> int:
         """Send the notices a publisher inserted claimed for this relay (its
-        token from :meth:`hand_token`) and handed over as it committed them:
-        no claim, no read before the first is sent; the owner's summary goes
-        as soon as the others have been handed to the mail server. Only
-        these rows: others wait for :meth:`run_once`. Returns how many were
-        delivered (none once the claims have lapsed: any relay takes them)."""
-        if not notices.rows or self.s.clock.now() >= notices.until - self.lease / 3:
+        token from :meth:`hand_token`) and handed over as it committed them,
+        once the commit is settled: no claim statement, and none of their
+        records read when they were built ahead from what was published (the
+        node's heartbeat is read when the one read while preparing is too
+        old). The owner's summary goes as soon as the others have been handed
+        to the mail server. Only these rows: others wait for :meth:`run_once`.
+        A run that starts late (the relay was busy) checks each claim before
+        its notice goes; one another relay took meanwhile is left to it.
+        Returns how many were delivered."""
+        if not notices.rows:
             return 0
         with self._lock:
             trusted = self._trusted_until
@@ -545,6 +553,8 @@ class OutboxRelay:
             except Exception as exc:  # each notice's claim is checked before it goes
                 report(self.watch, exc, doing="reading this node's heartbeat", logger=log)
                 trusted = None
+        # Until then no other relay can have taken them; after it (a run that started
+        # late) each claim is checked, and renewed, right before its notice goes.
         safe = min(notices.until, trusted) - self.lease / 3 if trusted is not None else None
         return _Run(self, notices.token, handed=notices, safe=safe).go()
 
@@ -951,6 +961,8 @@ class _Run:
         self.finishing = False  # the workers are done: record what is left, then end
         self.broken = False  # a record failed: the workers take no more rows
         self.aborted = False  # the handed notices' transaction did not commit: none exist
+        self.deciding = threading.Lock()
+        self.commit: bool | None = None  # whether it did, once a thread has waited for it
 
     def _context(self, row: OutboxMessage) -> tuple[Release, Recipient | None]:
         """The row's release (its documents and recipients), read once per run."""
@@ -1125,7 +1137,8 @@ class _Run:
                 max(self.outstanding.values(), default=0) >= self._record_at:
             return 0.0  # (with the queue empty, the next claim records them)
         oldest = min(began for _, _, began in self.pending)
-        return max(0.0, oldest + RECORD_WAIT.total_seconds() - now)
+        wait = RECORD_WAIT if self.handed is None else HANDED_RECORD_WAIT
+        return max(0.0, oldest + wait.total_seconds() - now)
 
     def _recorder(self) -> None:
         """Records the workers' deliveries, all of them in one transaction,
@@ -1260,7 +1273,8 @@ class _Run:
 
     def _take_next(self) -> OutboxMessage | None:
         """The next row of this run's shared queue; when it is empty, claim
-        more (one worker at a time), recording the deliveries waiting in
+        more (one worker at a time; a run of handed notices claims nothing:
+        it builds the held-back summaries then), recording the deliveries waiting in
         the same transaction: as many as the workers send in ``_CLAIM_HOLD``
         while the server is fast, one while it is slow. When none is due
         while deliveries are still being recorded, claim again once they
@@ -1328,13 +1342,38 @@ class _Run:
 
     def _committed(self) -> bool:
         """For a run of handed notices: wait until their transaction has
-        committed (before it, they may not exist); False if it did not."""
-        if self.handed is None or self.handed.committed.wait(
-                self.relay.lease.total_seconds()):
+        committed (before it, they may not exist); False if it did not. The
+        first thread to know decides for the whole run (the others wait for
+        it), so that no thread goes on while another gave up."""
+        if self.handed is None:
             return True
-        with self.lock:
-            self.aborted = True
-        return False
+        with self.deciding:
+            if self.commit is None:
+                self.commit = self.handed.committed.wait(self.relay.lease.total_seconds())
+                if self.commit:
+                    self._as_published()
+                else:
+                    with self.lock:
+                        self.aborted = True
+            return self.commit
+
+    def _as_published(self) -> None:
+        """(Once committed) The releases whose notices were built ahead
+        from what was published, their recipients too, stand in for their
+        records: they need not be read again (for the owner's summary)."""
+        assert self.handed is not None
+        for release_id, inputs in self.handed.inputs.items():
+            built = self.relay.ready_as(release_id, inputs)
+            if built is not None and {r.id: (r.name, r.organisation)
+                                      for r in built.recipients} == {
+                    rid: self.handed.people.get(rid) for rid in
+                    (r.recipient_id for r in self.handed.rows
+                     if r.release_id == release_id and r.recipient_id)}:
+                built.lateness_ms = self.handed.lateness_ms[release_id]
+                with self.lock:
+                    self.releases.setdefault(release_id, built)
+                    for recipient in built.recipients:
+                        self.recipients.setdefault(recipient.id, recipient)
 
     def _renewer(self, releases: Sequence[str] = ()) -> None:
         if not self._committed():
@@ -1361,19 +1400,6 @@ class _Run:
                     self.safe.update((r.id, self.handed_safe) for r in first)
                 for release_id, inputs in self.handed.inputs.items():
                     self.facts[release_id] = (inputs, self.handed.people)
-            for release_id, inputs in self.handed.inputs.items():
-                built = relay.ready_as(release_id, inputs)
-                if built is not None and {r.id: (r.name, r.organisation)
-                                          for r in built.recipients} == {
-                        rid: self.handed.people.get(rid) for rid in
-                        (r.recipient_id for r in first
-                         if r.release_id == release_id and r.recipient_id)}:
-                    # As published, its recipients too: its records need not be read again.
-                    built.lateness_ms = self.handed.lateness_ms[release_id]
-                    with self.lock:
-                        self.releases[release_id] = built
-                        for recipient in built.recipients:
-                            self.recipients.setdefault(recipient.id, recipient)
         else:
             first = self._claim(relay.workers * relay.claim_size())
         if not first:
@@ -1386,9 +1412,7 @@ class _Run:
                    for i, chosen in enumerate(transports[1:])]
         # The releases whose notices were built ahead: the records are read beside
         # the sending, for the owner's summary, composed once the others are done.
-        with self.lock:
-            ahead = sorted({r.release_id for r in first if relay.ready_for(r.release_id)
-                            and r.release_id not in self.releases})
+        ahead = sorted({r.release_id for r in first if relay.ready_for(r.release_id)})
         renewer = threading.Thread(target=self._renewer, args=(ahead,),
                                    name="embargo-relay-renew", daemon=True)
         recorder = threading.Thread(target=self._recorder, name="embargo-relay-record",

@@ -934,13 +934,20 @@ class Publisher:
         the instant: this is on the path of every release at the instant.
         A release whose claim was lost meanwhile is left out (and reported).
         The notices are inserted claimed for :attr:`notices`' token and handed
-        to it once committed (:class:`HandedNotices`)."""
+        to it as the transaction commits, with the commit to wait for
+        (:class:`HandedNotices`)."""
         now = self.s.clock.now()
         outcomes: dict[str, Outcome] = {}
         lost: list[_Job] = []
         taker = self.notices
-        token = taker.token() if taker is not None else None
-        most = taker.most() if taker is not None and token is not None else None
+        token: str | None = None
+        most: int | None = None
+        try:  # the documents are public: the notices must not fail the finish
+            token = taker.token() if taker is not None else None
+            most = taker.most() if taker is not None and token is not None else None
+        except Exception:
+            log.exception("the notices' sender could not take them; left to any relay")
+            token = None
         until = now + taker.lease if taker is not None and token is not None else None
         commit = Commit()  # what the notices' sender waits for
         try:
@@ -1033,8 +1040,8 @@ class Publisher:
 
     @staticmethod
     def _hand_over(taker: NoticeTaker, notices: HandedNotices) -> None:
-        """Hand the committed notices to their sender; should it fail, the
-        claims lapse and any relay sends them then."""
+        """Hand the notices being committed to their sender; should it fail,
+        the claims lapse and any relay sends them then."""
         try:
             taker.take(notices)
         except Exception:

@@ -482,3 +482,74 @@ def test_a_running_scheduler_hands_its_relay_the_notices_as_it_publishes(
     with services.sessions() as session:
         published = session.get(Release, release.id)
     assert published is not None and published.state == "published"
+
+
+class SaysNoOnce:
+    """A commit whose first waiter is told it did not happen, and the later
+    ones that it did (as if it settled just after the first gave up)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.asked += 1
+        return self.asked > 1
+
+
+def test_a_run_decides_once_whether_the_commit_happened(
+        settings: Settings, services: Services, tmp_path: Path,
+        smtp: tuple[int, Server]) -> None:
+    """(The review's case) One thread of the run gives up waiting for the
+    commit, the others would see it: none of them sends, nothing is
+    recorded, and another relay sends every notice, once, when the claims
+    have lapsed."""
+    port, server = smtp
+    release_id = queue_seed(services, write_bundle(tmp_path / "bundle", letters=4)).id
+    clock = FakeClock(SEED_INSTANT)
+    relay = knows_a_fast_server(relay_at(services, clock, port))
+    taking = Taking(relay)
+    assert publish_to(settings, services, clock, release_id, taking) == "published"
+    handed = dataclasses.replace(taking.handed[0], committed=SaysNoOnce())
+    assert relay.run_handed(handed) == 0 and not server.received
+    assert all(r.delivered_at is None for r in outbox(services))
+    other = relay_at(services, clock, port)
+    other.worker = "other"
+    clock.set(SEED_INSTANT + relay.lease + timedelta(milliseconds=1))
+    assert other.run_once() == 5 and len(server.received) == 5
+
+
+def test_a_handed_run_that_starts_late_checks_each_claim(
+        settings: Settings, services: Services, tmp_path: Path,
+        smtp: tuple[int, Server]) -> None:
+    """The relay was busy: its handed run starts after the claims lapsed, and
+    meanwhile another relay took one notice. That one is left to it; the
+    others go, each claim checked (and renewed) before its notice."""
+    port, server = smtp
+    release_id = queue_seed(services, write_bundle(tmp_path / "bundle", letters=3)).id
+    clock = FakeClock(SEED_INSTANT)
+    relay = knows_a_fast_server(relay_at(services, clock, port))
+    taking = Taking(relay)
+    assert publish_to(settings, services, clock, release_id, taking) == "published"
+    first = taking.handed[0].rows[0]
+    with services.sessions.begin() as session:  # taken by another relay after the lapse
+        session.execute(update(OutboxMessage).where(OutboxMessage.id == first.id).values(
+            claimed_by="other#1", claim_expires_at=SEED_INSTANT + timedelta(seconds=30)))
+    clock.set(SEED_INSTANT + relay.lease + timedelta(seconds=1))
+    assert relay.run_handed(taking.handed[0]) == 2  # the other two notices; not the summary
+    assert {str(message_from_bytes(c)["To"]) for _, c in server.received} == {
+        "liaison2@force2.police.example", "liaison3@force3.police.example"}
+    rows = {r.id: r for r in outbox(services)}
+    assert rows[first.id].delivered_at is None and rows[first.id].claimed_by == "other#1"
+
+
+def test_a_busy_relay_takes_no_notices(
+        settings: Settings, services: Services, tmp_path: Path,
+        smtp: tuple[int, Server]) -> None:
+    """While its thread is running other notices, a handed run would wait:
+    the notices are left to any relay's claim instead."""
+    port, _ = smtp
+    loop = DeliveryLoop(relay_at(services, FakeClock(SEED_INSTANT), port),
+                        stop=threading.Event(), guard=lambda: True, poll_seconds=1)
+    assert loop.token() is not None
+    loop._busy = True
+    assert loop.token() is None
