@@ -932,9 +932,11 @@ class _Run:
                            if handed is not None else relay.record_batch)
         self.taking: dict[int, OutboxMessage] = {}  # taken by a worker, not finished with
         # release id -> its owner's summary built while the last of the others were on
-        # their way, as if they went (and what it says); being built: ``speculating``
-        self.speculation: dict[str, tuple[list[Delivery], Prepared] | None] = {}
+        # their way, as if those (``going``) went: (going, what it says, the message);
+        # being built: ``speculating``
+        self.speculation: dict[str, tuple[frozenset[int], list[Delivery], Prepared] | None] = {}
         self.speculating: set[str] = set()
+        self.summaries_going = 0  # owners' summaries being sent now
         self.lock = threading.Lock()
         self.skip: set[int] = set()
         self.delivered = 0
@@ -1068,14 +1070,19 @@ class _Run:
                         self.changed.wait()
                     built = self.speculation.get(row.release_id)
                     handed_over = frozenset(self.handed_over)
-                summary = relay._summary(release, handed_over)
-                if summary is None:  # another is still on its way: it goes once all are done
-                    log.info("owner's summary of %s put off: a notice of publication is still "
-                             "on its way", row.release_id)
-                    self._record_now(0, [row.id])
-                    return None
-                if built is not None and built[0] == summary and transport.prepares:
-                    prepared = built[1]  # built as if the others went, and they did
+                if built is not None and built[0] <= handed_over and transport.prepares:
+                    # Built as if those on their way went, and every one of them did (the
+                    # others were final when it was built, and this run holds the rest).
+                    _, summary, prepared = built
+                else:
+                    summary = relay._summary(release, handed_over)
+                    if summary is None:  # one is still on its way: it goes once all are done
+                        log.info("owner's summary of %s put off: a notice of publication is "
+                                 "still on its way", row.release_id)
+                        self._record_now(0, [row.id])
+                        return None
+                    if built is not None and built[1] == summary and transport.prepares:
+                        prepared = built[2]  # what it would say anyway
             # Claimed a moment ago: no other relay can have taken it yet, and checking
             # again would cost a transaction a notice.
             with self.lock:
@@ -1130,11 +1137,17 @@ class _Run:
         """(Under ``self.lock``) 0 when the deliveries waiting should be
         recorded now (a worker has ``record_batch`` unrecorded, or the first
         waiting began ``RECORD_WAIT`` ago), else seconds until the first
-        will have waited that long; None when none are waiting."""
+        will have waited that long; None when none are waiting. In a run of
+        handed notices, not while an owner's summary is going (the last
+        message of a publication, which the others wait for), unless a worker
+        has a whole batch unrecorded."""
         if not self.pending:
             return None
-        if (self.queue or self.holding or self.handed is not None) and \
-                max(self.outstanding.values(), default=0) >= self._record_at:
+        most = max(self.outstanding.values(), default=0)
+        if self.summaries_going and self.handed is not None and not self.finishing and \
+                most < self.relay.record_batch:
+            return HANDED_RECORD_WAIT.total_seconds()  # out of an owner's summary's way
+        if (self.queue or self.holding or self.handed is not None) and most >= self._record_at:
             return 0.0  # (with the queue empty, the next claim records them)
         oldest = min(began for _, _, began in self.pending)
         wait = RECORD_WAIT if self.handed is None else HANDED_RECORD_WAIT
@@ -1180,13 +1193,17 @@ class _Run:
             return None
         row = self.queue.popleft()
         self.taking[row.id] = row
+        if row.purpose == SUMMARY:
+            self.summaries_going += 1
         return row
 
     def _done_with(self, row: OutboxMessage) -> None:
         """(Under ``self.lock``) This run has finished with ``row`` (sent, failed,
         put off or given back): a summary held back for its release's last
         one goes next."""
-        self.taking.pop(row.id, None)
+        if self.taking.pop(row.id, None) is not None and row.purpose == SUMMARY:
+            self.summaries_going -= 1
+            self.changed.notify_all()  # the recorder waits for it (_due_to_record)
         if row.purpose != Purpose.PUBLISHED:
             return
         left = self.open.get(row.release_id, 0) - 1
@@ -1218,7 +1235,7 @@ class _Run:
                                                        sender=self.relay.sender,
                                                        summary=summary))
                     if prepared is not None:
-                        built = (summary, prepared)
+                        built = (going, summary, prepared)
             except Exception:  # composed when it goes, and any error recorded then
                 log.warning("could not build the owner's summary of %s ahead", row.release_id,
                             exc_info=True)

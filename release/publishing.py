@@ -232,6 +232,7 @@ class _Job:
     # Its notices of publication, built before the instant but for their times and
     # ids (filled in by the finish): handed to their sender as committed.
     notices: list[OutboxMessage] = field(default_factory=list)
+    inputs: tuple[object, ...] = ()  # release.notices.release_inputs, as it will be published
     published_at: datetime | None = None  # when its last document became public
     error: Exception | None = None
     found: int = 0  # documents an earlier attempt had made public already
@@ -615,8 +616,12 @@ class Publisher:
                        for rid, address, purpose in targets]
 
     def _prepare_manifest(self, job: _Job) -> None:
-        """The manifest of ``job``, but for its time."""
+        """The manifest of ``job``, but for its time; and what its notices
+        will be built from (both name its instant)."""
         plan = job.plan
+        job.inputs = release_inputs(
+            plan.release_id, plan.title, plan.instant, plan.zone, plan.wall,
+            [(d.kind, d.filename, d.organisation, job.urls[d.id]) for d in plan.documents])
         embargo = timerules.Embargo(instant=plan.instant, zone=plan.zone, wall=plan.wall)
         listing: list[dict[str, object]] = [
             {"name": d.filename, "kind": d.kind, "organisation": d.organisation,
@@ -1017,10 +1022,7 @@ class Publisher:
                     row.created_at = row.not_before = row.next_attempt_at = now
                 handed = HandedNotices(
                     token=token, until=until, rows=tuple(taken), committed=commit,
-                    inputs={job.release_id: release_inputs(
-                        job.release_id, job.plan.title, job.plan.instant, job.plan.zone,
-                        job.plan.wall, [(d.kind, d.filename, d.organisation, job.urls[d.id])
-                                        for d in job.plan.documents]) for job, _, _ in done},
+                    inputs={job.release_id: job.inputs for job, _, _ in done},
                     people={rid: (name, organisation) for job, _, _ in done
                             for rid, _, name, organisation in job.plan.recipients},
                     lateness_ms={job.release_id: lateness for job, _, lateness in done})
