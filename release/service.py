@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -86,7 +86,12 @@ _RELEASE_COLUMNS = tuple(column.key for column in _RELEASES.columns)
 # Built once: building a statement costs more than running it.
 _INSERT_RELEASE, _INSERT_DOCUMENTS, _INSERT_RECIPIENTS = (
     insert(_RELEASES), insert(_DOCUMENTS), insert(_RECIPIENTS))
-_SLUGS_LIKE = select(_RELEASES.c.slug).where(_RELEASES.c.slug.like(bindparam("pattern")))
+# The slugs a new release's could collide with: its base, and the base with "-N" after
+# it: an index range ("-" is followed by "." in ASCII), not a LIKE, which SQLite's
+# case-insensitive LIKE answers by reading every release.
+_SLUGS_FROM = select(_RELEASES.c.slug).where(or_(
+    _RELEASES.c.slug == bindparam("base"),
+    and_(_RELEASES.c.slug > bindparam("dash"), _RELEASES.c.slug < bindparam("dot"))))
 
 
 def trial_stamp(doc: DocumentSpec, headline: str, *, unstampable: str) -> str | None:
@@ -282,7 +287,7 @@ class ReleaseService:
                 return self._free_slug(embargo, title, tried, own)
         base = f"{embargo.wall[:10]}-{slugify(title)}"
         taken = tried | set(session.connection().execute(
-            _SLUGS_LIKE, {"pattern": f"{base}%"}).scalars())
+            _SLUGS_FROM, {"base": base, "dash": f"{base}-", "dot": f"{base}."}).scalars())
         slug, n = base, 2
         while slug in taken:
             slug, n = f"{base}-{n}", n + 1

@@ -55,7 +55,8 @@ def _make_folder(folder: Path) -> list[Path]:
     while not walked.is_dir() and walked.parent != walked:
         changed.append(walked.parent)
         walked = walked.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    if len(changed) > 1:  # (an existing folder: no mkdir that fails, and a second stat)
+        folder.mkdir(parents=True, exist_ok=True)
     return changed
 
 
