@@ -152,6 +152,18 @@ def publish_to(settings: Settings, services: Services, clock: FakeClock, release
     return str(publisher.publish(release_id).status)
 
 
+def published_with_taker(settings: Settings, services: Services, tmp_path: Path, port: int,
+                         letters: int) -> tuple[str, FakeClock, OutboxRelay, Taking]:
+    """A release of ``letters`` letters published at the seed instant, its
+    notices handed to a relay that knows the server is quick (not run)."""
+    release_id = queue_seed(services, write_bundle(tmp_path / "bundle", letters=letters)).id
+    clock = FakeClock(SEED_INSTANT)
+    relay = knows_a_fast_server(relay_at(services, clock, port))
+    taking = Taking(relay)
+    assert publish_to(settings, services, clock, release_id, taking) == "published"
+    return release_id, clock, relay, taking
+
+
 def outbox(services: Services) -> list[OutboxMessage]:
     with services.sessions() as session:
         rows = list(session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
@@ -204,11 +216,8 @@ def test_handed_notices_go_without_a_claim_and_the_summary_says_how_they_went(
         settings: Settings, services: Services, tmp_path: Path,
         smtp: tuple[int, Server]) -> None:
     port, server = smtp
-    release_id = queue_seed(services, write_bundle(tmp_path / "bundle", letters=5)).id
-    clock = FakeClock(SEED_INSTANT)
-    relay = knows_a_fast_server(relay_at(services, clock, port))
-    taking = Taking(relay)
-    assert publish_to(settings, services, clock, release_id, taking) == "published"
+    _, _, relay, taking = published_with_taker(settings, services, tmp_path,
+                                               port, letters=5)
     [handed] = taking.handed
     rows = outbox(services)
     assert len(rows) == 6 and all(r.claimed_by == handed.token for r in rows)
@@ -504,11 +513,8 @@ def test_a_run_decides_once_whether_the_commit_happened(
     recorded, and another relay sends every notice, once, when the claims
     have lapsed."""
     port, server = smtp
-    release_id = queue_seed(services, write_bundle(tmp_path / "bundle", letters=4)).id
-    clock = FakeClock(SEED_INSTANT)
-    relay = knows_a_fast_server(relay_at(services, clock, port))
-    taking = Taking(relay)
-    assert publish_to(settings, services, clock, release_id, taking) == "published"
+    _, clock, relay, taking = published_with_taker(settings, services, tmp_path,
+                                                   port, letters=4)
     handed = dataclasses.replace(taking.handed[0], committed=SaysNoOnce())
     assert relay.run_handed(handed) == 0 and not server.received
     assert all(r.delivered_at is None for r in outbox(services))
@@ -525,11 +531,8 @@ def test_a_handed_run_that_starts_late_checks_each_claim(
     meanwhile another relay took one notice. That one is left to it; the
     others go, each claim checked (and renewed) before its notice."""
     port, server = smtp
-    release_id = queue_seed(services, write_bundle(tmp_path / "bundle", letters=3)).id
-    clock = FakeClock(SEED_INSTANT)
-    relay = knows_a_fast_server(relay_at(services, clock, port))
-    taking = Taking(relay)
-    assert publish_to(settings, services, clock, release_id, taking) == "published"
+    _, clock, relay, taking = published_with_taker(settings, services, tmp_path,
+                                                   port, letters=3)
     first = taking.handed[0].rows[0]
     with services.sessions.begin() as session:  # taken by another relay after the lapse
         session.execute(update(OutboxMessage).where(OutboxMessage.id == first.id).values(
