@@ -41,7 +41,6 @@ class DeliveryLoop:
         self._preparer: threading.Thread | None = None
         self._prepare_wake = threading.Event()
         self._handed: deque[HandedNotices] = deque()
-        self._busy = False  # the relay thread is running: notices handed now would wait
 
     # -- release.publishing.NoticeTaker ------------------------------------------
     @property
@@ -51,12 +50,15 @@ class DeliveryLoop:
     def token(self) -> str | None:
         """None (the notices left to any relay's claim) while this node
         cannot send them at once: stopping, its clock not trusted, or its
-        relay busy with other notices."""
+        relay busy sending other notices (a run that found nothing to send
+        ends at once: the handed run follows it)."""
         if self.stop.is_set() or not self.guard():
             return None  # left unclaimed: any relay with a clock it trusts sends them
         with self._lock:
-            if self._busy or self._handed:
+            if self._handed:
                 return None
+        if self.relay.sending():
+            return None
         return self.relay.hand_token()
 
     def most(self) -> int | None:
@@ -94,8 +96,6 @@ class DeliveryLoop:
             if not self.guard():  # a wrong clock could deliver a copy too late
                 self._wake.wait(self.poll_seconds)
                 continue
-            with self._lock:
-                self._busy = True
             try:
                 while True:
                     with self._lock:
@@ -108,9 +108,6 @@ class DeliveryLoop:
             except Exception as exc:
                 report(self.watch, exc, doing="delivering notices", logger=log)
                 wait = self.poll_seconds
-            finally:
-                with self._lock:
-                    self._busy = False
             self._wake.wait(self.poll_seconds if wait is None
                             else min(max(wait, 0.01), self.poll_seconds * 4))
             self._wake.clear()

@@ -291,6 +291,7 @@ class OutboxRelay:
         # notices handed over at the instant (a later heartbeat only moves it on; a
         # node told to stop takes no notices, DeliveryLoop.token).
         self._trusted_until: datetime | None = None
+        self._sending = 0  # runs holding rows now
 
     # -- claims ---------------------------------------------------------------
 
@@ -516,6 +517,11 @@ class OutboxRelay:
         with self._lock:
             self._trusted_until = until
         return until
+
+    def sending(self) -> bool:
+        """Whether a run of this relay holds notices to send now."""
+        with self._lock:
+            return self._sending > 0
 
     def hand_token(self) -> str:
         """A claim token for notices a publisher inserts claimed for this
@@ -1421,6 +1427,16 @@ class _Run:
             first = self._claim(relay.workers * relay.claim_size())
         if not first:
             return 0
+        with relay._lock:
+            relay._sending += 1
+        try:
+            return self._go(first)
+        finally:
+            with relay._lock:
+                relay._sending -= 1
+
+    def _go(self, first: list[OutboxMessage]) -> int:
+        relay = self.relay
         with self.lock:
             self._enqueue(first)
         transports = relay._transports()

@@ -34,7 +34,7 @@ from release.keys import load_private_key
 from release.publishing import HandedNotices, Publisher
 from release.records import OutboxMessage, Recipient, Release
 from release.service import Services
-from tests.conftest import SEED_INSTANT, FakeClock, free_port, write_bundle
+from tests.conftest import SEED_INSTANT, FakeClock, free_port, wait_until, write_bundle
 from tests.test_publish import queue_seed
 
 SENDER = "Press office <press@inspectorate.example>"
@@ -548,11 +548,24 @@ def test_a_handed_run_that_starts_late_checks_each_claim(
 def test_a_busy_relay_takes_no_notices(
         settings: Settings, services: Services, tmp_path: Path,
         smtp: tuple[int, Server]) -> None:
-    """While its thread is running other notices, a handed run would wait:
-    the notices are left to any relay's claim instead."""
-    port, _ = smtp
-    loop = DeliveryLoop(relay_at(services, FakeClock(SEED_INSTANT), port),
-                        stop=threading.Event(), guard=lambda: True, poll_seconds=1)
-    assert loop.token() is not None
-    loop._busy = True
-    assert loop.token() is None
+    """While its relay holds other notices to send (here: a server that takes
+    0.5 s over each), a handed run would wait: the notices of a publication
+    are left to any relay's claim instead. A run that found nothing to send
+    does not count."""
+    port, server = smtp
+    server.delay = 0.5
+    server.refuse["liaison1@force1.police.example"] = "451 4.3.0 slowly, later"
+    relay = relay_at(services, FakeClock(SEED_INSTANT), port, workers=1)
+    loop = DeliveryLoop(relay, stop=threading.Event(), guard=lambda: True, poll_seconds=1)
+    assert relay.run_once() == 0 and loop.token() is not None  # nothing to send
+    release_id = queue_seed(services, write_bundle(tmp_path / "bundle", letters=2)).id
+    assert publish_to(settings, services, FakeClock(SEED_INSTANT), release_id,
+                      None) == "published"
+    runner = threading.Thread(target=relay.run_once)
+    runner.start()
+    try:
+        assert wait_until(relay.sending, 5)
+        assert loop.token() is None
+    finally:
+        runner.join(10)
+    assert not relay.sending() and loop.token() is not None
