@@ -569,3 +569,37 @@ def test_a_busy_relay_takes_no_notices(
     finally:
         runner.join(10)
     assert not relay.sending() and loop.token() is not None
+
+
+def test_no_collection_pause_between_the_last_wait_and_the_commit(
+        settings: Settings, services: Services, tmp_path: Path,
+        smtp: tuple[int, Server]) -> None:
+    """A full collection in a node took ~50 ms: the collector is off from the
+    wait for the instant until the finish has committed, and on again after,
+    a failed attempt too."""
+    import gc
+
+    port, _ = smtp
+    seen: list[bool] = []
+
+    class Watching(Taking):
+        def take(self, notices: HandedNotices) -> None:
+            seen.append(gc.isenabled())  # inside the finish transaction
+            super().take(notices)
+
+    release_id = queue_seed(services, write_bundle(tmp_path / "bundle", letters=2)).id
+    clock = FakeClock(SEED_INSTANT)
+    relay = knows_a_fast_server(relay_at(services, clock, port))
+    assert gc.isenabled()
+    with at_the_finish_commit(services, lambda: seen.append(gc.isenabled())):
+        assert publish_to(settings, services, clock, release_id, Watching(relay)) == "published"
+    assert seen == [False, False] and gc.isenabled()
+
+    def disk_full() -> None:
+        raise RuntimeError("the disk filled at 00:01")
+
+    other = queue_seed(services, write_bundle(tmp_path / "second", letters=1,
+                                              publish_on="2014-09-04")).id
+    with at_the_finish_commit(services, disk_full):
+        assert publish_to(settings, services, clock, other, Watching(relay)) == "retry"
+    assert gc.isenabled()
