@@ -21,8 +21,8 @@ Deliveries are recorded in batches, off the workers' path: a recorder
 thread records every worker's deliveries so far in one transaction once a
 worker has ``record_batch`` unrecorded or ``RECORD_WAIT`` has passed since
 the first of them began (in a run of handed notices, which claims nothing:
-three quarters of it, or ``HANDED_RECORD_WAIT``) (and a worker that claims records them in its
-claim's transaction), while the workers go on sending; a worker with
+three quarters of a batch, or ``HANDED_RECORD_WAIT``; a worker that claims
+records them in its claim's transaction), while the workers go on sending; a worker with
 ``record_batch`` unrecorded waits for them to be recorded before its next
 message. What remains is one window per worker: a relay that dies after the
 mail server took messages and before it recorded them leaves those rows to
@@ -942,7 +942,6 @@ class _Run:
         # being built: ``speculating``
         self.speculation: dict[str, tuple[frozenset[int], list[Delivery], Prepared] | None] = {}
         self.speculating: set[str] = set()
-        self.summaries_going = 0  # owners' summaries being sent now
         self.lock = threading.Lock()
         self.skip: set[int] = set()
         self.delivered = 0
@@ -968,9 +967,10 @@ class _Run:
         self.holding = 0  # workers waiting for their deliveries to be recorded
         self.finishing = False  # the workers are done: record what is left, then end
         self.broken = False  # a record failed: the workers take no more rows
-        self.aborted = False  # the handed notices' transaction did not commit: none exist
         self.deciding = threading.Lock()
-        self.commit: bool | None = None  # whether it did, once a thread has waited for it
+        # Whether the handed notices' transaction committed (False: none of them
+        # exist), once a thread has waited for it.
+        self.commit: bool | None = None
 
     def _context(self, row: OutboxMessage) -> tuple[Release, Recipient | None]:
         """The row's release (its documents and recipients), read once per run."""
@@ -1150,8 +1150,8 @@ class _Run:
         if not self.pending:
             return None
         most = max(self.outstanding.values(), default=0)
-        if self.summaries_going and self.handed is not None and not self.finishing and \
-                most < self.relay.record_batch:
+        if self.handed is not None and not self.finishing and most < self.relay.record_batch \
+                and any(r.purpose == SUMMARY for r in self.taking.values()):
             return HANDED_RECORD_WAIT.total_seconds()  # out of an owner's summary's way
         if (self.queue or self.holding or self.handed is not None) and most >= self._record_at:
             return 0.0  # (with the queue empty, the next claim records them)
@@ -1199,8 +1199,6 @@ class _Run:
             return None
         row = self.queue.popleft()
         self.taking[row.id] = row
-        if row.purpose == SUMMARY:
-            self.summaries_going += 1
         return row
 
     def _done_with(self, row: OutboxMessage) -> None:
@@ -1208,7 +1206,6 @@ class _Run:
         put off or given back): a summary held back for its release's last
         one goes next."""
         if self.taking.pop(row.id, None) is not None and row.purpose == SUMMARY:
-            self.summaries_going -= 1
             self.changed.notify_all()  # the recorder waits for it (_due_to_record)
         if row.purpose != Purpose.PUBLISHED:
             return
@@ -1375,9 +1372,6 @@ class _Run:
                 self.commit = self.handed.committed.wait(self.relay.lease.total_seconds())
                 if self.commit:
                     self._as_published()
-                else:
-                    with self.lock:
-                        self.aborted = True
             return self.commit
 
     def _as_published(self) -> None:
@@ -1471,7 +1465,7 @@ class _Run:
                     left = self._unqueue() + [r.id for r in self.parked.values()]
                     self.parked.clear()
                     last = bool(self.pending)
-                    aborted = self.aborted
+                    aborted = self.commit is False
                 # What went and is not recorded yet (a record failed), and what was
                 # claimed and not sent (stopping, a worker failed): back.
                 if (left or last) and not aborted:

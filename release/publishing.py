@@ -187,6 +187,17 @@ class NoticeTaker(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
+class _NoticeClaim:
+    """For one finish: the first ``most`` of its notices (all if None)
+    inserted claimed for ``taker``'s ``token`` until ``until``."""
+
+    taker: NoticeTaker
+    token: str
+    until: datetime
+    most: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
 class _Doc:
     id: str
     filename: str
@@ -975,20 +986,18 @@ class Publisher:
         now = self.s.clock.now()
         outcomes: dict[str, Outcome] = {}
         lost: list[_Job] = []
+        claim: _NoticeClaim | None = None
         taker = self.notices
-        token: str | None = None
-        most: int | None = None
         try:  # the documents are public: the notices must not fail the finish
             token = taker.token() if taker is not None else None
-            most = taker.most() if taker is not None and token is not None else None
+            if taker is not None and token is not None:
+                claim = _NoticeClaim(taker=taker, token=token, until=now + taker.lease,
+                                     most=taker.most())
         except Exception:
             log.exception("the notices' sender could not take them; left to any relay")
-            token = None
-        until = now + taker.lease if taker is not None and token is not None else None
         commit = Commit()  # what the notices' sender waits for
         try:
-            self._finish_transaction(jobs, started, now, (token, until, most), commit, outcomes,
-                                     lost)
+            self._finish_transaction(jobs, started, now, claim, commit, outcomes, lost)
         except BaseException:
             commit.settle(False)
             raise
@@ -1003,14 +1012,11 @@ class Publisher:
         return outcomes
 
     def _finish_transaction(self, jobs: list[_Job], started: datetime, now: datetime,
-                            claim: tuple[str | None, datetime | None, int | None],
-                            commit: Commit, outcomes: dict[str, Outcome],
-                            lost: list[_Job]) -> None:
+                            claim: _NoticeClaim | None, commit: Commit,
+                            outcomes: dict[str, Outcome], lost: list[_Job]) -> None:
         """The finish's transaction (see :meth:`_finish`): the notices are
-        inserted, the first ``most`` of them (all if None) claimed for
-        ``token`` until ``until``, and those handed over before it commits,
-        with ``commit`` to wait for."""
-        token, until, most = claim
+        inserted (as ``claim`` says, if any), and those claimed handed over
+        before it commits, with ``commit`` to wait for."""
         with transaction(self.sessions) as session:
             connection = session.connection()
             done: list[tuple[_Job, datetime, float]] = []
@@ -1036,28 +1042,29 @@ class Publisher:
             if stamps:
                 connection.execute(_DOCUMENT_PUBLISHED, stamps)
             built = [row for job, _, _ in done for row in job.notices]
-            taken = built if token is None or most is None else built[:most]
+            taken = [] if claim is None else built[:claim.most] if claim.most is not None \
+                else built
             notices = [{"message_id": row.message_id, "release_id": row.release_id,
                         "recipient_id": row.recipient_id, "purpose": row.purpose,
                         "to_addr": row.to_addr, "created_at": now, "not_before": now,
                         "attempts": 0, "next_attempt_at": now,
-                        "claimed_by": token if i < len(taken) else None,
-                        "claim_expires_at": until if i < len(taken) else None}
+                        "claimed_by": claim.token if claim and i < len(taken) else None,
+                        "claim_expires_at": claim.until if claim and i < len(taken) else None}
                        for i, row in enumerate(built)]
-            if taken and token is not None:  # the ids, for the rows built ahead
-                assert self.notices is not None and until is not None
+            if taken and claim is not None:  # the ids, for the rows built ahead
                 ids = {mid: row_id for mid, row_id in connection.execute(
                     _OUTBOX.insert().returning(_OUTBOX.c.message_id, _OUTBOX.c.id), notices)}
                 for row in taken:
-                    row.id, row.claimed_by, row.claim_expires_at = ids[row.message_id], token, until
+                    row.id, row.claimed_by = ids[row.message_id], claim.token
+                    row.claim_expires_at = claim.until
                     row.created_at = row.not_before = row.next_attempt_at = now
                 handed = HandedNotices(
-                    token=token, until=until, rows=tuple(taken), committed=commit,
+                    token=claim.token, until=claim.until, rows=tuple(taken), committed=commit,
                     inputs={job.release_id: job.inputs for job, _, _ in done},
                     people={rid: (name, organisation) for job, _, _ in done
                             for rid, _, name, organisation in job.plan.recipients},
                     lateness_ms={job.release_id: lateness for job, _, lateness in done})
-                self._hand_over(self.notices, handed)  # its sender waits for the commit
+                self._hand_over(claim.taker, handed)  # its sender waits for the commit
             elif notices:
                 connection.execute(_OUTBOX.insert(), notices)
             for job, published_at, lateness_ms in done:

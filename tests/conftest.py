@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -189,3 +190,22 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def claims_held_during(services: Services, run: Callable[[], object]) -> list[int]:
+    """Runs ``run`` in a thread and counts, every 50 ms until it ends, the
+    outbox rows under a claim (``claim_expires_at`` set)."""
+    from sqlalchemy import select
+
+    from release.records import OutboxMessage
+
+    held: list[int] = []
+    runner = threading.Thread(target=run)
+    runner.start()
+    while runner.is_alive():
+        with services.sessions() as session:
+            held.append(len(session.scalars(select(OutboxMessage.id).where(
+                OutboxMessage.claim_expires_at.is_not(None))).all()))
+        time.sleep(0.05)
+    runner.join()
+    return held

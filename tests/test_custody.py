@@ -341,6 +341,17 @@ def _queue_held(services: Services, bundle: Path, at: str) -> tuple[
     return worker, release_it, results
 
 
+def _let_finish_then_check(settings: Settings, worker: threading.Thread,
+                           release_it: threading.Event, results: list[Release]) -> None:
+    """Let a queue held by :func:`_queue_held` finish; it queued, and
+    `embargo check` finds everything whole."""
+    release_it.set()
+    worker.join(30)
+    assert results
+    status, _out, err = run_cli(settings.data_dir, "check")
+    assert status == 0, err
+
+
 def test_sweep_keeps_a_queue_that_is_running(settings: Settings, services: Services,
                                               bundle: Path) -> None:
     """A queue in progress (held inside its progress callback) loses nothing
@@ -349,11 +360,7 @@ def test_sweep_keeps_a_queue_that_is_running(settings: Settings, services: Servi
     worker, release_it, results = _queue_held(services, bundle, "force-2.txt")
     swept = custody.sweep_orphans(services, now=services.clock.now(), actor="ops")
     assert swept.objects == 0 and len(swept.kept) == 1
-    release_it.set()
-    worker.join(30)
-    assert results
-    status, _out, err = run_cli(settings.data_dir, "check")
-    assert status == 0, err
+    _let_finish_then_check(settings, worker, release_it, results)
     assert not list(services.vault.keys(custody.PENDING_PREFIX))
 
 
@@ -367,11 +374,7 @@ def test_sweep_keeps_a_queue_that_started_over_an_hour_ago_and_still_writes(
     worker, release_it, results = _queue_held(started_early, bundle, "force-2.txt")
     swept = custody.sweep_orphans(services, now=services.clock.now(), actor="ops")
     assert swept.objects == 0 and len(swept.kept) == 1
-    release_it.set()
-    worker.join(30)
-    assert results
-    status, _out, err = run_cli(settings.data_dir, "check")
-    assert status == 0, err
+    _let_finish_then_check(settings, worker, release_it, results)
 
 
 def test_sweep_judges_a_folder_by_its_newest_object(settings: Settings,

@@ -14,7 +14,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -37,7 +36,7 @@ from release.notices import compose
 from release.publishing import Publisher
 from release.records import AuditEvent, OutboxMessage, Recipient, Release
 from release.service import ReleaseService, Services
-from tests.conftest import SEED_INSTANT, FakeClock, free_port, write_bundle
+from tests.conftest import SEED_INSTANT, FakeClock, claims_held_during, free_port, write_bundle
 from tests.test_publish import queue_seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,15 +336,7 @@ def test_a_relay_that_prepared_for_a_slow_server_still_holds_at_most_its_workers
         assert relay.prepare(release_id) == 8
         publish(settings, services, release_id)
         clock.set(SEED_INSTANT)
-        held: list[int] = []
-        runner = threading.Thread(target=relay.run_once)
-        runner.start()
-        while runner.is_alive():
-            with services.sessions() as session:
-                held.append(len(session.scalars(select(OutboxMessage.id).where(
-                    OutboxMessage.claim_expires_at.is_not(None))).all()))
-            time.sleep(0.05)
-        runner.join()
+        held = claims_held_during(services, relay.run_once)
     finally:
         controller.stop()
     assert max(held) == 3 and len(inbox.raw) == 9

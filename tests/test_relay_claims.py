@@ -35,7 +35,14 @@ from release.publishing import Publisher
 from release.records import AuditEvent, Node, OutboxMessage
 from release.service import ReleaseService, Services
 from storage.db import server_time
-from tests.conftest import SEED_INSTANT, FakeClock, Inbox, free_port, write_bundle
+from tests.conftest import (
+    SEED_INSTANT,
+    FakeClock,
+    Inbox,
+    claims_held_during,
+    free_port,
+    write_bundle,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.postgres
@@ -237,22 +244,14 @@ def test_a_relay_holds_at_most_its_workers_rows(
     inbox = SlowInbox(0.5)
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
-    held: list[int] = []
 
     def connect() -> SmtpMailTransport:
         return SmtpMailTransport("127.0.0.1", port, security="none", timeout=30)
 
     relay = OutboxRelay(services, connect(), sender="e@x.example", worker="r", workers=3,
                         make_transport=connect)
-    runner = threading.Thread(target=relay.run_once)
-    runner.start()
     try:
-        while runner.is_alive():
-            with services.sessions() as session:
-                held.append(len(session.scalars(select(OutboxMessage.id).where(
-                    OutboxMessage.claim_expires_at.is_not(None))).all()))
-            time.sleep(0.05)
-        runner.join()
+        held = claims_held_during(services, relay.run_once)
     finally:
         controller.stop()
     assert max(held) == 3 and len(inbox.messages) == 12
